@@ -1,0 +1,1 @@
+"""d2l_fast: fast Doc-to-LoRA."""
