@@ -1,0 +1,171 @@
+"""Context encoders (spec §1.3), sharing the base model's weights instead of loading a second copy.
+
+The reference loads an independent copy of the LM and truncates its layer list. We run the base
+model's own decoder and stop it early with hooks: forward pre-hooks record the residual stream
+entering each layer, a forward hook on the last kept layer applies the final norm and aborts the
+forward. No weights are duplicated and the remaining layers never run. LoRA patches on the base model
+are inactive while encoding (no adapter is bound), as in the reference's separate encoder copy.
+
+Chunks are encoded without padding waste: sorted by length and run in micro-batches of similar
+length (right-padded with an attention mask; padded positions are dropped), and the valid tokens
+are scattered into one packed buffer. Outputs are therefore padding-free and layer-major.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The inner decoder (``model.model`` for HF causal LMs; PEFT wrappers are unwrapped)."""
+    m = model
+    for attr in ("base_model",):
+        if hasattr(m, "peft_config") and hasattr(m, attr):  # PeftModel -> LoraModel -> HF model
+            m = getattr(m, attr)
+            m = getattr(m, "model", m)
+    if hasattr(m, "get_decoder"):
+        try:
+            dec = m.get_decoder()
+            if dec is not None and hasattr(dec, "layers"):
+                return dec
+        except (AttributeError, NotImplementedError):
+            pass
+    if hasattr(m, "model") and hasattr(m.model, "layers"):
+        return m.model
+    if hasattr(m, "layers"):
+        return m
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers")
+
+
+class ContextEncoder(nn.Module):
+    """Produces context features for the hypernetwork from the (shared) base LM.
+
+    ``encoder_type``:
+      * ``per_layer_activations``: K+1 feature maps (embedding output, residual entering layers 1..K-1,
+        final norm of layer K-1's output), K = n_layers-1 or ``last_layer``-1.
+      * ``early_exit``: final norm of layer ``layer_idx``-1's output.
+      * ``embed_only``: the embedding output.
+    """
+
+    def __init__(self, model: nn.Module, encoder_type: str, *, layer_idx: int | None = None, last_layer: int | None = None):
+        super().__init__()
+        self._model = [model]  # not registered: weights belong to the base model
+        dec = decoder_of(model)
+        n = len(dec.layers)
+        if encoder_type == "per_layer_activations":
+            k = (n - 1) if last_layer is None else (last_layer - 1)
+        elif encoder_type == "early_exit":
+            k = layer_idx if layer_idx is not None else max(1, n // 4)
+        elif encoder_type == "embed_only":
+            k = 0
+        else:
+            raise ValueError(f"unknown encoder type {encoder_type!r}")
+        if not 0 <= k <= n:
+            raise ValueError(f"encoder would keep {k} layers but the model has {n}")
+        self.encoder_type, self.n_kept = encoder_type, k
+
+    @property
+    def model(self):
+        return self._model[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.n_kept + 1 if self.encoder_type == "per_layer_activations" else 1
+
+    def _run(self, input_ids, attention_mask=None, position_ids=None) -> list[torch.Tensor]:
+        dec = decoder_of(self.model)
+        k, kind = self.n_kept, self.encoder_type
+        states: list[torch.Tensor] = []
+        handles = []
+
+        def pre_hook(mod, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            states.append(hs)
+            if kind == "embed_only":
+                raise _Stop
+
+        def post_hook(mod, args, kwargs, out):
+            hs = out[0] if isinstance(out, (tuple, list)) else out
+            states.append(dec.norm(hs))
+            raise _Stop
+
+        try:
+            if kind == "per_layer_activations":
+                for j in range(k):
+                    handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if kind == "embed_only" or k == 0:
+                handles.append(dec.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                if kind != "embed_only":
+                    raise ValueError("an encoder with 0 layers only makes sense as embed_only")
+            else:
+                handles.append(dec.layers[k - 1].register_forward_hook(post_hook, with_kwargs=True))
+            with contextlib.suppress(_Stop):
+                dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if kind == "per_layer_activations":
+            expected = k + 1
+        else:
+            states = states[-1:]
+            expected = 1
+        if len(states) != expected:
+            raise RuntimeError(f"context encoder captured {len(states)} feature maps, expected {expected}")
+        return states
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Reference-shaped output: [B, K+1, T, H] (per_layer_activations) or [B, T, H]."""
+        states = self._run(input_ids, attention_mask, position_ids)
+        if self.encoder_type == "per_layer_activations":
+            return torch.stack(states, 1)
+        return states[0]
+
+    @torch.no_grad()
+    def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None) -> torch.Tensor:
+        """Encode chunks of ids into one packed buffer [n_features, Σ len, H] (no padding in the output).
+
+        Chunks are processed longest-first in micro-batches of at most ``token_budget`` padded tokens.
+        """
+        dev = next(self.model.parameters()).device
+        lens = [len(c) for c in chunks]
+        if any(n == 0 for n in lens):
+            raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        out = None
+        order = sorted(range(len(chunks)), key=lambda i: -lens[i])
+        i = 0
+        while i < len(order):
+            longest = lens[order[i]]
+            nb = max(1, min(len(order) - i, token_budget // max(1, longest)))
+            idx = order[i : i + nb]
+            ids = torch.zeros(len(idx), longest, dtype=torch.long)
+            mask = torch.zeros(len(idx), longest, dtype=torch.long)
+            for row, ci in enumerate(idx):
+                ids[row, : lens[ci]] = torch.as_tensor(chunks[ci], dtype=torch.long)
+                mask[row, : lens[ci]] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            single = len(idx) == 1
+            states = self._run(ids, None if single else mask, None)
+            feats = torch.stack(states, 0)  # [F, b, T, H]
+            if out is None:
+                out = feats.new_empty(feats.shape[0], offsets[-1], feats.shape[-1], dtype=dtype or feats.dtype)
+            for row, ci in enumerate(idx):
+                out[:, offsets[ci] : offsets[ci + 1]] = feats[:, row, : lens[ci]]
+            i += nb
+        return out
+
+
+__all__ = ["ContextEncoder", "decoder_of"]
