@@ -1,1 +1,41 @@
-"""d2l_fast: fast Doc-to-LoRA."""
+"""d2l_fast: fast, checkpoint-compatible Doc-to-LoRA.
+
+Native API: :class:`D2LModel` (``internalize`` many documents in one packed pass → :class:`AdapterBatch`;
+``generate`` with a different adapter per row). Drop-in API: ``ModulatedPretrainedModel``,
+``combine_lora``, ``get_tokenizer`` with the reference's names and semantics.
+"""
+
+import logging
+
+from .adapters import AdapterBatch, merge_chunk_loras
+from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .compat import ModulatedPretrainedModel, combine_lora
+from .config import D2LSpec, spec_for_model
+from .lora_ops import SegmentMeta, segmented_lora, segmented_lora_
+from .model import D2LModel
+from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterBatch",
+    "CheckpointError",
+    "D2LModel",
+    "D2LSpec",
+    "LoadedCheckpoint",
+    "ModulatedPretrainedModel",
+    "PackedContexts",
+    "SegmentMeta",
+    "combine_lora",
+    "get_tokenizer",
+    "load_checkpoint",
+    "merge_chunk_loras",
+    "save_checkpoint",
+    "segmented_lora",
+    "segmented_lora_",
+    "spec_for_model",
+    "tokenize_context",
+    "tokenize_prompt",
+]

@@ -1,0 +1,211 @@
+"""Ragged batches of per-document LoRA adapters.
+
+``AdapterBatch`` stores, per target module, ``A [L, R_total, d_in]`` and ``B [L, R_total, d_out]``
+(B rank-major as the reference produces it) with ``rank_offsets`` (n_adapters + 1 cumulative ranks):
+adapter k owns rank rows ``rank_offsets[k]:rank_offsets[k+1]`` of every layer. A document internalised
+from n chunks has rank (n+1)·r: its chunks' rows in order, then the bias rows. Nothing is padded.
+The update applied to a target Linear is ``y += alpha · (x Aₖᵀ) Bₖ`` (alpha as-is, not alpha/r).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AdapterBatch:
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    rank_offsets: list[int]
+    alpha: float
+    model_id: str
+    names: list[str] | None = None
+
+    def __post_init__(self):
+        self.rank_offsets = [int(x) for x in self.rank_offsets]
+        ro = self.rank_offsets
+        if not ro or ro[0] != 0 or any(b < a for a, b in zip(ro[:-1], ro[1:])):
+            raise ValueError(f"rank_offsets must start at 0 and be non-decreasing, got {ro}")
+        if set(self.A) != set(self.B):
+            raise ValueError(f"A and B name different modules: {sorted(self.A)} vs {sorted(self.B)}")
+        for m in self.A:
+            a, b = self.A[m], self.B[m]
+            if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
+                raise ValueError(f"module {m}: expected A [L, R, d_in] and B [L, R, d_out], got {tuple(a.shape)} / {tuple(b.shape)}")
+            if a.shape[1] != ro[-1]:
+                raise ValueError(f"module {m}: A has {a.shape[1]} rank rows but rank_offsets ends at {ro[-1]}")
+        if self.names is not None and len(self.names) != len(self):
+            raise ValueError(f"{len(self.names)} names for {len(self)} adapters")
+
+    def __len__(self) -> int:
+        return len(self.rank_offsets) - 1
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.A)
+
+    @property
+    def ranks(self) -> list[int]:
+        ro = self.rank_offsets
+        return [b - a for a, b in zip(ro[:-1], ro[1:])]
+
+    @property
+    def num_layers(self) -> int:
+        return next(iter(self.A.values())).shape[0]
+
+    @property
+    def dtype(self):
+        return next(iter(self.A.values())).dtype
+
+    @property
+    def device(self):
+        return next(iter(self.A.values())).device
+
+    def to(self, device=None, dtype=None) -> "AdapterBatch":
+        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return AdapterBatch({m: f(t) for m, t in self.A.items()}, {m: f(t) for m, t in self.B.items()},
+                            list(self.rank_offsets), self.alpha, self.model_id, self.names)
+
+    def select(self, indices) -> "AdapterBatch":
+        """A new batch holding adapters ``indices`` (in that order; repeats allowed)."""
+        indices = [int(i) for i in indices]
+        n = len(self)
+        for i in indices:
+            if not -n <= i < n:
+                raise IndexError(f"adapter index {i} out of range for a batch of {n}")
+        indices = [i % n for i in indices]
+        ro = self.rank_offsets
+        rows = [r for i in indices for r in range(ro[i], ro[i + 1])]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        offs = [0]
+        for i in indices:
+            offs.append(offs[-1] + ro[i + 1] - ro[i])
+        names = [self.names[i] for i in indices] if self.names else None
+        return AdapterBatch({m: t.index_select(1, idx) for m, t in self.A.items()},
+                            {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id, names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.select(range(len(self))[i])
+        return self.select([i])
+
+    @staticmethod
+    def concat(batches: list["AdapterBatch"]) -> "AdapterBatch":
+        if not batches:
+            raise ValueError("concat needs at least one AdapterBatch")
+        first = batches[0]
+        for b in batches[1:]:
+            if b.model_id != first.model_id or b.alpha != first.alpha or b.modules != first.modules:
+                raise ValueError(f"cannot concat adapters of different models: {first.model_id!r} vs {b.model_id!r}")
+        offs = [0]
+        for b in batches:
+            offs.extend(offs[-1] + x for x in b.rank_offsets[1:])
+        names = sum((b.names or [None] * len(b) for b in batches), [])
+        return AdapterBatch({m: torch.cat([b.A[m] for b in batches], 1) for m in first.A},
+                            {m: torch.cat([b.B[m] for b in batches], 1) for m in first.B}, offs, first.alpha,
+                            first.model_id, names if any(n is not None for n in names) else None)
+
+    def compose(self, indices, weights=None) -> "AdapterBatch":
+        """One adapter that applies several documents at once (ranks concatenated; optional weight per doc on A)."""
+        sel = self.select(indices)
+        if weights is not None:
+            weights = list(weights)
+            if len(weights) != len(sel):
+                raise ValueError(f"{len(weights)} weights for {len(sel)} adapters")
+            scale = torch.cat([torch.full((r,), float(w)) for r, w in zip(sel.ranks, weights)]).to(sel.device, sel.dtype)
+            sel = AdapterBatch({m: t * scale[None, :, None] for m, t in sel.A.items()}, dict(sel.B),
+                               sel.rank_offsets, sel.alpha, sel.model_id)
+        return AdapterBatch(sel.A, sel.B, [0, sel.rank_offsets[-1]], sel.alpha, sel.model_id)
+
+    def to_padded(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's padded layout for one module: A [G, L, R_max, d_in], B [G, L, R_max, d_out], zero rows after."""
+        a, b = self.A[module], self.B[module]
+        G, L, rmax = len(self), a.shape[0], max(self.ranks, default=0)
+        pa = a.new_zeros(G, L, rmax, a.shape[2])
+        pb = b.new_zeros(G, L, rmax, b.shape[2])
+        for g, (s, e) in enumerate(zip(self.rank_offsets[:-1], self.rank_offsets[1:])):
+            pa[g, :, : e - s] = a[:, s:e]
+            pb[g, :, : e - s] = b[:, s:e]
+        return pa, pb
+
+    def delta_weight(self, index: int, module: str, layer: int) -> torch.Tensor:
+        """ΔW = alpha · Bᵀ A for one adapter, module and layer ([d_out, d_in])."""
+        s, e = self.rank_offsets[index], self.rank_offsets[index + 1]
+        return self.alpha * self.B[module][layer, s:e].t().float() @ self.A[module][layer, s:e].float()
+
+    def save(self, path) -> None:
+        """safetensors with the ragged tensors; metadata holds offsets, alpha, model id and names."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{m}.A": t.detach().cpu().contiguous() for m, t in self.A.items()}
+        tensors.update({f"{m}.B": t.detach().cpu().contiguous() for m, t in self.B.items()})
+        meta = {"format": "d2l_fast.adapters", "version": "1", "rank_offsets": json.dumps(self.rank_offsets),
+                "alpha": repr(float(self.alpha)), "model_id": self.model_id, "names": json.dumps(self.names)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, device=None) -> "AdapterBatch":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "d2l_fast.adapters":
+                raise ValueError(f"{path} is not a d2l_fast adapter file (metadata format={meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        mods = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        out = cls({m: tensors[f"{m}.A"] for m in mods}, {m: tensors[f"{m}.B"] for m in mods},
+                  json.loads(meta["rank_offsets"]), float(meta["alpha"]), meta["model_id"], json.loads(meta["names"]))
+        return out.to(device) if device is not None else out
+
+
+def merge_chunk_loras(chunk_loras: dict, n_chunks: list[int], *, bias: dict | None, alpha: float, model_id: str,
+                      scalers=None, bias_scaler: float | None = None, names=None) -> AdapterBatch:
+    """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} → ragged AdapterBatch (spec §1.6).
+
+    Document g gets its chunks' rows (chunk-major), then β·bias rows; per-chunk ``scalers`` multiply A only.
+    One gather per tensor; no per-document device work.
+    """
+    mods = sorted(chunk_loras)
+    C, L, r, _ = chunk_loras[mods[0]]["A"].shape
+    if sum(n_chunks) != C:
+        raise ValueError(f"n_ctx_chunks sums to {sum(n_chunks)} but {C} chunk LoRAs were given")
+    G = len(n_chunks)
+    dev = chunk_loras[mods[0]]["A"].device
+    beta = 1.0 if bias_scaler is None else float(bias_scaler)
+    # row order: for doc g: its chunk rows, then bias rows (index C*r + g*r ...)
+    rows, offs, c0 = [], [0], 0
+    for g, n in enumerate(n_chunks):
+        rows.extend(range(c0 * r, (c0 + n) * r))
+        if bias is not None:
+            rows.extend(range(C * r + g * r, C * r + (g + 1) * r))
+        c0 += n
+        offs.append(len(rows))
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    sc = None
+    if scalers is not None:
+        sc = torch.as_tensor(scalers, dtype=torch.float32, device=dev).flatten()
+        if sc.numel() not in (1, C):
+            raise ValueError(f"scalers must have 1 or n_chunks_total={C} entries, got {sc.numel()}")
+        sc = sc.expand(C) if sc.numel() == 1 else sc
+    A, B = {}, {}
+    for m in mods:
+        a = chunk_loras[m]["A"]
+        b = chunk_loras[m]["B"]
+        if sc is not None:
+            a = a * sc.to(a.dtype)[:, None, None, None]
+        a = a.transpose(0, 1).reshape(L, C * r, -1)
+        b = b.transpose(0, 1).reshape(L, C * r, -1)
+        if bias is not None:
+            ba = (beta * bias[m]["A"]).to(a.dtype)
+            bb = (beta * bias[m]["B"]).to(b.dtype)
+            a = torch.cat([a, ba.repeat(1, G, 1)], 1)
+            b = torch.cat([b, bb.repeat(1, G, 1)], 1)
+        A[m] = a.index_select(1, idx)
+        B[m] = b.index_select(1, idx)
+    return AdapterBatch(A, B, offs, alpha, model_id, names)
+
+
+__all__ = ["AdapterBatch", "merge_chunk_loras"]

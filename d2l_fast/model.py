@@ -1,0 +1,356 @@
+"""The native Doc-to-LoRA model: internalise many documents in one packed call, serve many adapters per batch.
+
+    model = D2LModel.from_checkpoint("trained_d2l/gemma_demo/checkpoint-80000/pytorch_model.bin")
+    adapters = model.internalize(["doc one ...", "doc two ..."])          # AdapterBatch, one per doc
+    texts = model.generate_text(["Q about doc two?", "Q about doc one?"], adapters, adapter_index=[1, 0])
+
+The base LM is loaded once: the context encoder runs on the same weights (see :mod:`d2l_fast.encoder`).
+The hypernetwork is kept in fp32 like the reference; adapters are cast to the base model's dtype once
+per binding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .adapters import AdapterBatch, merge_chunk_loras
+from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from .config import D2LSpec, spec_for_model
+from .encoder import ContextEncoder, decoder_of
+from .hypernet import HyperLoRA
+from .packing import PackedContexts, tokenize_prompt
+from .patching import LoRABinding, find_target_linears, patch_model
+
+logger = logging.getLogger(__name__)
+
+
+def _load_base_model(name_or_path, *, dtype=None, device=None, **kwargs):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(name_or_path))
+    attn = kwargs.pop("attn_implementation", None)
+    if attn is None:
+        attn = "eager" if cfg.model_type in ("gemma2",) else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or torch.float32,
+                                                 attn_implementation=attn, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def model_fingerprint(spec: D2LSpec, hypernet: nn.Module) -> str:
+    """Identity of (base model, hypernetwork weights): adapters made by one model refuse to bind to another."""
+    h = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    with torch.no_grad():
+        for name in ("head.weight",):
+            t = dict(hypernet.named_parameters())[name].detach().float().flatten()
+            h.update(repr(round(float(t[:4096].double().sum()), 6)).encode())
+            h.update(repr(round(float(t[-4096:].double().abs().sum()), 6)).encode())
+    return f"{spec.base_model_name_or_path}@{h.hexdigest()[:16]}"
+
+
+class D2LModel(nn.Module):
+    """Base causal LM + Doc-to-LoRA hypernetwork, with a batched, padding-free API."""
+
+    def __init__(self, base_model: nn.Module, hypernet: HyperLoRA, tokenizer=None, *, user_defined_scaling: float = 1.0,
+                 max_chunk_len: int | None = None, encode_token_budget: int = 8192):
+        super().__init__()
+        spec = hypernet.spec
+        self.spec = spec
+        self.base_model = base_model
+        self.hypernet = hypernet
+        self.tokenizer = tokenizer
+        self.user_defined_scaling = float(user_defined_scaling)
+        self.max_chunk_len = max_chunk_len
+        self.encode_token_budget = encode_token_budget
+        self._check_base_matches(base_model, spec)
+        self.ctx_encoder = ContextEncoder(base_model, spec.encoder_type, layer_idx=spec.encoder_layer_idx,
+                                          last_layer=spec.encoder_last_layer)
+        if spec.layer_to_layer and self.ctx_encoder.n_features != spec.num_layers:
+            raise CheckpointError(f"layer-to-layer hypernet expects {spec.num_layers} feature maps but the encoder "
+                                  f"produces {self.ctx_encoder.n_features}")
+        self._lora_ctx = patch_model(base_model, spec.target_modules)
+        self._layer_map = {b: i for i, b in enumerate(spec.layer_indices)}
+        self.model_id = model_fingerprint(spec, hypernet)
+        self._cast_cache: tuple | None = None
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def _check_base_matches(base_model, spec: D2LSpec):
+        cfg = base_model.config
+        n_layers = len(decoder_of(base_model).layers)
+        if max(spec.layer_indices) >= n_layers:
+            raise CheckpointError(f"checkpoint targets layers {list(spec.layer_indices)} but the base model has {n_layers}")
+        if int(cfg.hidden_size) != spec.feature_size:
+            raise CheckpointError(f"checkpoint expects context features of size {spec.feature_size} (hidden size of "
+                                  f"{spec.base_model_name_or_path!r}), the base model has hidden_size={cfg.hidden_size}")
+        try:
+            lins = find_target_linears(base_model, spec.target_modules)
+        except ValueError as e:
+            raise CheckpointError(f"base model does not have the checkpoint's target modules: {e}") from e
+        for m in spec.target_modules:
+            lin = lins[(spec.layer_indices[0], m)]
+            if (lin.in_features, lin.out_features) != (spec.d_in[m], spec.d_out[m]):
+                raise CheckpointError(f"{m}: checkpoint expects {spec.d_in[m]}→{spec.d_out[m]}, base model has "
+                                      f"{lin.in_features}→{lin.out_features} (wrong base model?)")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, base_model=None, tokenizer=None, *, subfolder=None, dtype=None, device=None,
+                        base_model_kwargs: dict | None = None, hypernet_dtype=torch.float32, strict_base_name=False,
+                        **kwargs) -> "D2LModel":
+        """Build from a checkpoint (path, hub id, reference state dict or :class:`LoadedCheckpoint`).
+
+        ``base_model``: None (load the hub id stored in the checkpoint), a local folder / hub id, or an
+        already-loaded HF causal LM. ``tokenizer``: None (load from the same place), a path, or a tokenizer.
+        """
+        from .checkpoint import split_reference_state_dict
+        from .packing import get_tokenizer
+
+        if isinstance(checkpoint, LoadedCheckpoint):
+            ckpt = checkpoint
+        elif isinstance(checkpoint, dict):
+            ckpt = split_reference_state_dict(checkpoint)
+        else:
+            ckpt = load_checkpoint(checkpoint, subfolder=subfolder)
+        spec = ckpt.spec
+        src = base_model if base_model is not None else spec.base_model_name_or_path
+        if isinstance(src, nn.Module):
+            model = src
+            name = getattr(model.config, "_name_or_path", "")
+            if strict_base_name and name and name != spec.base_model_name_or_path:
+                raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {name!r}")
+        else:
+            model = _load_base_model(src, dtype=dtype, device=device, **(base_model_kwargs or {}))
+            if strict_base_name and str(src) != spec.base_model_name_or_path:
+                raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {src!r}")
+        if tokenizer is None and not isinstance(src, nn.Module):
+            tokenizer = get_tokenizer(src)
+        elif isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__"):
+            tokenizer = get_tokenizer(tokenizer)
+        cls._check_base_matches(model, spec)
+        hypernet = HyperLoRA(spec)
+        missing, unexpected = hypernet.load_state_dict(ckpt.state_dict, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint tensors do not match the hypernetwork built from its config: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        dev = next(model.parameters()).device
+        hypernet.to(device=dev, dtype=hypernet_dtype).eval()
+        return cls(model, hypernet, tokenizer, **kwargs)
+
+    @classmethod
+    def from_base(cls, base_model, tokenizer=None, *, seed: int = 0, spec: D2LSpec | None = None,
+                  hypernet_dtype=torch.float32, init_scaler_B: float | None = None, **spec_kwargs) -> "D2LModel":
+        """A fresh (untrained) hypernetwork for ``base_model``; the reference's init unless ``init_scaler_B`` is set.
+
+        With the reference init (scaler_B = 0) every adapter is zero and the model equals the base model;
+        ``init_scaler_B`` gives the generated part a visible random effect (useful for demos and tests).
+        """
+        ctor_kwargs = {k: spec_kwargs.pop(k) for k in ("user_defined_scaling", "max_chunk_len", "encode_token_budget") if k in spec_kwargs}
+        spec = spec or spec_for_model(base_model, **spec_kwargs)
+        g = torch.random.fork_rng()
+        with g:
+            torch.manual_seed(seed)
+            hypernet = HyperLoRA(spec)
+            if init_scaler_B is not None:
+                with torch.no_grad():
+                    for p in hypernet.scaler_B.values():
+                        p.normal_(0.0, init_scaler_B)
+        dev = next(base_model.parameters()).device
+        hypernet.to(device=dev, dtype=hypernet_dtype).eval()
+        return cls(base_model, hypernet, tokenizer, **ctor_kwargs)
+
+    def state_dict_for_checkpoint(self) -> LoadedCheckpoint:
+        return LoadedCheckpoint(spec=self.spec, state_dict={k: v.detach().cpu().float() for k, v in self.hypernet.state_dict().items()})
+
+    def save_pretrained(self, folder):
+        """Pickle-free hypernetwork checkpoint (``d2l_config.json`` + ``hypernet.safetensors``)."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self.state_dict_for_checkpoint(), folder)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self):
+        return next(self.base_model.parameters()).device
+
+    @property
+    def base_dtype(self):
+        return next(self.base_model.parameters()).dtype
+
+    # ----------------------------------------------------------------- context → LoRA
+    def chunk_loras(self, packed: PackedContexts, *, intermediates: dict | None = None) -> dict:
+        """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
+        spec = self.spec
+        hdt = self.hypernet.head.weight.dtype
+        with self._lora_ctx.bound(None):
+            feats = self.ctx_encoder.encode_packed(packed.chunks, token_budget=self.encode_token_budget, dtype=hdt)
+        n_f, T, H = feats.shape
+        C = len(packed.chunks)
+        cu_c = packed.cu_seqlens()
+        if spec.layer_to_layer:
+            # segments (layer, chunk), layer-major: layer f's chunks start at f*T + cu_c[c]
+            cu = (torch.arange(n_f)[:, None] * T + cu_c[None, :-1]).flatten()
+            cu = torch.cat([cu, torch.tensor([n_f * T])]).to(torch.int32)
+            x = feats.reshape(n_f * T, H)
+        else:
+            cu, x = cu_c, feats[0]
+        if intermediates is not None:
+            intermediates["features"] = feats
+        loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates)
+        u = self.user_defined_scaling
+        if u != 1.0:
+            loras = {m: {"A": d["A"] * u, "B": d["B"] * u} for m, d in loras.items()}
+        return loras
+
+    def merge(self, chunk_loras: dict, n_chunks, *, scalers=None, bias_scaler=None, names=None) -> AdapterBatch:
+        return merge_chunk_loras(chunk_loras, list(n_chunks), bias=self.hypernet.bias_lora(), alpha=self.spec.lora_alpha,
+                                 model_id=self.model_id, scalers=scalers, bias_scaler=bias_scaler, names=names)
+
+    def pack(self, documents, *, max_chunk_len: int | None = None) -> PackedContexts:
+        if self.tokenizer is None and any(isinstance(d, str) for d in documents):
+            raise ValueError("text documents need a tokenizer; pass tokenizer= or give templated token ids")
+        mcl = self.max_chunk_len if max_chunk_len is None else max_chunk_len
+        return PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
+                                             model_name=self.spec.base_model_name_or_path)
+
+    @torch.no_grad()
+    def internalize(self, documents, *, max_chunk_len: int | None = None, scalers=None, bias_scaler=None,
+                    names=None, docs_per_call: int | None = None, progress: bool | None = None) -> AdapterBatch:
+        """Documents (text, or chat-templated id lists) → one adapter each, in ONE packed padding-free pass.
+
+        Long documents are chunked on templated ids (``max_chunk_len``); a document of n chunks gets rank
+        (n+1)·r. ``docs_per_call`` bounds memory for very large lists (several packed calls, tqdm progress).
+        Nothing is stored on the model: the returned :class:`AdapterBatch` is the state.
+        """
+        if isinstance(documents, (str, torch.Tensor)):
+            raise TypeError("internalize expects a list of documents; wrap a single document in a list")
+        documents = list(documents)
+        packed = self.pack(documents, max_chunk_len=max_chunk_len)  # validates everything before any compute
+        if names is not None and len(names) != len(documents):
+            raise ValueError(f"{len(names)} names for {len(documents)} documents")
+        if scalers is not None:
+            n_sc = len(torch.as_tensor(scalers).flatten())
+            if n_sc not in (1, len(packed.chunks)):
+                raise ValueError(f"scalers must have 1 or {len(packed.chunks)} (one per chunk) entries, got {n_sc}")
+        if docs_per_call is None or docs_per_call >= len(documents):
+            return self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler, names=names)
+        from tqdm.auto import tqdm
+
+        parts, c0 = [], 0
+        show = progress if progress is not None else len(documents) > docs_per_call
+        for d0 in tqdm(range(0, len(documents), docs_per_call), disable=not show, desc="internalize", unit="batch"):
+            d1 = min(d0 + docs_per_call, len(documents))
+            ncs = packed.n_chunks[d0:d1]
+            sub = PackedContexts(chunks=packed.chunks[c0 : c0 + sum(ncs)], n_chunks=ncs)
+            sc = None
+            if scalers is not None:
+                sc_all = torch.as_tensor(scalers).flatten()
+                sc = sc_all if sc_all.numel() == 1 else sc_all[c0 : c0 + sum(ncs)]
+            parts.append(self.merge(self.chunk_loras(sub), ncs, scalers=sc, bias_scaler=bias_scaler,
+                                    names=None if names is None else names[d0:d1]))
+            c0 += sum(ncs)
+        return AdapterBatch.concat(parts)
+
+    # ----------------------------------------------------------------- binding adapters
+    def _prepare_adapters(self, adapters: AdapterBatch) -> AdapterBatch:
+        if not isinstance(adapters, AdapterBatch):
+            raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
+        if adapters.model_id != self.model_id:
+            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is {self.model_id!r}")
+        if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
+            raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
+                             f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
+        dev, dt = self.device, self.base_dtype
+        if adapters.device == dev and adapters.dtype == dt:
+            return adapters
+        cached = self._cast_cache
+        if cached is not None and cached[0] is adapters and cached[1] == (dev, dt):
+            return cached[2]
+        out = adapters.to(dev, dt)
+        self._cast_cache = (adapters, (dev, dt), out)
+        return out
+
+    @contextlib.contextmanager
+    def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None):
+        """Within the block, the base model applies adapter ``adapter_index[i]`` (-1 = none) to batch row i.
+
+        For a packed single-row input give ``seg_lens`` (tokens per segment) and ``seg_adapter`` instead.
+        ``adapter_index=None`` means row i uses adapter i.
+        """
+        if adapters is None:
+            with self._lora_ctx.bound(None):
+                yield None
+            return
+        ad = self._prepare_adapters(adapters)
+        if seg_lens is None and adapter_index is None:
+            adapter_index = list(range(len(ad)))
+        binding = LoRABinding(ad, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
+                              seg_lens=seg_lens, seg_adapter=seg_adapter)
+        with self._lora_ctx.bound(binding):
+            yield binding
+
+    def _check_prompt_inputs(self, input_ids, attention_mask, adapters, adapter_index):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if adapters is not None:
+            n_rows = input_ids.shape[0]
+            idx = list(range(len(adapters))) if adapter_index is None else list(adapter_index)
+            if len(idx) != n_rows:
+                raise ValueError(f"{n_rows} prompt rows but {len(idx)} adapter indices "
+                                 f"({'one per adapter' if adapter_index is None else 'adapter_index'}); give one per row")
+
+    def forward(self, input_ids=None, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None,
+                seg_lens=None, seg_adapter=None, **kwargs):
+        """Base-model forward with per-row (padded) or per-segment (packed, ``seg_lens``) adapters."""
+        if seg_lens is None:
+            self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
+        with self.bind(adapters, adapter_index, seg_lens=seg_lens, seg_adapter=seg_adapter):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None, **kwargs):
+        """HF ``generate`` where row i uses adapter ``adapter_index[i]`` (-1: base model) — one batched call."""
+        self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.setdefault("pad_token_id", getattr(self.tokenizer, "pad_token_id", None) or self.base_model.config.pad_token_id)
+        with self.bind(adapters, adapter_index):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def encode_prompts(self, prompts: list[str], *, system: str | None = None):
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer")
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
+        rows = [tokenize_prompt(self.tokenizer, p, system) for p in prompts]
+        n = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, n - len(r):] = torch.tensor(r)
+            mask[i, n - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate_text(self, prompts: list[str], adapters: AdapterBatch | None = None, adapter_index=None, *,
+                      max_new_tokens: int = 64, system: str | None = None, **kwargs) -> list[str]:
+        """Questions (text) → answers (text), row i with adapter ``adapter_index[i]``; greedy by default."""
+        ids, mask = self.encode_prompts(prompts, system=system)
+        kwargs.setdefault("do_sample", False)
+        out = self.generate(ids, mask, adapters=adapters, adapter_index=adapter_index, max_new_tokens=max_new_tokens, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+
+__all__ = ["D2LModel", "model_fingerprint"]

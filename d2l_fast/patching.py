@@ -1,0 +1,162 @@
+"""Wrapping the target Linears of any HF causal LM and binding a batch of adapters to a forward.
+
+Each targeted ``nn.Linear`` keeps its identity and parameter names (so ``state_dict``/``save_pretrained``
+of the base model are unchanged); only its ``forward`` is replaced by one that computes the base output
+and then, if an adapter binding is active, adds ``alpha · (x Aₖᵀ) Bₖ`` for the adapter k of every
+row/segment through :func:`d2l_fast.kernels.segmented_lora.segmented_lora_` (in place, no per-token
+weight copies). With no binding active the layer is exactly the original Linear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import nn
+
+from .adapters import AdapterBatch
+from .encoder import decoder_of
+from .lora_ops import SegmentMeta, segmented_lora, segmented_lora_
+
+ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def find_target_linears(model: nn.Module, modules) -> dict[tuple[int, str], nn.Linear]:
+    """{(layer_index, module_name): Linear} for every decoder layer of ``model``."""
+    dec = decoder_of(model)
+    out = {}
+    for i, layer in enumerate(dec.layers):
+        for m in modules:
+            found = [mod for name, mod in layer.named_modules() if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
+            if len(found) != 1:
+                raise ValueError(f"layer {i}: expected exactly one Linear named {m!r}, found {len(found)}")
+            out[(i, m)] = found[0]
+    return out
+
+
+class LoRABinding:
+    """Adapters bound to one batch: which adapter each row (padded [B, S] input) or segment (packed) uses."""
+
+    def __init__(self, adapters: AdapterBatch, layer_map: dict[int, int], *, row_adapter=None, seg_lens=None,
+                 seg_adapter=None):
+        self.adapters = adapters
+        self.alpha = float(adapters.alpha)
+        self.layer_map = layer_map  # base layer index -> adapter layer index
+        n = len(adapters)
+        if row_adapter is not None and seg_lens is not None:
+            raise ValueError("give either row_adapter (padded batch) or seg_lens + seg_adapter (packed), not both")
+        if seg_lens is not None:
+            seg_lens = [int(x) for x in seg_lens]
+            seg_adapter = [int(x) for x in seg_adapter]
+            if len(seg_lens) != len(seg_adapter):
+                raise ValueError(f"{len(seg_lens)} segment lengths but {len(seg_adapter)} segment adapters")
+            self._check_ids(seg_adapter, n)
+        elif row_adapter is not None:
+            row_adapter = [int(x) for x in row_adapter]
+            self._check_ids(row_adapter, n)
+        self.row_adapter, self.seg_lens, self.seg_adapter = row_adapter, seg_lens, seg_adapter
+        self._metas: dict[tuple, SegmentMeta] = {}
+
+    @staticmethod
+    def _check_ids(ids, n):
+        bad = [i for i in ids if not (-1 <= i < n)]
+        if bad:
+            raise ValueError(f"adapter indices must be in [-1, {n}) (-1 = no adapter), got {bad[:5]}")
+
+    def meta_for(self, x: torch.Tensor) -> SegmentMeta:
+        """Segment metadata for a layer input ``x`` [B, S, d] (cached per shape: built once per step)."""
+        B, S = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+        key = (B, S)
+        meta = self._metas.get(key)
+        if meta is not None:
+            return meta
+        offs = self.adapters.rank_offsets
+        if self.seg_lens is not None:
+            if B != 1 or sum(self.seg_lens) != S:
+                raise ValueError(f"packed binding covers {sum(self.seg_lens)} tokens in one row, got input [{B}, {S}]")
+            meta = SegmentMeta.from_lengths(self.seg_lens, self.seg_adapter, offs, x.device)
+        else:
+            rows = self.row_adapter if self.row_adapter is not None else [0] * B
+            if len(rows) != B:
+                if B % len(rows):
+                    raise ValueError(f"batch has {B} rows but {len(rows)} row adapters were bound")
+                k = B // len(rows)  # generate(num_return_sequences / num_beams) expands each row k times
+                rows = [a for a in rows for _ in range(k)]
+            meta = SegmentMeta.uniform(B, S, rows, offs, x.device)
+        self._metas[key] = meta
+        return meta
+
+    def apply(self, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        layer, module = key
+        li = self.layer_map.get(layer)
+        if li is None or module not in self.adapters.A:
+            return y
+        A = self.adapters.A[module][li]
+        B = self.adapters.B[module][li]
+        meta = self.meta_for(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            return y + segmented_lora(x2, A, B, meta, self.alpha).view(y.shape)
+        y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else y.reshape(-1, y.shape[-1])
+        segmented_lora_(y2, x2, A, B, meta, self.alpha)
+        return y2.view(y.shape)
+
+
+class LoRAContext:
+    """Per-model holder of the active binding (thread-local so concurrent servers don't mix batches)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @property
+    def binding(self) -> LoRABinding | None:
+        return getattr(self._local, "binding", None)
+
+    @contextlib.contextmanager
+    def bound(self, binding: LoRABinding | None):
+        prev = self.binding
+        self._local.binding = binding
+        try:
+            yield binding
+        finally:
+            self._local.binding = prev
+
+
+def _lora_linear_forward(self, x):
+    y = self._d2l_orig_forward(x)
+    binding = self._d2l_ctx.binding
+    if binding is None:
+        return y
+    return binding.apply(self._d2l_key, x, y)
+
+
+def patch_model(model: nn.Module, modules) -> LoRAContext:
+    """Patch every targeted Linear of ``model`` once; returns the context that binds adapters to it."""
+    ctx = getattr(model, "_d2l_lora_context", None)
+    linears = find_target_linears(model, modules)
+    if ctx is None:
+        ctx = LoRAContext()
+        model._d2l_lora_context = ctx
+    for key, lin in linears.items():
+        if getattr(lin, "_d2l_ctx", None) is ctx:
+            continue
+        lin._d2l_orig_forward = lin.forward
+        lin._d2l_ctx = ctx
+        lin._d2l_key = key
+        lin.forward = _lora_linear_forward.__get__(lin, type(lin))
+    return ctx
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Restore the original forwards of every patched Linear."""
+    for mod in model.modules():
+        if hasattr(mod, "_d2l_orig_forward"):
+            del mod.forward
+            del mod._d2l_orig_forward, mod._d2l_ctx, mod._d2l_key
+    if hasattr(model, "_d2l_lora_context"):
+        del model._d2l_lora_context
+
+
+__all__ = ["LoRABinding", "LoRAContext", "find_target_linears", "patch_model", "unpatch_model"]
