@@ -102,7 +102,8 @@ class AdapterBatch:
                 raise ValueError(f"cannot concat adapters of different models: {first.model_id!r} vs {b.model_id!r}")
         offs = [0]
         for b in batches:
-            offs.extend(offs[-1] + x for x in b.rank_offsets[1:])
+            base = offs[-1]
+            offs.extend([base + x for x in b.rank_offsets[1:]])
         names = sum((b.names or [None] * len(b) for b in batches), [])
         return AdapterBatch({m: torch.cat([b.A[m] for b in batches], 1) for m in first.A},
                             {m: torch.cat([b.B[m] for b in batches], 1) for m in first.B}, offs, first.alpha,
