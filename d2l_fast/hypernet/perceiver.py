@@ -16,38 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
-def _context_rstd(ctx, eps):
-    return torch.rsqrt(ctx.float().pow(2).mean(-1) + eps)
-
-
-def _readout_torch(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, *, n_kv_heads, eps, ctx_rstd=None):
-    """Plain per-segment cross attention (temporary path until the fused op is wired in)."""
-    if ctx_rstd is None:
-        ctx_rstd = _context_rstd(ctx, eps)
-    c = norm_weight * (ctx.float() * ctx_rstd[:, None]).to(ctx.dtype)
-    k = c @ k_weight.t()
-    v = c @ v_weight.t()
-    n_seg, n_q, h, hd = q.shape
-    out = q.new_zeros(q.shape)
-    bounds = cu_seqlens.tolist()
-    for s in range(n_seg):
-        a, b = bounds[s], bounds[s + 1]
-        if b <= a:
-            continue
-        ks = k[a:b].view(b - a, n_kv_heads, hd).transpose(0, 1)
-        vs = v[a:b].view(b - a, n_kv_heads, hd).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q[s].transpose(0, 1), ks, vs, enable_gqa=True)
-        out[s] = o.transpose(0, 1)
-    return out
-
-
-class _Readout:
-    latent_readout = staticmethod(_readout_torch)
-    context_rstd = staticmethod(_context_rstd)
-
-
-_readout = _Readout
+from ..kernels.latent_readout import compute_rstd, latent_readout
 
 
 class RMSNorm(nn.Module):
@@ -110,7 +79,7 @@ class PerceiverLayer(nn.Module):
         z = self.input_latents_layernorm(latents)
         q = attn.q_proj(z).view(n_seg, n_q, attn.n_heads, attn.head_dim)
         if self.is_cross:
-            o = _readout.latent_readout(
+            o = latent_readout(
                 q, ctx, cu_seqlens, max_seqlen, attn.k_proj.weight, attn.v_proj.weight,
                 self.input_context_layernorm.weight, n_kv_heads=attn.n_kv_heads,
                 eps=self.input_context_layernorm.eps, ctx_rstd=ctx_rstd,
@@ -178,12 +147,12 @@ class Perceiver(nn.Module):
         """
         n_seg = cu_seqlens.numel() - 1
         ctx = self.modality_projection(features)
-        ctx_rstd = _readout.context_rstd(ctx, self.encoder.layernorm.eps)
+        ctx_rstd = compute_rstd(ctx, self.encoder.layernorm.eps)
         enc = self.encoder(ctx, cu_seqlens, max_seqlen, n_seg, ctx_rstd)
         n_q = enc.shape[1]
         dec_cu = torch.arange(0, (n_seg + 1) * n_q, n_q, device=enc.device, dtype=torch.int32)
         dec_ctx = enc.reshape(n_seg * n_q, -1)
-        dec = self.decoder(dec_ctx, dec_cu, n_q, n_seg, _readout.context_rstd(dec_ctx, self.decoder.layernorm.eps))
+        dec = self.decoder(dec_ctx, dec_cu, n_q, n_seg, compute_rstd(dec_ctx, self.decoder.layernorm.eps))
         if return_intermediates:
             return dec, {"modality_projection": ctx, "encoder_latents": enc, "decoder_out": dec}
         return dec

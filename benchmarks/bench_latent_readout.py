@@ -1,0 +1,167 @@
+"""Benchmark of the latent cross-attention readout (one Perceiver cross-attention block).
+
+Run: pytest benchmarks/bench_latent_readout.py --benchmark-only --benchmark-json out.json
+
+Providers
+  materialized       the reference way (d2l_fast latent_readout_ref, fp32): K/V projected for every token,
+                     K/V repeated 4 -> 16 heads, one attention per segment in a Python loop
+  d2l_fast           latent_readout(mode="auto") on this device's backend (torch on CPU)
+  d2l_fast_absorbed  latent_readout(mode="absorbed")
+  d2l_fast_plain     latent_readout(mode="plain")
+  triton             latent_readout(backend="triton", mode="auto"); needs CUDA (skipped otherwise)
+
+One block is timed; the Perceiver runs 9 such blocks over the same context (extra_info["blocks"]),
+so the per-encoder cost is 9x. The d2l_fast providers get the context rstd precomputed (it is shared
+by the 9 blocks, see latent_readout's ctx_rstd).
+"""
+from __future__ import annotations
+
+import math
+import platform
+
+import pytest
+import torch
+
+from d2l_fast.kernels.latent_readout import (
+    ReadoutProblem,
+    compute_rstd,
+    latent_readout,
+    latent_readout_ref,
+    readout_macs,
+)
+from d2l_fast.kernels.latent_readout.function import resolve_mode
+
+try:
+    import triton
+
+    TRITON_VERSION = triton.__version__
+except ImportError:  # pragma: no cover
+    TRITON_VERSION = None
+
+GEMMA = dict(n_q=8, H=16, n_kv=4, hd=128, D=512)
+CASES = {
+    # Gemma-2-2b, layer-to-layer: 26 layers x one 2000-token document -> 26 segments
+    "gemma2b_l2l_26x2000": dict(lens=[2000] * 26, **GEMMA),
+    # Gemma-2-2b, 26 layers x 4 chunks of ragged length (100..1000) -> 104 segments
+    "gemma2b_l2l_26x4_ragged": dict(lens="ragged", n_layers=26, n_chunks=4, lo=100, hi=1000, **GEMMA),
+    # SmolLM2-135M scale: 30 layers x 300 tokens
+    "smollm2_l2l_30x300": dict(lens=[300] * 30, **GEMMA),
+    # the 1-block decoder: 26 layers x 4 chunks, each attends to its 8 encoder latents
+    "gemma2b_decoder_104x8": dict(lens=[8] * 104, **GEMMA),
+    # NIAH config: 208 latents (auto must choose the plain form)
+    "niah208_26x500": dict(lens=[500] * 26, n_q=208, H=16, n_kv=4, hd=128, D=512),
+}
+PROVIDERS = ["materialized", "d2l_fast", "d2l_fast_absorbed", "d2l_fast_plain", "triton"]
+
+
+def _lens(spec):
+    if spec["lens"] != "ragged":
+        return spec["lens"]
+    g = torch.Generator().manual_seed(0)
+    n = spec["n_layers"] * spec["n_chunks"]
+    return torch.randint(spec["lo"], spec["hi"] + 1, (n,), generator=g).tolist()
+
+
+_CACHE: dict = {}
+
+
+def _problem(case: str, device: str):
+    key = (case, device)
+    if key in _CACHE:
+        return _CACHE[key]
+    _CACHE.clear()
+    spec = CASES[case]
+    lens = _lens(spec)
+    g = torch.Generator().manual_seed(0)
+    n_q, H, n_kv, hd, D = spec["n_q"], spec["H"], spec["n_kv"], spec["hd"], spec["D"]
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    p = dict(
+        q=torch.randn(len(lens), n_q, H, hd, generator=g),
+        ctx=torch.randn(sum(lens), D, generator=g),
+        cu_seqlens=cu,
+        max_seqlen=max(lens),
+        k_weight=torch.randn(n_kv * hd, D, generator=g) / math.sqrt(D),
+        v_weight=torch.randn(n_kv * hd, D, generator=g) / math.sqrt(D),
+        ctx_norm_weight=1 + 0.1 * torch.randn(D, generator=g),
+        n_kv_heads=n_kv,
+    )
+    p = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    p["ctx_rstd"] = compute_rstd(p["ctx"], 1e-6)
+    prob = ReadoutProblem(len(lens), n_q, H, n_kv, hd, D, sum(lens), max(lens))
+    _CACHE[key] = (p, prob, lens)
+    return _CACHE[key]
+
+
+def _fn(provider: str, p: dict):
+    args = (p["q"], p["ctx"], p["cu_seqlens"])
+    w = (p["k_weight"], p["v_weight"], p["ctx_norm_weight"])
+    if provider == "materialized":
+        return lambda: latent_readout_ref(*args, *w, n_kv_heads=p["n_kv_heads"], upcast=False)
+    mode = {"d2l_fast_absorbed": "absorbed", "d2l_fast_plain": "plain"}.get(provider, "auto")
+    backend = "triton" if provider == "triton" else "auto"
+    return lambda: latent_readout(
+        *args, p["max_seqlen"], *w, n_kv_heads=p["n_kv_heads"], mode=mode, backend=backend, ctx_rstd=p["ctx_rstd"]
+    )
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.benchmark(group="latent_readout")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bench_latent_readout(benchmark, case, provider):
+    if provider == "triton" and not torch.cuda.is_available():
+        pytest.skip("the triton provider needs CUDA")
+    device = "cuda" if provider == "triton" else "cpu"
+    p, prob, lens = _problem(case, device)
+    fn = _fn(provider, p)
+    with torch.no_grad():
+        # correctness gate before timing: every provider against the materialized path (fp32)
+        if provider != "materialized":
+            ref = latent_readout_ref(
+                p["q"], p["ctx"], p["cu_seqlens"], p["k_weight"], p["v_weight"], p["ctx_norm_weight"],
+                n_kv_heads=p["n_kv_heads"], upcast=False,
+            )  # fmt: skip
+            out = fn()
+            torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-3)
+
+        def run():
+            fn()
+            _sync(device)
+
+        benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
+    macs = readout_macs(prob)
+    mode = "materialized" if provider == "materialized" else {
+        "d2l_fast_absorbed": "absorbed", "d2l_fast_plain": "plain"
+    }.get(provider) or resolve_mode("auto", p["q"], p["ctx"], p["n_kv_heads"])
+    flops = 2 * (macs["plain"] if mode in ("plain", "materialized") else macs["absorbed"])
+    mean_s = benchmark.stats.stats.mean if benchmark.stats else float("nan")
+    benchmark.extra_info.update(
+        case=case,
+        provider=provider,
+        mode=mode,
+        n_seg=prob.n_seg,
+        total_tokens=prob.total_tokens,
+        max_seqlen=prob.max_seqlen,
+        n_q=prob.n_q,
+        n_heads=prob.n_heads,
+        n_kv_heads=prob.n_kv_heads,
+        head_dim=prob.head_dim,
+        d_model=prob.d_model,
+        dtype="float32",
+        blocks=9,
+        flops=flops,
+        flops_absorbed=2 * macs["absorbed"],
+        flops_plain=2 * macs["plain"],
+        gflops_per_s=flops / mean_s / 1e9,
+        per_encoder_ms=9 * mean_s * 1e3,
+        device=torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        torch_version=torch.__version__,
+        triton_version=TRITON_VERSION,
+    )

@@ -1,0 +1,249 @@
+"""Autograd function and public functional of the latent cross-attention readout."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .configs import ReadoutProblem, choose_mode, interpreting, pick_cpu_chunk
+from .cpu import (
+    _GROUP_ELEMS,
+    compute_rstd,
+    make_chunk_plan,
+    readout_absorbed_torch,
+    readout_plain_torch,
+    readout_torch,
+    segment_groups,
+)
+from .launch import SUPPORTED_DTYPES, latent_readout_triton_fwd
+
+__all__ = ["LatentReadoutFunction", "latent_readout", "resolve_mode"]
+
+_MODES = ("auto", "absorbed", "plain")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+class LatentReadoutFunction(torch.autograd.Function):
+    """Fused latent cross-attention readout with a recompute backward.
+
+    Forward runs the chosen form (absorbed or plain) on the chosen backend and saves only the inputs.
+    Backward recomputes the forward with the differentiable torch implementation (`cpu.py`, same form,
+    fp32) one segment group at a time under `enable_grad`, and calls `torch.autograd.grad` for
+    q, ctx, k_weight, v_weight, ctx_norm_weight (and ctx_rstd when the caller passed it).
+    Why recompute in torch: it is exact for both forms, costs one extra forward, stores nothing
+    but the inputs, and keeps this version free of hand-written backward kernels.
+    Determinism: dq of a segment sums its key chunks with `_SegmentSum` (a sequential index_add on
+    CPU; on CUDA one write per segment per step, so no order-dependent atomics), and the weight
+    gradients are summed over segment groups in a fixed Python order. No atomics are used.
+    """
+
+    @staticmethod
+    def forward(ctx, q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, meta):
+        max_seqlen, n_kv_heads, eps, scale, mode, backend = meta
+        rstd = rstd_in if rstd_in is not None else compute_rstd(context, eps)
+        if backend == "triton":
+            out = latent_readout_triton_fwd(
+                q, context, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd,
+                n_kv_heads=n_kv_heads, scale=scale, mode=mode,
+            )  # fmt: skip
+        else:
+            cu_cpu = cu_seqlens.to("cpu", torch.int64)
+            out = readout_torch(
+                q, context, cu_cpu, k_weight, v_weight, norm_weight, rstd,
+                n_kv_heads=n_kv_heads, scale=scale, mode=mode,
+            )  # fmt: skip
+        # backward recomputes from the inputs: only they are saved
+        ctx.save_for_backward(q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in)
+        ctx.meta = meta
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in = ctx.saved_tensors
+        max_seqlen, n_kv_heads, eps, scale, mode, backend = ctx.meta
+        needs = ctx.needs_input_grad
+        fn = readout_absorbed_torch if mode == "absorbed" else readout_plain_torch
+        n_seg, n_q, H, hd = q.shape
+        cu_cpu = cu_seqlens.to("cpu", torch.int64)
+        cu = cu_cpu.tolist()
+        rows = n_q * H if mode == "absorbed" else n_q * (H // n_kv_heads)
+        width = context.shape[1] if mode == "absorbed" else 2 * n_kv_heads * hd
+        chunk = pick_cpu_chunk(cu_cpu[1:] - cu_cpu[:-1], rows)
+        grad_out = grad_out.float()
+
+        def zeros(x, need):
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
+
+        inputs = (q, context, k_weight, v_weight, norm_weight)
+        dq, dctx, dwk, dwv, dw = (zeros(x, needs[i]) for i, x in zip((0, 1, 3, 4, 5), inputs))
+        drstd = zeros(rstd_in, needs[6]) if rstd_in is not None else None
+        wk_l = k_weight.detach().requires_grad_(needs[3])
+        wv_l = v_weight.detach().requires_grad_(needs[4])
+        w_l = norm_weight.detach().requires_grad_(needs[5])
+        for s0, s1 in segment_groups(cu, max(1, _GROUP_ELEMS // max(width, 1))):
+            t0, t1 = cu[s0], cu[s1]
+            with torch.enable_grad():
+                q_g = q[s0:s1].detach().requires_grad_(needs[0])
+                c_g = context[t0:t1].detach().requires_grad_(needs[1])
+                if rstd_in is not None:
+                    r_g = rstd_in[t0:t1].detach().requires_grad_(needs[6])
+                else:
+                    r_g = compute_rstd(c_g, eps)
+                plan = make_chunk_plan(cu_cpu[s0 : s1 + 1] - t0, chunk, context.device)
+                out = fn(q_g, c_g, plan, wk_l, wv_l, w_l, r_g, n_kv_heads=n_kv_heads, scale=scale)
+                slots = [(q_g, dq), (c_g, dctx), (wk_l, dwk), (wv_l, dwv), (w_l, dw)]
+                if rstd_in is not None:
+                    slots.append((r_g, drstd))
+                slots = [(x, acc, i) for i, (x, acc) in enumerate(slots) if x.requires_grad]
+                if not slots or not out.requires_grad:
+                    continue
+                grads = torch.autograd.grad(out, [x for x, _, _ in slots], grad_out[s0:s1], allow_unused=True)
+            for (_, acc, i), g in zip(slots, grads):
+                if g is None:
+                    continue
+                if i == 0:
+                    acc[s0:s1] += g
+                elif i in (1, 5):
+                    acc[t0:t1] += g
+                else:
+                    acc += g
+
+        def cast(g, x):
+            return None if g is None else g.to(x.dtype)
+
+        return (
+            cast(dq, q), cast(dctx, context), None, cast(dwk, k_weight), cast(dwv, v_weight),
+            cast(dw, norm_weight), cast(drstd, rstd_in) if rstd_in is not None else None, None,
+        )  # fmt: skip
+
+
+def resolve_mode(mode: str, q: torch.Tensor, ctx: torch.Tensor, n_kv_heads: int) -> str:
+    """"auto" -> the form with fewer MACs (configs.readout_macs); explicit modes pass through."""
+    if mode != "auto":
+        return mode
+    n_seg, n_q, H, hd = q.shape
+    T, D = ctx.shape
+    return choose_mode(ReadoutProblem(n_seg, n_q, H, n_kv_heads, hd, D, T, 0))
+
+
+def _check(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(msg)
+
+
+def _validate(
+    q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, n_kv_heads, ctx_rstd, mode, backend
+):
+    _check(isinstance(q, torch.Tensor) and q.dim() == 4, f"q must be [n_seg, n_q, H, hd], got {_shape(q)}")
+    _check(isinstance(ctx, torch.Tensor) and ctx.dim() == 2, f"ctx must be [T_total, D], got {_shape(ctx)}")
+    n_seg, n_q, H, hd = q.shape
+    T, D = ctx.shape
+    _check(q.dtype in SUPPORTED_DTYPES, f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}", TypeError)
+    _check(ctx.dtype == q.dtype, f"ctx dtype must equal q dtype {q.dtype}, got {ctx.dtype}", TypeError)
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight), ("ctx_norm_weight", norm_weight)):
+        _check(
+            w.dtype in SUPPORTED_DTYPES, f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {w.dtype}", TypeError
+        )
+        _check(w.device == ctx.device, f"{name} must be on {ctx.device}, got {w.device}")
+    _check(q.device == ctx.device, f"q must be on ctx's device {ctx.device}, got {q.device}")
+    _check(
+        isinstance(n_kv_heads, int) and n_kv_heads > 0 and H % n_kv_heads == 0,
+        f"n_kv_heads must be a positive divisor of H={H}, got {n_kv_heads}",
+    )
+    kv_shape = (n_kv_heads * hd, D)
+    _check(tuple(k_weight.shape) == kv_shape, f"k_weight must have shape {kv_shape}, got {tuple(k_weight.shape)}")
+    _check(tuple(v_weight.shape) == kv_shape, f"v_weight must have shape {kv_shape}, got {tuple(v_weight.shape)}")
+    _check(
+        tuple(norm_weight.shape) == (D,), f"ctx_norm_weight must have shape {(D,)}, got {tuple(norm_weight.shape)}"
+    )
+    _check(
+        isinstance(cu_seqlens, torch.Tensor)
+        and cu_seqlens.dtype == torch.int32
+        and tuple(cu_seqlens.shape) == (n_seg + 1,),
+        f"cu_seqlens must be int32 of shape {(n_seg + 1,)}, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))} "
+        f"{_shape(cu_seqlens)}",
+    )
+    _check(cu_seqlens.device == ctx.device, f"cu_seqlens must be on {ctx.device}, got {cu_seqlens.device}")
+    _check(
+        isinstance(max_seqlen, int) and max_seqlen >= 0, f"max_seqlen must be a non-negative int, got {max_seqlen!r}"
+    )
+    if ctx_rstd is not None:
+        _check(
+            ctx_rstd.dtype == torch.float32 and tuple(ctx_rstd.shape) == (T,) and ctx_rstd.device == ctx.device,
+            f"ctx_rstd must be float32 of shape {(T,)} on {ctx.device}, got {ctx_rstd.dtype} {tuple(ctx_rstd.shape)} "
+            f"on {ctx_rstd.device}",
+        )
+    _check(mode in _MODES, f"mode must be one of {_MODES}, got {mode!r}")
+    _check(backend in _BACKENDS, f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        msg = f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got {q.device}"
+        _check(q.is_cuda or interpreting(), msg)
+
+
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def latent_readout(
+    q: torch.Tensor,
+    ctx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    ctx_norm_weight: torch.Tensor,
+    *,
+    n_kv_heads: int,
+    eps: float = 1e-6,
+    softmax_scale: float | None = None,
+    mode: str = "auto",
+    backend: str = "auto",
+    ctx_rstd: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Perceiver cross-attention readout over a packed, variable-length context.
+
+    For every segment s (tokens cu_seqlens[s]:cu_seqlens[s+1] of ctx) and query head h:
+
+        c_t = w * (C_t / sqrt(mean(C_t^2) + eps))                (RMSNorm, statistics in fp32)
+        K_t = c_t @ k_weight.T,  V_t = c_t @ v_weight.T          (n_kv_heads heads of hd)
+        out[s, i, h] = softmax_t(q[s, i, h] . K_t[h // (H // n_kv_heads)] * scale) @ V_t[...]
+
+    non-causal, no positional encoding; an empty segment gives zeros. The caller applies o_proj.
+
+    Args:
+        q: [n_seg, n_q, H, hd] projected latent queries (one set per segment). fp32, fp16 or bf16.
+        ctx: [T_total, D] packed context (same dtype as q); may be a non-contiguous view.
+        cu_seqlens: int32 [n_seg + 1], non-decreasing, cu_seqlens[0] == 0; empty segments allowed.
+        max_seqlen: python int, the longest segment (sizes the Triton split-K; no device sync).
+        k_weight, v_weight: [n_kv_heads * hd, D] (nn.Linear layout).
+        ctx_norm_weight: [D] RMSNorm weight of the context.
+        n_kv_heads: number of KV heads (GQA); H must be a multiple of it.
+        eps: RMSNorm epsilon.
+        softmax_scale: defaults to 1 / sqrt(hd).
+        mode: "absorbed" (fold w, W_k into the queries and W_v into the output; K/V never exist),
+            "plain" (project K/V once, then attend), or "auto" (fewer MACs by `configs.readout_macs`).
+        backend: "torch" (CPU fast path; on CUDA it reads cu_seqlens on the host), "triton"
+            (CUDA, or CPU tensors under TRITON_INTERPRET=1), "auto" (triton on CUDA, torch otherwise).
+        ctx_rstd: optional fp32 [T_total] precomputed 1/sqrt(mean(C^2)+eps). The context is shared by all
+            Perceiver blocks (only w differs), so compute it once with `compute_rstd(ctx, eps)`;
+            gradients flow into it when it requires grad.
+
+    Returns:
+        [n_seg, n_q, H, hd] in q's dtype.
+
+    Example (two documents of 3 and 5 tokens, 8 latents, 16 heads of 128, 4 KV heads, D=512):
+        >>> cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        >>> out = latent_readout(q, ctx, cu, 5, wk, wv, w_ctx, n_kv_heads=4)  # q [2, 8, 16, 128], ctx [8, 512]
+
+    Precision: the softmax, its statistics and all accumulations are fp32. In fp16/bf16 the absorbed
+    form applies rstd in fp32 and never rounds the normalized context to the input dtype, while the
+    reference (and the plain form) round x/rms to the input dtype before multiplying by w.
+    """
+    _validate(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, ctx_norm_weight, n_kv_heads, ctx_rstd, mode, backend)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    mode = resolve_mode(mode, q, ctx, n_kv_heads)
+    hd = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
+    meta = (int(max_seqlen), n_kv_heads, float(eps), scale, mode, backend)
+    return LatentReadoutFunction.apply(q, ctx, cu_seqlens, k_weight, v_weight, ctx_norm_weight, ctx_rstd, meta)
