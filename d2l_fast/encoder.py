@@ -82,21 +82,29 @@ class ContextEncoder(nn.Module):
     def n_features(self) -> int:
         return self.n_kept + 1 if self.encoder_type == "per_layer_activations" else 1
 
-    def _run(self, input_ids, attention_mask=None, position_ids=None) -> list[torch.Tensor]:
+    def _run(self, input_ids, attention_mask=None, position_ids=None, sink=None) -> list[torch.Tensor]:
+        """Run the truncated decoder; feature maps are returned, or handed to ``sink(j, hs)`` as they appear."""
         dec = decoder_of(self.model)
         k, kind = self.n_kept, self.encoder_type
         states: list[torch.Tensor] = []
         handles = []
+        count = [0]
+
+        def emit(hs):
+            if sink is None or kind != "per_layer_activations":
+                states.append(hs)
+            else:
+                sink(count[0], hs)
+            count[0] += 1
 
         def pre_hook(mod, args, kwargs):
-            hs = args[0] if args else kwargs["hidden_states"]
-            states.append(hs)
+            emit(args[0] if args else kwargs["hidden_states"])
             if kind == "embed_only":
                 raise _Stop
 
         def post_hook(mod, args, kwargs, out):
             hs = out[0] if isinstance(out, (tuple, list)) else out
-            states.append(dec.norm(hs))
+            emit(dec.norm(hs))
             raise _Stop
 
         try:
@@ -119,8 +127,12 @@ class ContextEncoder(nn.Module):
         else:
             states = states[-1:]
             expected = 1
-        if len(states) != expected:
-            raise RuntimeError(f"context encoder captured {len(states)} feature maps, expected {expected}")
+        got = count[0] if kind == "per_layer_activations" else len(states)
+        if got != expected:
+            raise RuntimeError(f"context encoder captured {got} feature maps, expected {expected}")
+        if sink is not None and kind != "per_layer_activations":
+            sink(0, states[0])
+            return []
         return states
 
     @torch.no_grad()
@@ -132,14 +144,18 @@ class ContextEncoder(nn.Module):
         return states[0]
 
     @torch.no_grad()
-    def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None) -> torch.Tensor:
-        """Encode chunks of ids into one packed buffer [n_features, Σ len, H] (no padding in the output).
+    def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None, transform=None,
+                      out_dim: int | None = None) -> torch.Tensor:
+        """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
-        Chunks are processed longest-first in micro-batches of at most ``token_budget`` padded tokens.
+        Chunks run longest-first in micro-batches of at most ``token_budget`` padded tokens. With
+        ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, out_dim]``), every
+        feature map is transformed on its valid tokens as soon as the encoder produces it, so the
+        [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
         """
         dev = next(self.model.parameters()).device
         lens = [len(c) for c in chunks]
-        if any(n == 0 for n in lens):
+        if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
         offsets = [0]
         for n in lens:
@@ -152,18 +168,30 @@ class ContextEncoder(nn.Module):
             nb = max(1, min(len(order) - i, token_budget // max(1, longest)))
             idx = order[i : i + nb]
             ids = torch.zeros(len(idx), longest, dtype=torch.long)
-            mask = torch.zeros(len(idx), longest, dtype=torch.long)
+            mask = torch.zeros(len(idx), longest, dtype=torch.bool)
+            dest = []
             for row, ci in enumerate(idx):
                 ids[row, : lens[ci]] = torch.as_tensor(chunks[ci], dtype=torch.long)
-                mask[row, : lens[ci]] = 1
+                mask[row, : lens[ci]] = True
+                dest.append(torch.arange(offsets[ci], offsets[ci + 1]))
+            dest = torch.cat(dest).to(dev)
             ids, mask = ids.to(dev), mask.to(dev)
             single = len(idx) == 1
-            states = self._run(ids, None if single else mask, None)
-            feats = torch.stack(states, 0)  # [F, b, T, H]
-            if out is None:
-                out = feats.new_empty(feats.shape[0], offsets[-1], feats.shape[-1], dtype=dtype or feats.dtype)
-            for row, ci in enumerate(idx):
-                out[:, offsets[ci] : offsets[ci + 1]] = feats[:, row, : lens[ci]]
+            state = {"out": out}
+
+            def sink(j, hs, state=state, mask=mask, dest=dest):
+                valid = hs.reshape(-1, hs.shape[-1]) if single else hs[mask]  # [n_valid, H] in (row, pos) order
+                if dtype is not None:
+                    valid = valid.to(dtype)
+                y = transform(valid) if transform is not None else valid
+                if state["out"] is None:
+                    state["out"] = y.new_empty(self.n_features, offsets[-1], y.shape[-1])
+                state["out"][j].index_copy_(0, dest, y)
+
+            states = self._run(ids, None if single else mask.long(), None, sink=sink)
+            for j, hs in enumerate(states):  # non-streaming encoder types return their single map
+                sink(j, hs)
+            out = state["out"]
             i += nb
         return out
 

@@ -71,6 +71,7 @@ class D2LModel(nn.Module):
         self.max_chunk_len = max_chunk_len
         self.encode_token_budget = encode_token_budget
         self._check_base_matches(base_model, spec)
+        base_model.requires_grad_(False)  # only the hypernetwork trains (as in the reference)
         self.ctx_encoder = ContextEncoder(base_model, spec.encoder_type, layer_idx=spec.encoder_layer_idx,
                                           last_layer=spec.encoder_last_layer)
         if spec.layer_to_layer and self.ctx_encoder.n_features != spec.num_layers:
@@ -189,8 +190,13 @@ class D2LModel(nn.Module):
         """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
         spec = self.spec
         hdt = self.hypernet.head.weight.dtype
+        # inference streams each encoder layer through the modality projection as it is produced (the
+        # [L, T, H] feature stack is never held); training / intermediates keep the plain path for autograd
+        stream = intermediates is None and not torch.is_grad_enabled()
+        proj = self.hypernet.perceiver.modality_projection
         with self._lora_ctx.bound(None):
-            feats = self.ctx_encoder.encode_packed(packed.chunks, token_budget=self.encode_token_budget, dtype=hdt)
+            feats = self.ctx_encoder.encode_packed(packed.chunks, token_budget=self.encode_token_budget, dtype=hdt,
+                                                   transform=proj if stream else None)
         n_f, T, H = feats.shape
         C = len(packed.chunks)
         cu_c = packed.cu_seqlens()
@@ -203,7 +209,7 @@ class D2LModel(nn.Module):
             cu, x = cu_c, feats[0]
         if intermediates is not None:
             intermediates["features"] = feats
-        loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates)
+        loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates, projected=stream)
         u = self.user_defined_scaling
         if u != 1.0:
             loras = {m: {"A": d["A"] * u, "B": d["B"] * u} for m, d in loras.items()}

@@ -46,13 +46,15 @@ class HyperLoRA(nn.Module):
     def perceiver(self) -> Perceiver:
         return self.aggregator.perceiver
 
-    def aggregate(self, features, cu_seqlens, max_seqlen: int, n_chunks: int, intermediates: dict | None = None):
+    def aggregate(self, features, cu_seqlens, max_seqlen: int, n_chunks: int, intermediates: dict | None = None,
+                  projected: bool = False):
         """features [T_total, H] packed; segments = (layer, chunk) layer-major in layer-to-layer mode.
 
         Returns E [n_chunks, L, M, r, D].
         """
         s = self.spec
-        out = self.perceiver(features, cu_seqlens, max_seqlen, return_intermediates=intermediates is not None)
+        out = self.perceiver(features, cu_seqlens, max_seqlen, return_intermediates=intermediates is not None,
+                             projected=projected)
         if intermediates is not None:
             out, inter = out
             intermediates.update(inter)
@@ -81,8 +83,10 @@ class HyperLoRA(nn.Module):
             loras[m] = {"A": a, "B": b}
         return loras
 
-    def forward(self, features, cu_seqlens, max_seqlen: int, n_chunks: int, intermediates: dict | None = None):
-        e = self.aggregate(features, cu_seqlens, max_seqlen, n_chunks, intermediates)
+    def forward(self, features, cu_seqlens, max_seqlen: int, n_chunks: int, intermediates: dict | None = None,
+                projected: bool = False):
+        """Packed features [T_total, H] (or modality-projected [T_total, D] with ``projected=True``) → per-chunk LoRAs."""
+        e = self.aggregate(features, cu_seqlens, max_seqlen, n_chunks, intermediates, projected)
         if intermediates is not None:
             intermediates["aggregator_out"] = e
         return self.head_forward(e, intermediates)

@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``, no biases."""
 
+    block_rows = 1024
+
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
         self.gate_proj = nn.Linear(d_in, d_hidden, bias=False)
@@ -44,7 +46,15 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_hidden, d_out, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled() or x.shape[0] <= self.block_rows:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # inference: row blocks keep the two [rows, hidden] intermediates small and cache-resident
+        out = x.new_empty(x.shape[0], self.down_proj.out_features)
+        for i in range(0, x.shape[0], self.block_rows):
+            xb = x[i : i + self.block_rows]
+            g = self.gate_proj(xb)
+            out[i : i + self.block_rows] = self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(xb)))
+        return out
 
 
 class PerceiverAttention(nn.Module):
@@ -140,13 +150,14 @@ class Perceiver(nn.Module):
                                           spec.shared_weights, **kw)
         self.decoder = PerceiverResampler(D, D, spec.n_output_queries, 1, 0, False, **kw)
 
-    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False):
+    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False, projected: bool = False):
         """features [T_total, H] packed; segments by ``cu_seqlens`` (int32 [n_seg+1], max_seqlen a Python int).
 
+        ``projected=True``: ``features`` already went through the modality projection ([T_total, D]).
         Returns [n_seg, n_output_queries, D].
         """
         n_seg = cu_seqlens.numel() - 1
-        ctx = self.modality_projection(features)
+        ctx = features if projected else self.modality_projection(features)
         ctx_rstd = compute_rstd(ctx, self.encoder.layernorm.eps)
         enc = self.encoder(ctx, cu_seqlens, max_seqlen, n_seg, ctx_rstd)
         n_q = enc.shape[1]
