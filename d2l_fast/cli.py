@@ -47,6 +47,8 @@ def _demo(args) -> int:
     t["generate (same batch, base model)"] = time.perf_counter() - t0
     for d, a, b in zip(docs, answers, base_answers):
         print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n  reference answer: {d['answer']}")
+    n_diff = sum(a != b for a, b in zip(answers, base_answers))
+    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's (random adapters, init scale {args.init_scale})")
     print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
     for k, v in t.items():
         print(f"  {k:<42s} {v:7.2f} s")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--max-chunk-len", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--init-scale", type=float, default=0.02, help="std of the random scaler_B (0 = reference init = base model)")
+    d.add_argument("--init-scale", type=float, default=2.0,
+                   help="std of the random scaler_B (0 = the reference init: every adapter is zero, i.e. the base model)")
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(fn=_demo)
     i = sub.add_parser("info", help="print a checkpoint's config")
