@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 CONSTRAINTS=${D2L_CONSTRAINTS:-constraints-cpu.txt}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-pip install -q --upgrade pip >/dev/null 2>&1 || true
+pip install -q --upgrade pip "setuptools>=77" wheel 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$CONSTRAINTS" = "constraints-cpu.txt" ]; then
   pip install -q -c "$CONSTRAINTS" torch==2.13.0+cpu triton==3.7.1 numpy
 fi
