@@ -4,6 +4,12 @@
 
 Generic: rows are grouped by ``extra_info["case"]``, columns by ``extra_info["provider"]``; a provider
 named ``base`` (if present) is the denominator of the ratios.
+
+Benchmarks whose extra_info names a per-case ``baseline`` provider or a throughput unit (``work_items`` +
+``work_unit``, e.g. the end-to-end suite) get a long table instead, one row per (case, provider): time,
+× the case's baseline, throughput (work_items / time, e.g. docs/s or tokens/s) and its ratio, peak RSS
+and its ratio, CPU used by other processes; then the case's ``goal`` line. ``--wide`` also prints the
+wide table for such files.
 """
 
 from __future__ import annotations
@@ -50,16 +56,68 @@ def build_table(data: dict, stat: str = "mean") -> str:
     return "\n".join(lines)
 
 
+def _is_long(data: dict) -> bool:
+    return any("baseline" in b.get("extra_info", {}) or "work_unit" in b.get("extra_info", {})
+               for b in data.get("benchmarks", []))
+
+
+def _ratio(x, y) -> str:
+    return f"{x / y:.2f}×" if x is not None and y else "–"
+
+
+def build_long_table(data: dict, stat: str = "mean") -> str:
+    cases: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        cases.setdefault(info.get("case", b.get("group") or b["name"]), []).append(b)
+    out = []
+    for case, rows in cases.items():
+        by_prov = {r.get("extra_info", {}).get("provider", r["name"]): r for r in rows}
+        base_name = rows[0].get("extra_info", {}).get("baseline") or ("base" if "base" in by_prov else None)
+        base = by_prov.get(base_name)
+        unit = rows[0].get("extra_info", {}).get("work_unit")
+        tp_head = f"{unit}/s" if unit else "throughput"
+        head = ["provider", f"time ({stat})", f"× {base_name or 'baseline'} time", tp_head,
+                f"× {base_name or 'baseline'} {tp_head}", "peak RSS MB", "× baseline peak", "other-proc cores", "rounds"]
+        lines = [f"**{case}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        base_t = base["stats"][stat] if base else None
+        base_info = base.get("extra_info", {}) if base else {}
+        base_tp = base_info["work_items"] / base_t if base and "work_items" in base_info else None
+        base_mem = base_info.get("peak_rss_mb")
+        for prov, r in by_prov.items():
+            info = r.get("extra_info", {})
+            t = r["stats"][stat]
+            tp = info["work_items"] / t if "work_items" in info else None
+            mem = info.get("peak_rss_mb")
+            mem_s = "–" if mem is None else f"{mem:.0f}"
+            if info.get("peak_rss_mb_subprocess") is not None:
+                mem_s += f" (fresh proc {info['peak_rss_mb_subprocess']:.0f})"
+            cells = [prov, _fmt_time(t), _ratio(t, base_t), "–" if tp is None else f"{tp:.3g}", _ratio(tp, base_tp),
+                     mem_s, _ratio(mem, base_mem), str(info.get("other_cores", "–")), str(r["stats"].get("rounds", "–"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        goal = rows[0].get("extra_info", {}).get("goal")
+        if goal:
+            lines += ["", goal]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json_path")
     ap.add_argument("--stat", default="mean", choices=["mean", "median", "min", "max"])
+    ap.add_argument("--wide", action="store_true", help="also print the wide table for files with per-case baselines")
     args = ap.parse_args(argv)
     with open(args.json_path) as f:
         data = json.load(f)
     mi = data.get("machine_info", {})
     print(f"<!-- {mi.get('cpu', {}).get('brand_raw', mi.get('processor', ''))}; {data.get('datetime', '')} -->")
-    print(build_table(data, args.stat))
+    if _is_long(data):
+        if args.wide:
+            print(build_table(data, args.stat) + "\n")
+        print(build_long_table(data, args.stat))
+    else:
+        print(build_table(data, args.stat))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dt)
 
 
+_LIGER = []
+
+
+def _liger_silu_mul():
+    """``LigerSiLUMulFunction.apply`` when liger-kernel is installed (optional extra), else None."""
+    if not _LIGER:
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            _LIGER.append(LigerSiLUMulFunction.apply)
+        except Exception:  # noqa: BLE001 - not installed or incompatible
+            _LIGER.append(None)
+    return _LIGER[0]
+
+
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``, no biases."""
 
@@ -46,6 +61,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_hidden, d_out, bias=False)
 
     def forward(self, x):
+        if x.is_cuda and _liger_silu_mul() is not None:  # Liger's fused silu·mul kernel (fwd + bwd) on CUDA
+            return self.down_proj(_liger_silu_mul()(self.gate_proj(x), self.up_proj(x)))
         if torch.is_grad_enabled() or x.shape[0] <= self.block_rows:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # inference: row blocks keep the two [rows, hidden] intermediates small and cache-resident
