@@ -75,6 +75,9 @@ def build_long_table(data: dict, stat: str = "mean") -> str:
         by_prov = {r.get("extra_info", {}).get("provider", r["name"]): r for r in rows}
         base_name = rows[0].get("extra_info", {}).get("baseline") or ("base" if "base" in by_prov else None)
         base = by_prov.get(base_name)
+        base_case = rows[0].get("extra_info", {}).get("baseline_case")
+        if base is None and base_case in cases:  # the baseline provider was measured in another case
+            base = {r.get("extra_info", {}).get("provider", r["name"]): r for r in cases[base_case]}.get(base_name)
         unit = rows[0].get("extra_info", {}).get("work_unit")
         tp_head = f"{unit}/s" if unit else "throughput"
         head = ["provider", f"time ({stat})", f"× {base_name or 'baseline'} time", tp_head,
@@ -98,6 +101,8 @@ def build_long_table(data: dict, stat: str = "mean") -> str:
         goal = rows[0].get("extra_info", {}).get("goal")
         if goal:
             lines += ["", goal]
+        if base_case and base is not None and base_name not in by_prov:
+            lines += ["", f"(× ratios against {base_name} of case {base_case})"]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
