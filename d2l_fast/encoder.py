@@ -145,10 +145,11 @@ class ContextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None, transform=None,
-                      out_dim: int | None = None) -> torch.Tensor:
+                      max_pad_ratio: float = 1.25) -> torch.Tensor:
         """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
-        Chunks run longest-first in micro-batches of at most ``token_budget`` padded tokens. With
+        Chunks run longest-first in micro-batches of at most ``token_budget`` padded tokens, grouping only
+        chunks within ``max_pad_ratio`` of the batch's longest (bounded padding waste in the encoder). With
         ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, out_dim]``), every
         feature map is transformed on its valid tokens as soon as the encoder produces it, so the
         [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
@@ -165,7 +166,10 @@ class ContextEncoder(nn.Module):
         i = 0
         while i < len(order):
             longest = lens[order[i]]
-            nb = max(1, min(len(order) - i, token_budget // max(1, longest)))
+            cap = max(1, token_budget // max(1, longest))
+            nb = 1  # similar lengths only: padding stays below max_pad_ratio of the real tokens of each row
+            while nb < cap and i + nb < len(order) and lens[order[i + nb]] * max_pad_ratio >= longest:
+                nb += 1
             idx = order[i : i + nb]
             ids = torch.zeros(len(idx), longest, dtype=torch.long)
             mask = torch.zeros(len(idx), longest, dtype=torch.bool)
