@@ -145,15 +145,19 @@ class ContextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None, transform=None,
-                      max_pad_ratio: float = 1.25) -> torch.Tensor:
+                      varlen: bool | None = None, max_pad_ratio: float = 1.25) -> torch.Tensor:
         """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
-        Chunks run longest-first in micro-batches of at most ``token_budget`` padded tokens, grouping only
-        chunks within ``max_pad_ratio`` of the batch's longest (bounded padding waste in the encoder). With
-        ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, out_dim]``), every
+        ``varlen`` (default: whenever transformers accepts the custom attention): chunks run back to back
+        in packed rows of at most ``token_budget`` tokens, each chunk attending to itself only
+        (:mod:`d2l_fast.varlen`) — no padding anywhere. Otherwise chunks run longest-first in padded
+        micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row), dropped from the output.
+        With ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, H']``) every
         feature map is transformed on its valid tokens as soon as the encoder produces it, so the
         [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
         """
+        from . import varlen as _varlen
+
         dev = next(self.model.parameters()).device
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
@@ -161,7 +165,41 @@ class ContextEncoder(nn.Module):
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
-        out = None
+        use_varlen = _varlen.register() if varlen is None else (varlen and _varlen.register())
+        state = {"out": None}
+
+        def make_sink(dest, mask):
+            def sink(j, hs):
+                valid = hs.reshape(-1, hs.shape[-1]) if mask is None else hs[mask]  # [n_valid, H], (row, pos) order
+                if dtype is not None:
+                    valid = valid.to(dtype)
+                y = transform(valid) if transform is not None else valid
+                if state["out"] is None:
+                    state["out"] = y.new_empty(self.n_features, offsets[-1], y.shape[-1])
+                state["out"][j].index_copy_(0, dest, y)
+
+            return sink
+
+        def run(idx, sink, ids, mask, pos):
+            states = self._run(ids, mask, pos, sink=sink)
+            for j, hs in enumerate(states):  # encoder types without streaming return their single map
+                sink(j, hs)
+
+        if use_varlen:
+            i = 0
+            while i < len(chunks):  # consecutive chunks, one packed row per token budget
+                j, n = i + 1, lens[i]
+                while j < len(chunks) and n + lens[j] <= token_budget:
+                    n += lens[j]
+                    j += 1
+                ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
+                pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
+                dest = torch.arange(offsets[i], offsets[j], device=dev)
+                with _varlen.packed_attention(self.model, lens[i:j], dev):
+                    run(range(i, j), make_sink(dest, None), ids, None, pos)
+                i = j
+            return state["out"]
+
         order = sorted(range(len(chunks)), key=lambda i: -lens[i])
         i = 0
         while i < len(order):
@@ -181,23 +219,9 @@ class ContextEncoder(nn.Module):
             dest = torch.cat(dest).to(dev)
             ids, mask = ids.to(dev), mask.to(dev)
             single = len(idx) == 1
-            state = {"out": out}
-
-            def sink(j, hs, state=state, mask=mask, dest=dest):
-                valid = hs.reshape(-1, hs.shape[-1]) if single else hs[mask]  # [n_valid, H] in (row, pos) order
-                if dtype is not None:
-                    valid = valid.to(dtype)
-                y = transform(valid) if transform is not None else valid
-                if state["out"] is None:
-                    state["out"] = y.new_empty(self.n_features, offsets[-1], y.shape[-1])
-                state["out"][j].index_copy_(0, dest, y)
-
-            states = self._run(ids, None if single else mask.long(), None, sink=sink)
-            for j, hs in enumerate(states):  # non-streaming encoder types return their single map
-                sink(j, hs)
-            out = state["out"]
+            run(idx, make_sink(dest, None if single else mask), ids, None if single else mask.long(), None)
             i += nb
-        return out
+        return state["out"]
 
 
 __all__ = ["ContextEncoder", "decoder_of"]

@@ -1,0 +1,126 @@
+"""Padding-free varlen attention for the context encoder on the base model's own weights.
+
+During a packed encoder pass the base model runs ONE row holding every chunk back to back
+(``position_ids`` restart at 0 per chunk) with the attention implementation switched to
+``"d2l_varlen"``: each chunk attends causally to itself only, computed chunk by chunk, so there is no
+padding anywhere and no [T_total, T_total] mask. Model-specific attention details arrive as the
+usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
+On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+
+NAME = "d2l_varlen"
+_state = threading.local()
+_registered = []
+
+
+def _bounds():
+    b = getattr(_state, "bounds", None)
+    if b is None:
+        raise RuntimeError("d2l_varlen attention used outside ContextEncoder.encode_packed")
+    return b
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional, CUDA only
+    except Exception:  # noqa: BLE001
+        return None
+    return flash_attn_varlen_func
+
+
+def _segment_attention(q, k, v, scaling, softcap, window):
+    """q [H, t, d], k/v [KVH, t, d] of one chunk: causal (and sliding-window) attention, fp32 softmax."""
+    t = q.shape[1]
+    if softcap is None and (window is None or t <= window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    rep = q.shape[0] // k.shape[0]
+    if rep > 1:
+        k = k.repeat_interleave(rep, 0)
+        v = v.repeat_interleave(rep, 0)
+    s = (q @ k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    i = torch.arange(t, device=q.device)
+    keep = i[None, :] <= i[:, None]
+    if window is not None:
+        keep &= (i[:, None] - i[None, :]) < window
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), -1).to(v.dtype) @ v
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, **kwargs):
+    """HF attention-interface function: query [1, H, T, d], key/value [1, KVH, T, d] → ([1, T, H, d], None)."""
+    bounds, cu, max_len = _bounds()
+    if query.shape[0] != 1:
+        raise RuntimeError(f"d2l_varlen expects one packed row, got batch {query.shape[0]}")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    fa = _flash_varlen() if query.is_cuda else None
+    if fa is not None and query.dtype in (torch.float16, torch.bfloat16):
+        out = fa(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu, max_len, max_len,
+                 softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+                 window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
+        return out.unsqueeze(0), None
+    out = torch.empty_like(query.transpose(1, 2))  # [1, T, H, d]
+    for a, b in bounds:
+        o = _segment_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling, softcap, sliding_window)
+        out[0, a:b] = o.transpose(0, 1)
+    return out, None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> bool:
+    """Register the attention (and a mask function that builds no mask) with transformers; False if unsupported."""
+    if _registered:
+        return _registered[0]
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        AttentionInterface.register(NAME, varlen_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _no_mask)
+        _registered.append(True)
+    except Exception:  # noqa: BLE001 - older transformers: fall back to padded micro-batches
+        _registered.append(False)
+    return _registered[0]
+
+
+def _configs(model):
+    seen = []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and all(cfg is not c for c in seen):
+            seen.append(cfg)
+    return seen
+
+
+@contextlib.contextmanager
+def packed_attention(model, lengths: list[int], device):
+    """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only."""
+    cfgs = _configs(model)
+    old = [c._attn_implementation for c in cfgs]
+    bounds, s = [], 0
+    for n in lengths:
+        bounds.append((s, s + n))
+        s += n
+    cu = torch.tensor([0] + [b for _, b in bounds], dtype=torch.int32, device=device)
+    _state.bounds = (bounds, cu, max(lengths))
+    try:
+        for c in cfgs:
+            c._attn_implementation = NAME
+        yield
+    finally:
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+        _state.bounds = None
