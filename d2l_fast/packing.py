@@ -222,8 +222,9 @@ class PackedContexts:
     def from_padded(cls, ctx_ids: torch.Tensor, ctx_attn_mask: torch.Tensor | None = None,
                     ctx_position_ids: torch.Tensor | None = None, n_ctx_chunks=None) -> "PackedContexts":
         """The reference's batched inputs: padded rows + mask, or one packed row + restarting position ids."""
-        if not isinstance(ctx_ids, torch.Tensor) or ctx_ids.dim() != 2:
-            raise ValueError(f"ctx_ids must be a 2-D tensor [rows, T], got {getattr(ctx_ids, 'shape', type(ctx_ids))}")
+        if not isinstance(ctx_ids, torch.Tensor) or ctx_ids.dim() != 2 or ctx_ids.is_floating_point():
+            raise ValueError(f"ctx_ids must be a 2-D integer tensor [rows, T], got "
+                             f"{getattr(ctx_ids, 'dtype', type(ctx_ids))} {tuple(getattr(ctx_ids, 'shape', ()))}")
         ids = ctx_ids.detach().cpu()
         if ctx_position_ids is not None:
             pos = ctx_position_ids.detach().cpu()
