@@ -142,3 +142,24 @@ def test_base_model_untouched_without_binding(model):
         model.internalize(DOCS[:2])
         b = model.base_model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(a, b)
+
+
+def test_bf16_base_model_matches_fp32():
+    """A bf16 base model: adapters are cast once per binding, the LoRA runs in bf16 with fp32 accumulation."""
+    m32 = build("llama", seed=7)
+    base16, tok = tiny_pair("llama", seed=7)
+    m16 = D2LModel(base16.to(torch.bfloat16), m32.hypernet, tok)
+    ad = m32.internalize(DOCS[:3])
+    assert m16.model_id == m32.model_id
+    ids, mask = m32.encode_prompts(QUESTIONS[:3])
+    with torch.no_grad():
+        l32 = m32(ids, mask, adapters=ad, adapter_index=[2, 0, 1]).logits
+        l16 = m16(ids, mask, adapters=ad, adapter_index=[2, 0, 1]).logits
+        b32 = m32(ids, mask).logits
+    assert l16.dtype == torch.bfloat16
+    v = mask.bool()
+    err = (l16.float() - l32)[v].abs().max()
+    effect = (l32 - b32)[v].abs().max()
+    assert err < 0.25 * effect, (err, effect)  # bf16 rounding is well below the adapters' effect
+    assert m16._prepare_adapters(ad).dtype == torch.bfloat16
+    assert m16._prepare_adapters(ad) is m16._prepare_adapters(ad)  # cast once, cached
