@@ -55,6 +55,38 @@ def _demo(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    """torch.profiler over internalize + batched generate on SmolLM2; prints the top operators per stage."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import D2LModel
+    from .zoo import load_smollm2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    docs = json.loads(resources.files("d2l_fast").joinpath("data/demo_docs.json").read_text())[: args.n_docs]
+    base, tok = load_smollm2()
+    model = D2LModel.from_base(base, tok, seed=0, init_scaler_B=2.0, max_chunk_len=args.max_chunk_len,
+                               latent_size=args.latent_size, num_blocks=args.num_blocks)
+    texts = [d["text"] for d in docs]
+    model.internalize(texts[:1])  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=False) as p1:
+        adapters = model.internalize(texts)
+    ids, mask = model.encode_prompts([d["question"] for d in docs])
+    with profile(activities=acts) as p2:
+        model.generate(ids, mask, adapters=adapters, max_new_tokens=args.max_new_tokens, do_sample=False)
+    for name, p in (("internalize", p1), ("generate", p2)):
+        print(f"\n== {name} ==")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if args.trace:
+            path = f"{args.trace}.{name}.json"
+            p.export_chrome_trace(path)
+            print(f"chrome trace: {path}")
+    return 0
+
+
 def _info(args) -> int:
     from .checkpoint import load_checkpoint
 
@@ -105,6 +137,16 @@ def main(argv=None) -> int:
                    help="std of the random scaler_B (0 = the reference init: every adapter is zero, i.e. the base model)")
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(fn=_demo)
+    pr = sub.add_parser("profile", help="torch.profiler breakdown of internalize + batched generate on SmolLM2")
+    pr.add_argument("--n-docs", type=int, default=8)
+    pr.add_argument("--max-new-tokens", type=int, default=8)
+    pr.add_argument("--max-chunk-len", type=int, default=256)
+    pr.add_argument("--latent-size", type=int, default=512)
+    pr.add_argument("--num-blocks", type=int, default=9)
+    pr.add_argument("--rows", type=int, default=15)
+    pr.add_argument("--threads", type=int, default=0)
+    pr.add_argument("--trace", help="also write chrome traces to TRACE.<stage>.json")
+    pr.set_defaults(fn=_profile)
     i = sub.add_parser("info", help="print a checkpoint's config")
     i.add_argument("checkpoint")
     i.add_argument("--subfolder")
