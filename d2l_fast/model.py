@@ -72,6 +72,10 @@ class D2LModel(nn.Module):
         self.encode_token_budget = encode_token_budget
         self._check_base_matches(base_model, spec)
         base_model.requires_grad_(False)  # only the hypernetwork trains (as in the reference)
+        if spec.quantize_ctx_encoder:
+            logger.warning("this checkpoint was trained on a 4-bit NF4 context encoder; d2l_fast encodes with the "
+                           "base model's own weights (%s), a small shift in the features the hypernetwork sees",
+                           next(base_model.parameters()).dtype)
         self.ctx_encoder = ContextEncoder(base_model, spec.encoder_type, layer_idx=spec.encoder_layer_idx,
                                           last_layer=spec.encoder_last_layer)
         if spec.layer_to_layer and self.ctx_encoder.n_features != spec.num_layers:
