@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch, merge_chunk_loras
+from .adapters import merge_chunk_loras
 from .checkpoint import split_reference_state_dict
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 
 import torch
 from torch import nn

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import re
 from dataclasses import dataclass, field
 
 import torch

@@ -1,10 +1,8 @@
 """Safe checkpoint loading: reference pickles without ctx_to_lora/peft, refusal of foreign pickles, pickle-free format."""
 
 import os
-import pickle
 import shutil
 import sys
-import zipfile
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2l_fast import ModulatedPretrainedModel, get_tokenizer, load_checkpoint
+from d2l_fast import ModulatedPretrainedModel, get_tokenizer
 
 from ._numerics import GOLDEN_LOGITS
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from d2l_fast import D2LModel, PackedContexts
+from d2l_fast import D2LModel
 from d2l_fast.zoo import tiny_pair
 
 
