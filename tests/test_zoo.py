@@ -3,7 +3,6 @@ import importlib.resources
 import importlib.util
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -164,9 +163,9 @@ def test_tiny_tokenizer_special_layout_and_cache():
     assert tok.convert_ids_to_tokens(list(range(6))) == [
         "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"
     ]
-    t0 = time.perf_counter()
+    hits = zoo._tiny_tokenizer_json.cache_info().hits
     again = tiny_tokenizer("gemma2")
-    assert time.perf_counter() - t0 < 0.5, "the trained tokenizer is cached in-process"
+    assert zoo._tiny_tokenizer_json.cache_info().hits == hits + 1, "the trained tokenizer is cached in-process"
     assert again is not tok and again.get_vocab() == tok.get_vocab()
 
 
@@ -339,8 +338,6 @@ def test_smollm2_cache_is_reused(smollm2, monkeypatch):
         raise AssertionError("the cached folder should have been reused")
 
     monkeypatch.setattr(zoo, "_convert_smollm2", no_conversion)
-    t0 = time.perf_counter()
     model, tok = load_smollm2(dtype=torch.bfloat16)
-    assert time.perf_counter() - t0 < 20
     assert model.dtype == torch.bfloat16 and tok.padding_side == "left"
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
