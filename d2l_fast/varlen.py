@@ -6,6 +6,9 @@ During a packed encoder pass the base model runs ONE row holding every chunk bac
 padding anywhere and no [T_total, T_total] mask. Model-specific attention details arrive as the
 usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
 On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
+
+The switch is made on the model's config for the duration of one encoder pass: do not run the same
+model object from another thread while it internalises (adapter bindings themselves are thread-local).
 """
 
 from __future__ import annotations
