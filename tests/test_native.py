@@ -163,3 +163,16 @@ def test_bf16_base_model_matches_fp32():
     assert err < 0.25 * effect, (err, effect)  # bf16 rounding is well below the adapters' effect
     assert m16._prepare_adapters(ad).dtype == torch.bfloat16
     assert m16._prepare_adapters(ad) is m16._prepare_adapters(ad)  # cast once, cached
+
+
+def test_beam_search_expands_row_adapters():
+    model = build("qwen3", seed=9)
+    adapters = model.internalize(DOCS[:2])
+    ids, mask = model.encode_prompts(QUESTIONS[:2])
+    out = model.generate(ids, mask, adapters=adapters, adapter_index=[1, 0], num_beams=2, num_return_sequences=2,
+                         max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 4  # HF expands each row into its beams: rows keep their adapter
+    one_ids, one_mask = model.encode_prompts([QUESTIONS[0]])
+    alone = model.generate(one_ids, one_mask, adapters=adapters[1], num_beams=2, num_return_sequences=2,
+                           max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[:2, -4:], alone[:, -4:])
