@@ -1,15 +1,20 @@
 # Must run before anything imports a module that defines Triton kernels: the interpreter is chosen
-# when @triton.jit runs, i.e. at import time of the kernel module.
+# when @triton.jit runs, i.e. at import time of the kernel module. The interpreter is used only when no
+# CUDA device exists: on a GPU machine the kernels are compiled and run for real, and the tests marked
+# ``interpreter`` (Triton on CPU tensors) are skipped there (tests/kernels/test_cuda_kernels.py covers them).
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib
 
 import pytest
-import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -25,9 +30,11 @@ def golden_dir():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interp = pytest.mark.skip(reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (off on CUDA machines)")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(skip_interp)

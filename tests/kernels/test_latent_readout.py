@@ -27,8 +27,8 @@ GRAD_TOL = dict(atol=1e-4, rtol=1e-3, rms=1e-5)  # fp32 gradients vs fp64 autogr
 PATHS = [
     pytest.param("torch", "absorbed", id="torch-absorbed"),
     pytest.param("torch", "plain", id="torch-plain"),
-    pytest.param("triton", "absorbed", id="triton-absorbed"),
-    pytest.param("triton", "plain", id="triton-plain"),
+    pytest.param("triton", "absorbed", id="triton-absorbed", marks=pytest.mark.interpreter),
+    pytest.param("triton", "plain", id="triton-plain", marks=pytest.mark.interpreter),
 ]
 
 
@@ -119,6 +119,7 @@ def test_readout_forward(case, backend, mode, dtype):
             assert torch.all(out[s] == 0), f"empty segment {s} must give zeros"
 
 
+@pytest.mark.interpreter
 def test_interpreter_is_active():
     assert type(readout_kernel._readout_fwd_kernel).__name__ == "InterpretedFunction"
     assert type(readout_kernel._readout_combine_kernel).__name__ == "InterpretedFunction"
@@ -216,6 +217,7 @@ def test_readout_backward_multichunk():
             assert_close(f"{mode} d{n}", leaves[n].grad, ref_leaves[n].grad, **GRAD_TOL)
 
 
+@pytest.mark.interpreter
 def test_readout_ctx_rstd_and_noncontiguous():
     p = make_problem([9, 0, 30, 2], seed=4)
     ref = ref64(p)
@@ -231,6 +233,7 @@ def test_readout_ctx_rstd_and_noncontiguous():
         assert_close("noncontig", run_op(p2, backend=backend, mode=mode), ref, **TOL[torch.float32])
 
 
+@pytest.mark.interpreter
 def test_readout_softmax_scale():
     p = make_problem([6, 11], seed=5)
     ref = latent_readout_ref(

@@ -22,7 +22,8 @@ FP32_TOL_PER_SQRT_K = 2e-7
 LOWP_ERR_RATIO = 2.0
 LOWP_ERR_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-BACKENDS = ["triton", "torch"]
+# the Triton backend on CPU tensors needs the interpreter; test_cuda_kernels.py runs it on a GPU
+BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]
 
 
 def assert_close(name, got, ref, tol):
@@ -78,12 +79,14 @@ def case_params(ids):
 
 
 # ------------------------------------------------------------------------------------------ tests
+@pytest.mark.interpreter
 def test_kernels_are_interpreted():
     for k in (
         seg_kernel._lora_fused_fwd_kernel,
         seg_kernel._lora_shrink_kernel,
         seg_kernel._lora_expand_kernel,
-        seg_kernel._lora_decode_fwd_kernel,
+        seg_kernel._lora_decode_shrink_kernel,
+        seg_kernel._lora_decode_expand_kernel,
         seg_kernel._lora_wgrad_kernel,
     ):
         assert type(k).__name__ == "InterpretedFunction"
@@ -100,6 +103,7 @@ def test_meta_worked_example():
     assert len(u.groups) == 1 and u.groups[0].runs == ((0, 2), (4, 6))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -190,6 +194,7 @@ def test_uniform_hf_layout(backend, seq_len):
     assert_close("delta", delta, ref, fp32_tol(d_in + 24))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -207,6 +212,7 @@ def test_triton_variants(cfg):
     assert_close(f"delta({cfg.variant})", out, ref, fp32_tol(x.shape[1] + meta.max_rank))
 
 
+@pytest.mark.interpreter
 def test_decode_variant_is_picked_and_correct():
     meta = SegmentMeta.uniform(5, 1, [0, 0, -1, 1, 0], [0, 8, 24])
     assert pick_config(meta.n_tokens, meta.max_seqlen, meta.max_rank, 100, 40).variant == "decode"
@@ -275,6 +281,7 @@ def test_backward_partial_and_sum_grad(backend):
     assert_close("dx", xx.grad, xr.grad, fp32_tol(200))
 
 
+@pytest.mark.interpreter
 def test_backward_fp16_triton():
     dtype = torch.float16
     meta, x, A, B = make_problem(*CASES["mixed-ranks-none-repeat"], dtype=dtype)

@@ -6,6 +6,7 @@ import contextlib
 import torch
 import triton
 
+from .._common import input_precision
 from .configs import interpreting, pick_config
 from .kernel import _readout_combine_kernel, _readout_fwd_kernel
 
@@ -50,7 +51,7 @@ def readout_attend_fwd(
     split = cfg.n_splits > 1
     o_part = torch.empty(cfg.n_splits, G, n_seg, R, d, device=q.device, dtype=torch.float32) if split else out[None]
     lse = torch.empty(cfg.n_splits, G, n_seg, R, device=q.device, dtype=torch.float32)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = input_precision(q.dtype)
     grid = (n_seg, G * n_row_tiles, cfg.n_splits)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _readout_fwd_kernel[grid](

@@ -27,6 +27,7 @@ class KernelConfig:
     BLOCK_R: int  # rank step
     num_warps: int = 4
     num_stages: int = 2
+    SPLIT_K: int = 1  # decode: slices of d_in whose partial shrinks the expand kernel sums (fixed order)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -43,12 +44,16 @@ def pick_config(
     d_in: int,
     d_out: int,
     interpret: bool | None = None,
+    n_sms: int = 132,
 ) -> KernelConfig:
     """Choose the kernel variant and its block sizes.
 
-    Rules (GPU):
-      * ``max_seqlen == 1`` (decode, one row per segment): the ``decode`` GEMV kernel (no tensor cores
-        needed, no row padding to 16);
+    Rules (GPU; ``n_sms`` is the device's multiprocessor count, 132 on an H100):
+      * ``max_seqlen == 1`` (decode, one row per segment): the ``decode`` pair of GEMV kernels (no tensor
+        cores needed, no row padding to 16). The shrink reads each row's ``A`` exactly once, split over
+        ``d_in`` into ``SPLIT_K`` slices so that rows x rank blocks x slices fills ~4 programs per SM; the
+        expand sums the slices and reads ``B`` once per row, with ``BLOCK_N`` shrunk until the grid has
+        ~2 programs per SM (few rows, e.g. one long document);
       * otherwise ``fused`` (shrink recomputed per output tile, one launch, no h buffer) when the output
         has at most 2 ``BLOCK_N`` tiles or the batch is small (<= 256 tokens), else ``two_pass``
         (shrink kernel writes an fp32 ``h[T, max_rank]``, expand kernel reads it), which avoids
@@ -68,13 +73,21 @@ def pick_config(
         block_n = 128
         block_k = 64
     if max_seqlen <= 1:
+        if interpret:  # big blocks, but still >= 2 K slices when d_in > 64 so the split path is exercised
+            bk = _pow2_at_least(-(-d_in // 2), 16, 64)
+            bn, br = _pow2_at_least(d_out, 16, 128), _pow2_at_least(max_rank, 16, 128)
+        else:
+            bk, br = _pow2_at_least(d_in, 16, 256), (16 if max_rank <= 16 else 32)
+            bn = 256
+            while bn > 32 and n_tokens * -(-d_out // bn) < 2 * n_sms:
+                bn //= 2
+        programs = max(1, n_tokens) * max(1, -(-max_rank // br))
+        max_splits = max(1, -(-d_in // (bk if interpret else 2 * bk)))
+        splits = min(max_splits, max(1, -(-4 * n_sms // programs))) if not interpret else max_splits
+        k_per_split = -(-(-(-d_in // splits)) // bk) * bk
         return KernelConfig(
-            "decode",
-            BLOCK_M=16,
-            BLOCK_N=_pow2_at_least(d_out, 16, 128 if interpret else 256),
-            BLOCK_K=_pow2_at_least(d_in, 16, 128 if interpret else 256),
-            BLOCK_R=_pow2_at_least(max_rank, 16, 128 if interpret else 32),
-            num_warps=4,
+            "decode", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=4,
+            SPLIT_K=max(1, -(-d_in // k_per_split)),
         )
     n_out_tiles = -(-d_out // block_n)
     variant = "fused" if (n_out_tiles <= 2 or n_tokens <= 256) else "two_pass"

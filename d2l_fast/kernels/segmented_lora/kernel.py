@@ -217,10 +217,68 @@ def _lora_expand_kernel(
 
 
 @triton.jit
-def _lora_decode_fwd_kernel(
+def _lora_decode_shrink_kernel(
     # pointers
     x_ptr,
     a_ptr,
+    h_ptr,
+    # segment metadata
+    tile_seg_ptr,
+    tile_row_ptr,
+    seg_rank_start_ptr,
+    seg_rank_len_ptr,
+    # sizes
+    d_in,
+    k_per_split,
+    # strides
+    stride_x_tok,
+    stride_x_d,
+    stride_a_rank,
+    stride_a_d,
+    stride_h_split,
+    stride_h_row,
+    stride_h_rank,
+    # meta-parameters
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """grid = (n_rows_with_adapter, cdiv(max_rank, BLOCK_R), n_splits); decode shrink, one token per row.
+
+    Program (i, j, s) writes the fp32 partial h[s, i, j-th rank block] = A[rs + rank block, K slice s] @ x[row,
+    K slice s], K slice s = [s * k_per_split, (s + 1) * k_per_split). Every element of A is read by exactly
+    one program (one A read per row); the expand kernel sums the n_splits partials in a fixed order
+    (deterministic, no atomics). Rank blocks past the row's rank do nothing (the expand never reads them)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
+    row = tl.load(tile_row_ptr + pid_m).to(tl.int64)
+    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
+    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    r0 = pid_r * BLOCK_R
+    if r0 < rank_len:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank_len
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, d_in)
+        h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mask_k = offs_k < k_hi
+            x = tl.load(x_ptr + row * stride_x_tok + offs_k * stride_x_d, mask=mask_k, other=0.0)  # [BLOCK_K]
+            a = tl.load(
+                a_ptr + (rank_start + offs_r)[:, None] * stride_a_rank + offs_k[None, :] * stride_a_d,
+                mask=mask_r[:, None] & mask_k[None, :],
+                other=0.0,
+            )  # [BLOCK_R, BLOCK_K]
+            h += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(h_ptr + pid_s * stride_h_split + pid_m * stride_h_row + offs_r * stride_h_rank, h, mask=mask_r)
+
+
+@triton.jit
+def _lora_decode_expand_kernel(
+    # pointers
+    h_ptr,
     b_ptr,
     out_ptr,
     # segment metadata
@@ -229,25 +287,24 @@ def _lora_decode_fwd_kernel(
     seg_rank_start_ptr,
     seg_rank_len_ptr,
     # sizes
-    d_in,
     d_out,
+    n_splits,
     scale,
     # strides
-    stride_x_tok,
-    stride_x_d,
-    stride_a_rank,
-    stride_a_d,
+    stride_h_split,
+    stride_h_row,
+    stride_h_rank,
     stride_b_rank,
     stride_b_d,
     stride_out_tok,
     stride_out_d,
     # meta-parameters
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """grid = (n_rows_with_adapter, cdiv(d_out, BLOCK_N)); one token per program (decode, BGMV-style):
-    h = A[rs:rs+rl] @ x[row] and out[row, cols] += scale * h @ B[rs:rs+rl, cols], fp32 reductions, no tl.dot."""
+    """grid = (n_rows_with_adapter, cdiv(d_out, BLOCK_N)); decode expand (GEMV over d_out), one token per row:
+    out[row, cols] += scale * (sum_s h[s, i, :rl]) @ B[rs:rs+rl, cols], fp32 reductions, no tl.dot (a single
+    token would waste 15/16 of an MMA tile). B is read once per row."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
@@ -262,16 +319,8 @@ def _lora_decode_fwd_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank_len
         h = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mask_k = offs_k < d_in
-            x = tl.load(x_ptr + row * stride_x_tok + offs_k * stride_x_d, mask=mask_k, other=0.0)  # [BLOCK_K]
-            a = tl.load(
-                a_ptr + (rank_start + offs_r)[:, None] * stride_a_rank + offs_k[None, :] * stride_a_d,
-                mask=mask_r[:, None] & mask_k[None, :],
-                other=0.0,
-            )  # [BLOCK_R, BLOCK_K]
-            h += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        for s in range(0, n_splits):
+            h += tl.load(h_ptr + s * stride_h_split + pid_m * stride_h_row + offs_r * stride_h_rank, mask=mask_r, other=0.0)
         b = tl.load(
             b_ptr + (rank_start + offs_r)[:, None] * stride_b_rank + offs_n[None, :] * stride_b_d,
             mask=mask_r[:, None] & mask_n[None, :],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import input_precision, sm_count
 from .configs import KernelConfig, pick_config
 from .meta import SegmentMeta
 
@@ -49,12 +50,6 @@ def validate_inputs(x, A, B, meta, out=None) -> None:
         raise ValueError(f"out must have shape {(x.shape[0], B.shape[1])} (T, d_out), got {tuple(out.shape)}")
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     # the kernels take every stride, but a unit last-dim stride keeps loads coalesced on GPU
     return t if t.stride(-1) == 1 or t.is_cpu else t.contiguous()
@@ -89,24 +84,14 @@ def segmented_lora_fwd(
         return out
     x, A, B = _last_dim_unit(x), _last_dim_unit(A), _last_dim_unit(B)
     d_in, d_out = x.shape[1], B.shape[1]
-    cfg = config or pick_config(meta.n_tokens, meta.max_seqlen, meta.max_rank, d_in, d_out)
-    prec = _input_precision(x.dtype)
+    cfg = config or pick_config(meta.n_tokens, meta.max_seqlen, meta.max_rank, d_in, d_out, n_sms=sm_count(x.device))
+    prec = input_precision(x.dtype)
     scale = float(scale)
     with _device_guard(x):
         if cfg.variant == "decode":
             if meta.max_seqlen > 1:
                 raise ValueError(f"the decode variant needs max_seqlen <= 1, got {meta.max_seqlen}")
-            tile_seg, tile_row = meta.tiles(1)
-            grid = (tile_seg.numel(), triton_cdiv(d_out, cfg.BLOCK_N))
-            K._lora_decode_fwd_kernel[grid](
-                x, A, B, out,
-                tile_seg, tile_row, meta.seg_rank_start, meta.seg_rank_len,
-                d_in, d_out, scale,
-                x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-                out.stride(0), out.stride(1),
-                BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
-                num_warps=cfg.num_warps,
-            )  # fmt: skip
+            _decode(out, x, A, B, meta, scale, cfg)
             return out
         tile_seg, tile_row = meta.tiles(cfg.BLOCK_M)
         n_tiles = tile_seg.numel()
@@ -131,6 +116,35 @@ def segmented_lora_fwd(
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _decode(out, x, A, B, meta, scale, cfg):
+    """Decode (one token per row): split-K shrink into fp32 partials, then the expand sums them."""
+    from . import kernel as K
+
+    d_in, d_out = x.shape[1], B.shape[1]
+    tile_seg, tile_row = meta.tiles(1)
+    n_rows = tile_seg.numel()
+    k_per_split = triton_cdiv(d_in, cfg.SPLIT_K)
+    k_per_split = triton_cdiv(k_per_split, cfg.BLOCK_K) * cfg.BLOCK_K
+    n_splits = triton_cdiv(d_in, k_per_split)
+    h = torch.empty(n_splits, n_rows, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
+    K._lora_decode_shrink_kernel[(n_rows, triton_cdiv(meta.max_rank, cfg.BLOCK_R), n_splits)](
+        x, A, h,
+        tile_seg, tile_row, meta.seg_rank_start, meta.seg_rank_len,
+        d_in, k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    K._lora_decode_expand_kernel[(n_rows, triton_cdiv(d_out, cfg.BLOCK_N))](
+        h, B, out,
+        tile_seg, tile_row, meta.seg_rank_start, meta.seg_rank_len,
+        d_out, n_splits, scale,
+        h.stride(0), h.stride(1), h.stride(2), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
 
 
 def _shrink(h, x, W, meta, scale, cfg, prec, tile_seg, tile_row):
@@ -207,7 +221,7 @@ def segmented_lora_bwd(
     x, A, B, dy = _last_dim_unit(x), _last_dim_unit(A), _last_dim_unit(B), _last_dim_unit(dy.to(x.dtype))
     d_in, d_out = x.shape[1], B.shape[1]
     cfg = config or pick_config(meta.n_tokens, max(meta.max_seqlen, 2), meta.max_rank, d_in, d_out)
-    prec = _input_precision(x.dtype)
+    prec = input_precision(x.dtype)
     tile_seg, tile_row = meta.tiles(cfg.BLOCK_M)
     R = max(meta.max_rank, 1)
     with _device_guard(x):

@@ -1,0 +1,557 @@
+"""All GPU checks in one run: CUDA tests, kernel benchmarks against same-device baselines, end to end.
+
+    PYTHONPATH=$PWD python benchmarks/gpu_suite.py --out /tmp/gpu            # ~5 min on an H100
+    python benchmarks/report.py /tmp/gpu/gpu_suite.json                       # markdown tables
+
+Runs from a checkout with the machine's own torch/triton/transformers/peft (nothing is installed). Sections,
+each time-guarded so a slow one cannot starve the rest, each writing into gpu_suite.json as it finishes:
+
+  env       versions, device, SMs; measured ceilings: device-to-device copy GB/s (bytes read + written) and a
+            bf16 8192^3 matmul TFLOP/s, so every rate below is also given as a fraction of what this card did
+  tests     pytest tests/kernels (no interpreter: every Triton variant compiled for this GPU, incl.
+            test_cuda_kernels.py at real shapes in bf16/fp16/tf32/ieee) and the gpu-marked tests elsewhere
+  lora      segmented LoRA at the down_proj shapes of SmolLM2 / Gemma-2-2b / Qwen3-4B / Mistral-7B, bf16:
+            prefill 16 docs x 256 tokens with mixed ranks, decode 64 rows x 64 distinct adapters, decode 64 rows
+            x 4 shared adapters, decode 8 rows of one long document (rank 1032). Providers on the same device:
+            base (F.linear), d2l_fast (F.linear + segmented_lora_), lora_only (segmented_lora_ into a buffer),
+            cublas_loop (per-adapter matmuls), peft (PEFT's mixed-adapter batch). CUDA-event times (median of
+            reps), CUDA-graph replay time for lora_only, host us per call, GB/s and TFLOP/s vs the ceilings.
+  readout   the Perceiver readout at the Gemma-2-2b main config (26 layers x 2000 tokens, 8 queries, 16 heads
+            x 128, 4 KV heads, latent 512) and NIAH (208 queries): d2l_fast (auto form) vs the materialised
+            reference and vs projection + SDPA, TFLOP/s of the useful (absorbed) MACs
+  e2e       a random Gemma-2-2b-shaped model in bf16: internalize one 2k-token document (main hypernet
+            config), internalize 64 documents, then 64 rows each with its own adapter, 32 greedy tokens:
+            base vs d2l_fast vs PEFT (64 adapters on every down_proj)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
+from d2l_fast.kernels.segmented_lora.configs import pick_config  # noqa: E402
+
+LORA_SHAPES = {
+    "smollm2-down": (1536, 576),
+    "gemma2-2b-down": (9216, 2304),
+    "qwen3-4b-down": (9728, 2560),
+    "mistral-7b-down": (14336, 4096),
+}
+PREFILL_RANKS = (16, 24, 32, 48, 64, 72)
+DT = torch.bfloat16
+
+
+class Suite:
+    def __init__(self, out_dir: str, budget_s: float):
+        self.out_dir = out_dir
+        self.t0 = time.time()
+        self.budget_s = budget_s
+        self.data: dict = {"sections": {}, "rows": [], "errors": []}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
+
+    def row(self, **kw):
+        self.data["rows"].append(kw)
+        print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in kw.items()), flush=True)
+
+    def save(self):
+        with open(os.path.join(self.out_dir, "gpu_suite.json"), "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+
+    def section(self, name, fn, min_left_s=20):
+        if self.left() < min_left_s:
+            self.data["sections"][name] = {"status": "skipped: out of time budget"}
+            print(f"== {name}: skipped (budget)", flush=True)
+            return
+        print(f"== {name} (budget left {self.left():.0f} s)", flush=True)
+        t = time.time()
+        try:
+            fn()
+            status = "ok"
+        except Exception as e:  # noqa: BLE001  (one failing section must not lose the others)
+            status = f"error: {type(e).__name__}: {e}"
+            self.data["errors"].append({"section": name, "traceback": traceback.format_exc()})
+            traceback.print_exc()
+        self.data["sections"][name] = {"status": status, "seconds": round(time.time() - t, 1)}
+        torch.cuda.empty_cache()
+        self.save()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return v
+
+
+# ------------------------------------------------------------------------------------------ timing
+def cuda_time_us(fn, reps=30, warmup=3) -> float:
+    """Median of per-call CUDA-event times (us)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def graph_time_us(fn, reps=50) -> float | None:
+    """Per-call time of ``fn`` captured into a CUDA graph (launch overhead removed); None if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(10):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / (reps * 10)
+    except Exception as e:  # noqa: BLE001
+        print(f"    graph capture failed: {type(e).__name__}: {e}")
+        return None
+
+
+def host_us(fn, n=200) -> float:
+    """Wall-clock us per call of back-to-back calls (no sync inside): the host-side cost when the GPU keeps up."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+# ------------------------------------------------------------------------------------------ sections
+def sec_env(S: Suite):
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    env = dict(
+        device=torch.cuda.get_device_name(0), sms=p.multi_processor_count, mem_gib=round(p.total_memory / 2**30, 1),
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        cuda=torch.version.cuda,
+    )  # fmt: skip
+    for mod in ("transformers", "peft", "accelerate", "liger_kernel", "flash_attn"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            env[mod] = None
+    n = 2**28  # 512 MiB of bf16
+    a = torch.empty(n, dtype=DT, device="cuda")
+    b = torch.empty_like(a)
+    t = cuda_time_us(lambda: b.copy_(a), reps=20)
+    env["copy_GBps"] = 2 * n * 2 / t / 1e3
+    m = torch.randn(8192, 8192, dtype=DT, device="cuda")
+    t = cuda_time_us(lambda: m @ m, reps=10)
+    env["bf16_matmul_TFLOPs"] = 2 * 8192**3 / t / 1e6
+    S.data["env"] = env
+    print(json.dumps(env, indent=1), flush=True)
+
+
+def sec_tests(S: Suite):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = {}
+    for name, args in (
+        ("kernels", ["tests/kernels", "-n", "8"]),
+        ("gpu_marked", ["tests", "-m", "gpu", "--ignore=tests/kernels"]),
+    ):
+        timeout = max(30, min(150, S.left() - 150))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=short", *args]
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            out = p.stdout + p.stderr
+            rc = p.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), 124
+        if rc != 0 and "-n" in args and ("unrecognized arguments: -n" in out or "xdist" in out and rc == 4):
+            p = subprocess.run([c for c in cmd if c not in ("-n", "8")], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=timeout)  # fmt: skip
+            out, rc = p.stdout + p.stderr, p.returncode
+        summary = [ln for ln in out.splitlines() if " passed" in ln or " failed" in ln or " error" in ln][-1:]
+        res[name] = dict(rc=rc, seconds=round(time.time() - t, 1), summary=summary)
+        with open(os.path.join(S.out_dir, f"pytest_{name}.log"), "w") as f:
+            f.write(out)
+        print(f"  {name}: rc={rc} {summary} ({time.time() - t:.0f} s)", flush=True)
+        if rc not in (0, 5):
+            print(out[-6000:], flush=True)
+    S.data["tests"] = res
+
+
+class LoraCase:
+    def __init__(self, kind, shape, seq_lens, seg_adapter, ranks, seed=0):
+        self.kind, self.shape = kind, shape
+        self.d_in, self.d_out = LORA_SHAPES[shape]
+        self.seq_lens, self.seg_adapter, self.ranks = list(seq_lens), list(seg_adapter), list(ranks)
+        g = torch.Generator().manual_seed(seed)
+        self.offs = [0]
+        for r in ranks:
+            self.offs.append(self.offs[-1] + r)
+        self.meta = SegmentMeta.from_lengths(self.seq_lens, self.seg_adapter, self.offs, device="cuda")
+        T = self.meta.n_tokens
+        self.x = torch.randn(T, self.d_in, generator=g).to("cuda", DT)
+        self.A = (torch.randn(self.offs[-1], self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
+        self.B = (torch.randn(self.offs[-1], self.d_out, generator=g) / 8).to("cuda", DT)
+        self.W = (torch.randn(self.d_out, self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
+        self.scale = 2.0
+
+    @property
+    def name(self):
+        return f"{self.kind}/{self.shape}"
+
+    def counts(self):
+        T = self.meta.n_tokens
+        used = sorted({a for a in self.seg_adapter if a >= 0})
+        adapter_bytes = sum(self.ranks[a] for a in used) * (self.d_in + self.d_out) * 2
+        lora_bytes = adapter_bytes + T * (self.d_in + 2 * self.d_out) * 2
+        lora_flops = 2 * sum(n * self.ranks[a] for n, a in zip(self.seq_lens, self.seg_adapter) if a >= 0) * (
+            self.d_in + self.d_out
+        )
+        base_flops = 2 * T * self.d_in * self.d_out
+        base_bytes = (self.d_in * self.d_out + T * (self.d_in + self.d_out)) * 2
+        return dict(adapter_bytes=adapter_bytes, lora_bytes=lora_bytes, lora_flops=lora_flops, base_flops=base_flops,
+                    base_bytes=base_bytes)  # fmt: skip
+
+    def peft(self):
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        class Wrap(nn.Module):
+            def __init__(self, lin):
+                super().__init__()
+                self.lin = lin
+
+            def forward(self, x):
+                return self.lin(x)
+
+        lin = nn.Linear(self.d_in, self.d_out, bias=False, device="cuda", dtype=DT)
+        lin.weight.data.copy_(self.W)
+        model = None
+        used = sorted({a for a in self.seg_adapter if a >= 0})
+        for i in used:
+            r = self.ranks[i]
+            cfg = LoraConfig(r=r, lora_alpha=self.scale * r, target_modules=["lin"], lora_dropout=0.0)
+            if model is None:
+                model = get_peft_model(Wrap(lin), cfg, adapter_name=f"a{i}")
+            else:
+                model.add_adapter(f"a{i}", cfg)
+        layer = model.base_model.model.lin
+        with torch.no_grad():
+            for i in used:
+                rs, r = self.offs[i], self.ranks[i]
+                layer.lora_A[f"a{i}"].weight.copy_(self.A[rs : rs + r])
+                layer.lora_B[f"a{i}"].weight.copy_(self.B[rs : rs + r].T)
+        return model.eval().to(DT)
+
+
+def lora_cases():
+    import random
+
+    out = []
+    for shape in LORA_SHAPES:
+        rng = random.Random(0)
+        ranks = [rng.choice(PREFILL_RANKS) for _ in range(16)]
+        out.append(LoraCase("prefill16x256", shape, [256] * 16, range(16), ranks))
+        out.append(LoraCase("decode64-distinct", shape, [1] * 64, range(64), [16] * 64))
+        shared = [i % 4 for i in range(64)]
+        rng.shuffle(shared)
+        out.append(LoraCase("decode64-shared4", shape, [1] * 64, shared, [16] * 4))
+        out.append(LoraCase("decode8-rank1032", shape, [1] * 8, [0] * 8, [1032]))
+        out.append(LoraCase("decode8-distinct-r1032", shape, [1] * 8, range(8), [1032] * 8))
+    return out
+
+
+def sec_lora(S: Suite):
+    env = S.data.get("env", {})
+    bw, tf = env.get("copy_GBps"), env.get("bf16_matmul_TFLOPs")
+    for c in lora_cases():
+        if S.left() < 60:
+            print("  (lora: stopping early, budget)")
+            break
+        m, x, A, B, W = c.meta, c.x, c.A, c.B, c.W
+        cfg = pick_config(m.n_tokens, m.max_seqlen, m.max_rank, c.d_in, c.d_out,
+                          n_sms=torch.cuda.get_device_properties(0).multi_processor_count)  # fmt: skip
+        with torch.no_grad():
+            ref = F.linear(x, W).float() + segmented_lora_ref(
+                x.float(), A.float(), B.float(), m.cu_seqlens, m.seg_rank_start, m.seg_rank_len, c.scale
+            )
+        y0 = F.linear(x, W)
+        fns = {
+            "base": lambda: F.linear(x, W),
+            "d2l_fast": lambda: segmented_lora_(F.linear(x, W), x, A, B, m, c.scale),
+            "lora_only": lambda: segmented_lora_(y0, x, A, B, m, c.scale),
+        }
+        runs = [(t0, t1, rs, rl) for (t0, t1, rs, rl) in m.runs]
+
+        def cublas_loop():
+            y = F.linear(x, W)
+            for t0, t1, rs, rl in runs:
+                y[t0:t1] += c.scale * ((x[t0:t1] @ A[rs : rs + rl].T) @ B[rs : rs + rl])
+            return y
+
+        fns["cublas_loop"] = cublas_loop
+        try:
+            pm = c.peft()
+            rows = len(c.seq_lens)
+            x3 = x.view(rows, c.seq_lens[0], c.d_in)
+            names = [f"a{a}" for a in c.seg_adapter]
+            fns["peft"] = lambda: pm(x3, adapter_names=names).view(-1, c.d_out)
+        except Exception as e:  # noqa: BLE001
+            print(f"  peft unavailable for {c.name}: {type(e).__name__}: {e}")
+        n = c.counts()
+        times = {}
+        for prov, fn in fns.items():
+            with torch.no_grad():
+                y = fn()
+                if prov != "lora_only":
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                else:
+                    err = None
+                t = cuda_time_us(fn, reps=30 if c.kind.startswith("decode") else 15)
+            times[prov] = t
+            row = dict(section="lora", case=c.name, provider=prov, us=t, rel_err=err)
+            if prov == "lora_only":
+                row["graph_us"] = graph_time_us(fn)
+                row["host_us"] = host_us(fn)
+                row["GBps"] = n["lora_bytes"] / t / 1e3
+                row["frac_copy_bw"] = row["GBps"] / bw if bw else None
+                row["TFLOPs"] = n["lora_flops"] / t / 1e6
+                row["config"] = f"{cfg.variant} M{cfg.BLOCK_M} N{cfg.BLOCK_N} K{cfg.BLOCK_K} R{cfg.BLOCK_R} w{cfg.num_warps} s{cfg.SPLIT_K}"
+            if prov == "base":
+                row["TFLOPs"] = n["base_flops"] / t / 1e6
+                row["frac_peak"] = row["TFLOPs"] / tf if tf else None
+            S.row(**row)
+        if "base" in times:
+            S.row(section="lora_summary", case=c.name, overhead_vs_base=times["d2l_fast"] / times["base"] - 1,
+                  lora_only_vs_base=times["lora_only"] / times["base"],
+                  peft_vs_base=(times["peft"] / times["base"]) if "peft" in times else None,
+                  cublas_loop_vs_base=times["cublas_loop"] / times["base"])  # fmt: skip
+        del fns
+        torch.cuda.empty_cache()
+
+
+def sec_readout(S: Suite):
+    from d2l_fast.kernels.latent_readout import latent_readout, latent_readout_ref
+
+    tf = S.data.get("env", {}).get("bf16_matmul_TFLOPs")
+    for cname, (n_q, layers, T) in {"main-26x2000": (8, 26, 2000), "niah-26x2000": (208, 26, 2000),
+                                    "main-416x128": (8, 26 * 16, 128)}.items():  # fmt: skip
+        H, n_kv, hd, D = 16, 4, 128, 512
+        g = torch.Generator().manual_seed(0)
+        lens = [T] * layers
+        cu = torch.tensor([0] + [T * (i + 1) for i in range(layers)], dtype=torch.int32, device="cuda")
+        q = torch.randn(layers, n_q, H, hd, generator=g).to("cuda", DT)
+        ctx = (torch.randn(sum(lens), D, generator=g) * 3).to("cuda", DT)
+        wk = (torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", DT)
+        wv = (torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", DT)
+        w = (1 + 0.2 * torch.randn(D, generator=g)).to("cuda", DT)
+        args = (q, ctx, cu, T, wk, wv, w)
+        with torch.no_grad():
+            ref = latent_readout_ref(q.float(), ctx.float(), cu, wk.float(), wv.float(), w.float(), n_kv_heads=n_kv)
+        R = n_q * H
+        useful = 2 * 2 * R * D * sum(lens)  # absorbed form: scores + weighted sum over D per token per query row
+
+        def sdpa():
+            c = ctx.float()
+            c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DT) * w
+            k = (c @ wk.T).view(layers, T, n_kv, hd).transpose(1, 2)
+            v = (c @ wv.T).view(layers, T, n_kv, hd).transpose(1, 2)
+            qq = q.transpose(1, 2)  # [layers, H, n_q, hd]
+            return F.scaled_dot_product_attention(qq, k, v, enable_gqa=True)
+
+        provs = {
+            "d2l_fast_auto": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton"),
+            "d2l_fast_absorbed": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", mode="absorbed"),
+            "d2l_fast_plain": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", mode="plain"),
+            "reference_materialised": lambda: latent_readout_ref(q, ctx, cu, wk, wv, w, n_kv_heads=n_kv),
+            "projection_sdpa": sdpa,
+        }
+        for prov, fn in provs.items():
+            with torch.no_grad():
+                y = fn()
+                if prov == "projection_sdpa":
+                    y = y.transpose(1, 2)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                t = cuda_time_us(fn, reps=10)
+            S.row(section="readout", case=cname, provider=prov, us=t, rel_err=err,
+                  useful_TFLOPs=useful / t / 1e6, frac_peak=(useful / t / 1e6 / tf) if tf else None)  # fmt: skip
+
+
+def gemma2_2b_model():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, query_pre_attn_scalar=256,
+        sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    cfg._name_or_path = "google/gemma-2-2b-it"
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DT, attn_implementation="eager")
+    return model.eval()
+
+
+def sec_e2e(S: Suite):
+    from d2l_fast import D2LModel
+
+    t = time.time()
+    base = gemma2_2b_model()
+    S.row(section="e2e", step="build_base", seconds=time.time() - t,
+          params_M=sum(p.numel() for p in base.parameters()) / 1e6)  # fmt: skip
+    t = time.time()
+    model = D2LModel.from_base(base, None, seed=0, hypernet_dtype=DT, init_scaler_B=6.0)
+    S.row(section="e2e", step="build_hypernet", seconds=time.time() - t,
+          hypernet_params_M=sum(p.numel() for p in model.hypernet.parameters()) / 1e6,
+          latent=model.spec.latent_size if hasattr(model.spec, "latent_size") else None)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    bos = 2
+    doc = [bos] + torch.randint(10, 250000, (1999,), generator=g).tolist()
+    for name, docs in (("1doc_2k", [doc]),
+                       ("16docs_256", [[bos] + torch.randint(10, 250000, (255,), generator=g).tolist()
+                                       for _ in range(16)])):  # fmt: skip
+        model.internalize(docs)  # warm-up (compiles kernels)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            a = time.perf_counter()
+            ad = model.internalize(docs)
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - a) * 1e3)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        model.internalize(docs)
+        b.record()
+        b.synchronize()
+        S.row(section="e2e", step=f"internalize_{name}", ms_median=statistics.median(ts), ms_min=min(ts),
+              ms_cuda_events=a.elapsed_time(b), ranks=ad.ranks[:4],
+              peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)  # fmt: skip
+    if S.left() < 70:
+        return
+    # serving: 64 rows, 64 distinct adapters
+    n_rows, new = 64, 32
+    docs = [[bos] + torch.randint(10, 250000, (127,), generator=g).tolist() for _ in range(n_rows)]
+    ads = model.internalize(docs)
+    ids = torch.randint(10, 250000, (n_rows, 32), generator=g).to("cuda")
+    mask = torch.ones_like(ids)
+    gen_kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    res = {}
+
+    def timed(label, fn):
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        a = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - a
+        res[label] = out
+        S.row(section="e2e", step=f"generate_{label}", seconds=dt, tokens_per_s=n_rows * new / dt)
+        return dt
+
+    t_base = timed("base", lambda: model.generate(ids, mask, **gen_kw))
+    t_d2l = timed("d2l_fast", lambda: model.generate(ids, mask, adapters=ads, adapter_index=list(range(n_rows)), **gen_kw))
+    S.row(section="e2e", step="generate_ratio", d2l_vs_base_tokens_per_s=t_base / t_d2l)
+    if S.left() < 60:
+        return
+    try:
+        import re
+
+        from peft import LoraConfig, get_peft_model
+
+        t = time.time()
+        ro, alpha = ads.rank_offsets, float(ads.alpha)
+        names = [f"a{i}" for i in range(n_rows)]
+        pm = None
+        for k, name in enumerate(names):
+            r = ro[k + 1] - ro[k]
+            cfg = LoraConfig(r=r, lora_alpha=alpha * r, target_modules=list(model.spec.target_modules),
+                             lora_dropout=0.0, bias="none", init_lora_weights=False)  # fmt: skip
+            if pm is None:
+                pm = get_peft_model(base, cfg, adapter_name=name)
+            else:
+                pm.add_adapter(name, cfg)
+        layer_map = {b: i for i, b in enumerate(model.spec.layer_indices)}
+        with torch.no_grad():
+            for qual, mod in pm.named_modules():
+                hit = re.search(r"layers\.(\d+)\.(?:.*\.)?([A-Za-z_]+)$", qual)
+                if not (hit and hit.group(2) in model.spec.target_modules and hasattr(mod, "lora_A")):
+                    continue
+                li, m = layer_map[int(hit.group(1))], hit.group(2)
+                for k, name in enumerate(names):
+                    mod.lora_A[name].weight.copy_(ads.A[m][li, ro[k] : ro[k + 1]])
+                    mod.lora_B[name].weight.copy_(ads.B[m][li, ro[k] : ro[k + 1]].T)
+        pm.eval()
+        S.row(section="e2e", step="peft_build", seconds=time.time() - t)
+        t_peft = timed("peft", lambda: pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen_kw))
+        same = (res["peft"] == res["d2l_fast"]).all(dim=1).float().mean().item()
+        S.row(section="e2e", step="generate_ratio_peft", peft_vs_base_tokens_per_s=t_base / t_peft,
+              d2l_vs_peft_speed=t_peft / t_d2l, rows_with_identical_tokens=same)  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        print(f"  peft e2e failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 330)))
+    ap.add_argument("--only", default="env,tests,lora,readout,e2e", help="comma list of sections")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device; nothing to do", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("gpu_suite: unset TRITON_INTERPRET (kernels would be interpreted)", file=sys.stderr)
+        return 2
+    S = Suite(a.out, a.budget_s)
+    only = a.only.split(",")
+    table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "readout": (sec_readout, 60),
+             "e2e": (sec_e2e, 50)}  # fmt: skip
+    for name in ("env", "tests", "lora", "readout", "e2e"):
+        if name in only:
+            fn, need = table[name]
+            S.section(name, lambda fn=fn: fn(S), min_left_s=need)
+    S.data["total_s"] = round(time.time() - S.t0, 1)
+    S.save()
+    print(f"done in {S.data['total_s']} s; errors in {len(S.data['errors'])} section(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
