@@ -24,10 +24,12 @@ def cdiv(a: int, b: int) -> int:
 def tf32_allowed() -> bool:
     """Whether torch lets fp32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``,
     ``torch.set_float32_matmul_precision("high")`` or ``fp32_precision = "tf32"``)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return True
+    if getattr(torch.backends.cuda.matmul, "fp32_precision", None) == "tf32":
+        return True
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch >= 2.9 deprecates allow_tf32 in favour of fp32_precision
-        if torch.get_float32_matmul_precision() != "highest":
-            return True
+        warnings.simplefilter("ignore")  # some torch versions deprecate allow_tf32 in favour of fp32_precision
         return bool(torch.backends.cuda.matmul.allow_tf32)
 
 

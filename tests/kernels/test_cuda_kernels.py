@@ -98,6 +98,8 @@ VARIANTS = {
     "fused": lambda d_in, d_out, r: KernelConfig("fused", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=64, num_warps=8),
     "two_pass": lambda d_in, d_out, r: KernelConfig("two_pass", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=64,
                                                     num_warps=8),
+    "two_pass_split5": lambda d_in, d_out, r: KernelConfig("two_pass", BLOCK_M=32, BLOCK_N=128, BLOCK_K=64,
+                                                           BLOCK_R=32, num_warps=4, SPLIT_K=5),
 }
 
 

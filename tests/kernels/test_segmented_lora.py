@@ -71,6 +71,8 @@ CASES = {
     "nonpow2": ([7, 11, 6], [1, -1, 0], [24, 72], 100, 72),
     "rank1032": ([20, 3], [0, 1], [1032, 8], 40, 24),
     "no-adapter-at-all": ([4, 5], [-1, -1], [8], 40, 24),
+    # beams / num_return_sequences: adjacent segments share an adapter and are merged into one run of tiles
+    "adjacent-same-adapter": ([5, 7, 3, 9, 1, 1], [1, 1, 0, 0, 1, 1], [8, 24], 72, 40),
 }
 
 
@@ -90,6 +92,13 @@ def test_kernels_are_interpreted():
         seg_kernel._lora_wgrad_kernel,
     ):
         assert type(k).__name__ == "InterpretedFunction"
+
+
+def test_tile_table_merges_runs():
+    """Tiles follow merged runs (adjacent segments with one adapter), never straddle a run, skip no-adapter rows."""
+    meta = SegmentMeta.from_lengths([5, 7, 3, 0, 9], [1, 1, -1, 0, 0], [0, 8, 24], device="cpu")
+    assert meta.tile_table(8).tolist() == [[0, 8, 8, 16], [8, 12, 8, 16], [15, 23, 0, 8], [23, 24, 0, 8]]
+    assert meta.tile_table(1).shape == (21, 4)
 
 
 def test_meta_worked_example():
@@ -200,8 +209,9 @@ def test_uniform_hf_layout(backend, seq_len):
     [
         KernelConfig("fused", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16),
         KernelConfig("two_pass", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32),
+        KernelConfig("two_pass", BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_R=16, SPLIT_K=3),
     ],
-    ids=["fused", "two_pass"],
+    ids=["fused", "two_pass", "two_pass-splitK3"],
 )
 def test_triton_variants(cfg):
     """Both prefill kernels with blocks smaller than the problem (multi-block loops, masked tails)."""

@@ -54,10 +54,11 @@ def pick_config(
         ``d_in`` into ``SPLIT_K`` slices so that rows x rank blocks x slices fills ~4 programs per SM; the
         expand sums the slices and reads ``B`` once per row, with ``BLOCK_N`` shrunk until the grid has
         ~2 programs per SM (few rows, e.g. one long document);
-      * otherwise ``fused`` (shrink recomputed per output tile, one launch, no h buffer) when the output
-        has at most 2 ``BLOCK_N`` tiles or the batch is small (<= 256 tokens), else ``two_pass``
-        (shrink kernel writes an fp32 ``h[T, max_rank]``, expand kernel reads it), which avoids
-        recomputing the shrink ``cdiv(d_out, BLOCK_N)`` times.
+      * otherwise ``fused`` (shrink recomputed per output tile, one launch, no h buffer) when the rank is
+        <= 64 and the output has at most 2 ``BLOCK_N`` tiles or the batch is small (<= 128 tokens), else
+        ``two_pass`` (shrink kernel writes fp32 ``h[SPLIT_K, T, max_rank]`` partials, expand kernel sums and
+        reads them), which avoids recomputing the shrink ``cdiv(d_out, BLOCK_N)`` times; its shrink is split
+        over ``d_in`` (``SPLIT_K``) until the grid has ~2 programs per SM.
     Under the interpreter: the same variants with large blocks (the interpreter pays per program and per
     loop iteration, not per element).
     """
@@ -67,7 +68,7 @@ def pick_config(
     if interpret:
         block_m = _pow2_at_least(max_seqlen, 16, 64)
         block_n = _pow2_at_least(d_out, 16, 128)
-        block_k = _pow2_at_least(d_in, 16, 128)
+        block_k = _pow2_at_least(-(-d_in // 2), 16, 128)  # >= 2 K steps: multi-step loops and split-K are tested
     else:
         block_m = 16 if max_seqlen <= 16 else (32 if max_seqlen <= 32 else 64)
         block_n = 128
@@ -90,9 +91,22 @@ def pick_config(
             SPLIT_K=max(1, -(-d_in // k_per_split)),
         )
     n_out_tiles = -(-d_out // block_n)
-    variant = "fused" if (n_out_tiles <= 2 or n_tokens <= 256) else "two_pass"
+    # fused recomputes the shrink for every output tile: worth one launch less only when that recompute is
+    # small (few output tiles, or few tokens) and the rank is small (a rank-1032 shrink is as big as the expand)
+    fused = max_rank <= 64 and (n_out_tiles <= 2 or n_tokens <= 128)
     # a 64x128 fp32 accumulator plus the h tile needs 8 warps to stay in registers
     num_warps = 8 if (not interpret and block_m * block_n >= 8192) else 4
+    split = 1
+    if not fused:
+        # split-K for the shrink when row tiles x rank blocks alone cannot fill the GPU (e.g. 16 x 256 tokens in
+        # 64-row tiles = 64 programs for 132 SMs, with d_in / BLOCK_K = 144 serial steps each); each slice keeps
+        # >= 4 K steps, and the expand sums the fp32 partials in a fixed order (deterministic)
+        programs = max(1, -(-n_tokens // block_m)) * max(1, -(-max_rank // block_r))
+        max_split = max(1, d_in // (4 * block_k))
+        split = 1 if interpret else min(max_split, max(1, -(-2 * n_sms // programs)))
+        if interpret and d_in > block_k:
+            split = 2  # exercise the split path in the interpreter tests
     return KernelConfig(
-        variant, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=num_warps
+        "fused" if fused else "two_pass", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=num_warps, SPLIT_K=split,
     )

@@ -1,12 +1,24 @@
 """Triton kernels for the segmented multi-LoRA op. Only ``@triton.jit`` code lives here.
 
-Notation: tile ``i`` of the tile table covers rows ``tile_row_start[i] ..`` of segment ``tile_seg[i]``
-(never straddling a segment end); the segment's adapter owns rank rows ``[rs, rs + rl)`` of the ragged
-``A [R_total, d_in]`` / ``B [R_total, d_out]``. See README.md for the math and the tiling.
+Notation: the tile table is an int32 ``[n_tiles, 4]`` tensor; tile ``i`` covers token rows
+``[row_start, row_end)`` (at most ``BLOCK_M`` rows of one run of tokens that share an adapter: adjacent
+segments with the same adapter are merged, so beams / repeated rows share tiles) whose adapter owns rank rows
+``[rank_start, rank_start + rank_len)`` of the ragged ``A [R_total, d_in]`` / ``B [R_total, d_out]``.
+See README.md for the math and the tiling.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _load_tile(tile_ptr, pid):
+    t = tile_ptr + pid * 4
+    row_start = tl.load(t).to(tl.int64)
+    row_end = tl.load(t + 1).to(tl.int64)
+    rank_start = tl.load(t + 2).to(tl.int64)
+    rank_len = tl.load(t + 3).to(tl.int64)
+    return row_start, row_end, rank_start, rank_len
 
 
 @triton.jit
@@ -16,12 +28,7 @@ def _lora_fused_fwd_kernel(
     a_ptr,
     b_ptr,
     out_ptr,
-    # segment metadata
-    tile_seg_ptr,
-    tile_row_ptr,
-    cu_seqlens_ptr,
-    seg_rank_start_ptr,
-    seg_rank_len_ptr,
+    tile_ptr,
     # sizes
     d_in,
     d_out,
@@ -46,15 +53,11 @@ def _lora_fused_fwd_kernel(
     scale * (x[tile i] @ A[rs:rs+rl].T) @ B[rs:rs+rl, j-th BLOCK_N cols] into out (load-add-store)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
-    row_start = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    seg_end = tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64)
-    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
-    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    row_start, row_end, rank_start, rank_len = _load_tile(tile_ptr, pid_m)
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < seg_end
+    mask_m = offs_m < row_end
     mask_n = offs_n < d_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank_len, BLOCK_R):
@@ -94,20 +97,17 @@ def _lora_shrink_kernel(
     x_ptr,
     w_ptr,
     h_ptr,
-    # segment metadata
-    tile_seg_ptr,
-    tile_row_ptr,
-    cu_seqlens_ptr,
-    seg_rank_start_ptr,
-    seg_rank_len_ptr,
+    tile_ptr,
     # sizes
     d_in,
+    k_per_split,
     scale,
     # strides
     stride_x_tok,
     stride_x_d,
     stride_w_rank,
     stride_w_d,
+    stride_h_split,
     stride_h_tok,
     stride_h_rank,
     # meta-parameters
@@ -116,25 +116,27 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """grid = (n_tiles, cdiv(max_rank, BLOCK_R)); program (i, j) writes the fp32
-    h[tile i rows, j-th rank block] = scale * x[rows] @ W[rs + j*BLOCK_R ...].T (blocks past rl do nothing)."""
+    """grid = (n_tiles, cdiv(max_rank, BLOCK_R), n_splits); program (i, j, s) writes the fp32 partial
+    h[s, tile i rows, j-th rank block] = scale * x[rows, K slice s] @ W[rs + j*BLOCK_R ..., K slice s].T with
+    K slice s = [s * k_per_split, (s + 1) * k_per_split) (split-K: fills the GPU when tiles x rank blocks are
+    few). The expand kernel sums the partials in a fixed order: deterministic, no atomics. Rank blocks past
+    rl do nothing (never read)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
-    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
-    row_start = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    seg_end = tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64)
-    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
-    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    row_start, row_end, rank_start, rank_len = _load_tile(tile_ptr, pid_m)
     r0 = pid_r * BLOCK_R
     if r0 < rank_len:
         offs_m = row_start + tl.arange(0, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_m = offs_m < seg_end
+        mask_m = offs_m < row_end
         mask_r = offs_r < rank_len
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, d_in)
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mask_k = offs_k < d_in
+            mask_k = offs_k < k_hi
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_x_tok + offs_k[None, :] * stride_x_d,
                 mask=mask_m[:, None] & mask_k[None, :],
@@ -148,7 +150,7 @@ def _lora_shrink_kernel(
             h = tl.dot(x, w, h, input_precision=INPUT_PRECISION)
         h = h * tl.cast(scale, tl.float32)
         tl.store(
-            h_ptr + offs_m[:, None] * stride_h_tok + offs_r[None, :] * stride_h_rank,
+            h_ptr + pid_s * stride_h_split + offs_m[:, None] * stride_h_tok + offs_r[None, :] * stride_h_rank,
             h,
             mask=mask_m[:, None] & mask_r[None, :],
         )
@@ -160,15 +162,12 @@ def _lora_expand_kernel(
     h_ptr,
     w_ptr,
     out_ptr,
-    # segment metadata
-    tile_seg_ptr,
-    tile_row_ptr,
-    cu_seqlens_ptr,
-    seg_rank_start_ptr,
-    seg_rank_len_ptr,
+    tile_ptr,
     # sizes
     d_out,
+    n_splits,
     # strides
+    stride_h_split,
     stride_h_tok,
     stride_h_rank,
     stride_w_rank,
@@ -181,29 +180,25 @@ def _lora_expand_kernel(
     BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """grid = (n_tiles, cdiv(d_out, BLOCK_N)); program (i, j) adds h[tile i rows, :rl] @ W[rs:rs+rl, j-th
-    BLOCK_N cols] into out (load-add-store). h is the fp32 buffer written by the shrink kernel."""
+    """grid = (n_tiles, cdiv(d_out, BLOCK_N)); program (i, j) adds (sum_s h[s, tile i rows, :rl]) @ W[rs:rs+rl,
+    j-th BLOCK_N cols] into out (load-add-store). h holds the shrink kernel's fp32 split partials."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
-    row_start = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    seg_end = tl.load(cu_seqlens_ptr + seg + 1).to(tl.int64)
-    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
-    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    row_start, row_end, rank_start, rank_len = _load_tile(tile_ptr, pid_m)
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < seg_end
+    mask_m = offs_m < row_end
     mask_n = offs_n < d_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank_len, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank_len
-        h = tl.load(
-            h_ptr + offs_m[:, None] * stride_h_tok + offs_r[None, :] * stride_h_rank,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_R]
+        h_ptrs = h_ptr + offs_m[:, None] * stride_h_tok + offs_r[None, :] * stride_h_rank
+        h_mask = mask_m[:, None] & mask_r[None, :]
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)  # [BLOCK_M, BLOCK_R]
+        for s in range(1, n_splits):
+            h += tl.load(h_ptrs + s * stride_h_split, mask=h_mask, other=0.0)
         w = tl.load(
             w_ptr + (rank_start + offs_r)[:, None] * stride_w_rank + offs_n[None, :] * stride_w_d,
             mask=mask_r[:, None] & mask_n[None, :],
@@ -222,11 +217,7 @@ def _lora_decode_shrink_kernel(
     x_ptr,
     a_ptr,
     h_ptr,
-    # segment metadata
-    tile_seg_ptr,
-    tile_row_ptr,
-    seg_rank_start_ptr,
-    seg_rank_len_ptr,
+    tile_ptr,
     # sizes
     d_in,
     k_per_split,
@@ -242,19 +233,15 @@ def _lora_decode_shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """grid = (n_rows_with_adapter, cdiv(max_rank, BLOCK_R), n_splits); decode shrink, one token per row.
-
-    Program (i, j, s) writes the fp32 partial h[s, i, j-th rank block] = A[rs + rank block, K slice s] @ x[row,
-    K slice s], K slice s = [s * k_per_split, (s + 1) * k_per_split). Every element of A is read by exactly
-    one program (one A read per row); the expand kernel sums the n_splits partials in a fixed order
-    (deterministic, no atomics). Rank blocks past the row's rank do nothing (the expand never reads them)."""
+    """grid = (n_rows_with_adapter, cdiv(max_rank, BLOCK_R), n_splits); decode shrink, one token per tile
+    (the tile table of BLOCK_M = 1). Program (i, j, s) writes the fp32 partial h[s, i, j-th rank block] =
+    A[rs + rank block, K slice s] @ x[row, K slice s]. Every element of A is read by exactly one program (one
+    A read per row); the expand kernel sums the n_splits partials in a fixed order (deterministic, no atomics).
+    Rank blocks past the row's rank do nothing (the expand never reads them)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
-    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
-    row = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
-    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    row, row_end, rank_start, rank_len = _load_tile(tile_ptr, pid_m)
     r0 = pid_r * BLOCK_R
     if r0 < rank_len:
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -281,11 +268,7 @@ def _lora_decode_expand_kernel(
     h_ptr,
     b_ptr,
     out_ptr,
-    # segment metadata
-    tile_seg_ptr,
-    tile_row_ptr,
-    seg_rank_start_ptr,
-    seg_rank_len_ptr,
+    tile_ptr,
     # sizes
     d_out,
     n_splits,
@@ -302,15 +285,12 @@ def _lora_decode_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """grid = (n_rows_with_adapter, cdiv(d_out, BLOCK_N)); decode expand (GEMV over d_out), one token per row:
+    """grid = (n_rows_with_adapter, cdiv(d_out, BLOCK_N)); decode expand (GEMV over d_out), one token per tile:
     out[row, cols] += scale * (sum_s h[s, i, :rl]) @ B[rs:rs+rl, cols], fp32 reductions, no tl.dot (a single
     token would waste 15/16 of an MMA tile). B is read once per row."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    seg = tl.load(tile_seg_ptr + pid_m).to(tl.int64)
-    row = tl.load(tile_row_ptr + pid_m).to(tl.int64)
-    rank_start = tl.load(seg_rank_start_ptr + seg).to(tl.int64)
-    rank_len = tl.load(seg_rank_len_ptr + seg).to(tl.int64)
+    row, row_end, rank_start, rank_len = _load_tile(tile_ptr, pid_m)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_out

@@ -1,21 +1,28 @@
 """Host launchers: validate, allocate, pick a config, launch. No autograd here, and no host syncs:
-everything a launcher needs about the batch is a Python int on :class:`SegmentMeta`."""
+everything a launcher needs about the batch is a Python int on :class:`SegmentMeta`.
+
+Host cost matters at decode (one call per LoRA layer per generated token, each a few microseconds of GPU
+work), so everything that depends only on the batch and the layer shape is computed once and memoised on the
+batch's :class:`SegmentMeta`: the validation verdict for a (shapes, dtypes, devices) signature and the launch
+plan (config, tile table, grids, split sizes). A steady-state call does two dict lookups and the launches.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .._common import input_precision, sm_count
+from .._common import cdiv, input_precision, sm_count
 from .configs import KernelConfig, pick_config
 from .meta import SegmentMeta
 
-__all__ = ["validate_inputs", "segmented_lora_fwd", "segmented_lora_bwd", "SUPPORTED_DTYPES"]
+__all__ = ["validate_inputs", "segmented_lora_fwd", "segmented_lora_bwd", "SUPPORTED_DTYPES", "launch_plan"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def validate_inputs(x, A, B, meta, out=None) -> None:
-    """Raise ``TypeError``/``ValueError`` (expected vs got) unless the operands agree. Cheap, no syncs."""
+def _validate(x, A, B, meta, out) -> None:
     if not isinstance(meta, SegmentMeta):
         raise TypeError(f"meta must be a SegmentMeta, got {type(meta).__name__}")
     for name, t in (("x", x), ("A", A), ("B", B)) + ((("out", out),) if out is not None else ()):
@@ -50,6 +57,24 @@ def validate_inputs(x, A, B, meta, out=None) -> None:
         raise ValueError(f"out must have shape {(x.shape[0], B.shape[1])} (T, d_out), got {tuple(out.shape)}")
 
 
+def validate_inputs(x, A, B, meta, out=None) -> None:
+    """Raise ``TypeError``/``ValueError`` (expected vs got) unless the operands agree. Cheap, no syncs.
+
+    A signature that passed once for this batch (same shapes, dtypes and devices) is not checked again."""
+    if not isinstance(meta, SegmentMeta):
+        raise TypeError(f"meta must be a SegmentMeta, got {type(meta).__name__}")
+    try:
+        key = ("valid", x.shape, x.dtype, x.device, A.shape, A.dtype, A.device, B.shape, B.dtype, B.device,
+               None if out is None else (out.shape, out.dtype, out.device))  # fmt: skip
+    except AttributeError:  # not tensors: let _validate say which
+        key = None
+    if key is not None and key in meta._cache:
+        return
+    _validate(x, A, B, meta, out)
+    if key is not None:
+        meta._cache[key] = True
+
+
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     # the kernels take every stride, but a unit last-dim stride keeps loads coalesced on GPU
     return t if t.stride(-1) == 1 or t.is_cpu else t.contiguous()
@@ -67,6 +92,37 @@ class _NullCtx:
         return False
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a forward launch needs that depends only on the batch, the layer shape and the precision."""
+
+    cfg: KernelConfig
+    tiles: torch.Tensor  # int32 [n_tiles, 4]
+    n_tiles: int
+    n_splits: int
+    k_per_split: int
+    prec: str
+
+
+def launch_plan(meta: SegmentMeta, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device,
+                config: KernelConfig | None = None, backward: bool = False) -> LaunchPlan:  # fmt: skip
+    """The (memoised) launch plan of this batch for a ``d_in -> d_out`` layer."""
+    prec = input_precision(dtype)
+    key = ("plan", d_in, d_out, prec, config, backward)
+    plan = meta._cache.get(key)
+    if plan is None:
+        seqlen = max(meta.max_seqlen, 2) if backward else meta.max_seqlen
+        cfg = config or pick_config(meta.n_tokens, seqlen, meta.max_rank, d_in, d_out, n_sms=sm_count(device))
+        if backward and cfg.SPLIT_K != 1:  # the weight-gradient kernel reads h directly: no split partials
+            cfg = KernelConfig(cfg.variant, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_R, cfg.num_warps,
+                               cfg.num_stages, 1)  # fmt: skip
+        tiles = meta.tile_table(1 if cfg.variant == "decode" else cfg.BLOCK_M)
+        k_per_split = cdiv(cdiv(d_in, max(cfg.SPLIT_K, 1)), cfg.BLOCK_K) * cfg.BLOCK_K
+        plan = LaunchPlan(cfg, tiles, tiles.shape[0], cdiv(d_in, k_per_split), k_per_split, prec)
+        meta._cache[key] = plan
+    return plan
+
+
 def segmented_lora_fwd(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -77,101 +133,87 @@ def segmented_lora_fwd(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """``out += scale * (x @ A_s.T) @ B_s`` per segment with the Triton kernels; returns ``out``."""
-    from . import kernel as K
-
     validate_inputs(x, A, B, meta, out)
     if not meta.runs:
         return out
     x, A, B = _last_dim_unit(x), _last_dim_unit(A), _last_dim_unit(B)
-    d_in, d_out = x.shape[1], B.shape[1]
-    cfg = config or pick_config(meta.n_tokens, meta.max_seqlen, meta.max_rank, d_in, d_out, n_sms=sm_count(x.device))
-    prec = input_precision(x.dtype)
+    plan = launch_plan(meta, x.shape[1], B.shape[1], x.dtype, x.device, config)
+    if plan.cfg.variant == "decode" and meta.max_seqlen > 1:
+        raise ValueError(f"the decode variant needs max_seqlen <= 1, got {meta.max_seqlen}")
     scale = float(scale)
     with _device_guard(x):
-        if cfg.variant == "decode":
-            if meta.max_seqlen > 1:
-                raise ValueError(f"the decode variant needs max_seqlen <= 1, got {meta.max_seqlen}")
-            _decode(out, x, A, B, meta, scale, cfg)
-            return out
-        tile_seg, tile_row = meta.tiles(cfg.BLOCK_M)
-        n_tiles = tile_seg.numel()
-        if cfg.variant == "fused":
-            grid = (n_tiles, triton_cdiv(d_out, cfg.BLOCK_N))
-            K._lora_fused_fwd_kernel[grid](
-                x, A, B, out,
-                tile_seg, tile_row, meta.cu_seqlens, meta.seg_rank_start, meta.seg_rank_len,
-                d_in, d_out, scale,
-                x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-                out.stride(0), out.stride(1),
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
-                INPUT_PRECISION=prec,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            return out
-        h = torch.empty(meta.n_tokens, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
-        _shrink(h, x, A, meta, scale, cfg, prec, tile_seg, tile_row)
-        _expand(out, h, B, meta, cfg, prec, tile_seg, tile_row)
+        if plan.cfg.variant == "decode":
+            _decode(out, x, A, B, meta, scale, plan)
+        elif plan.cfg.variant == "fused":
+            _fused(out, x, A, B, scale, plan)
+        else:
+            h = torch.empty(plan.n_splits, meta.n_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
+            _shrink(h, x, A, meta, scale, plan)
+            _expand(out, h, B, meta, plan)
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _fused(out, x, A, B, scale, plan):
+    from . import kernel as K
+
+    cfg = plan.cfg
+    K._lora_fused_fwd_kernel[(plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N))](
+        x, A, B, out, plan.tiles,
+        x.shape[1], B.shape[1], scale,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
+        INPUT_PRECISION=plan.prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
 
 
-def _decode(out, x, A, B, meta, scale, cfg):
+def _decode(out, x, A, B, meta, scale, plan):
     """Decode (one token per row): split-K shrink into fp32 partials, then the expand sums them."""
     from . import kernel as K
 
-    d_in, d_out = x.shape[1], B.shape[1]
-    tile_seg, tile_row = meta.tiles(1)
-    n_rows = tile_seg.numel()
-    k_per_split = triton_cdiv(d_in, cfg.SPLIT_K)
-    k_per_split = triton_cdiv(k_per_split, cfg.BLOCK_K) * cfg.BLOCK_K
-    n_splits = triton_cdiv(d_in, k_per_split)
-    h = torch.empty(n_splits, n_rows, max(meta.max_rank, 1), dtype=torch.float32, device=x.device)
-    K._lora_decode_shrink_kernel[(n_rows, triton_cdiv(meta.max_rank, cfg.BLOCK_R), n_splits)](
-        x, A, h,
-        tile_seg, tile_row, meta.seg_rank_start, meta.seg_rank_len,
-        d_in, k_per_split,
+    cfg = plan.cfg
+    h = torch.empty(plan.n_splits, plan.n_tiles, meta.max_rank, dtype=torch.float32, device=x.device)
+    K._lora_decode_shrink_kernel[(plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits)](
+        x, A, h, plan.tiles,
+        x.shape[1], plan.k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1), h.stride(2),
         BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps,
     )  # fmt: skip
-    K._lora_decode_expand_kernel[(n_rows, triton_cdiv(d_out, cfg.BLOCK_N))](
-        h, B, out,
-        tile_seg, tile_row, meta.seg_rank_start, meta.seg_rank_len,
-        d_out, n_splits, scale,
+    K._lora_decode_expand_kernel[(plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N))](
+        h, B, out, plan.tiles,
+        B.shape[1], plan.n_splits, scale,
         h.stride(0), h.stride(1), h.stride(2), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
         BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R,
         num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
-def _shrink(h, x, W, meta, scale, cfg, prec, tile_seg, tile_row):
+def _shrink(h, x, W, meta, scale, plan):
+    """h[s] = scale * x @ W_s.T over K slice s (h: fp32 [n_splits, T, max_rank])."""
     from . import kernel as K
 
-    grid = (tile_seg.numel(), triton_cdiv(max(meta.max_rank, 1), cfg.BLOCK_R))
-    K._lora_shrink_kernel[grid](
-        x, W, h,
-        tile_seg, tile_row, meta.cu_seqlens, meta.seg_rank_start, meta.seg_rank_len,
-        x.shape[1], scale,
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), h.stride(0), h.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, INPUT_PRECISION=prec,
+    cfg = plan.cfg
+    K._lora_shrink_kernel[(plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits)](
+        x, W, h, plan.tiles,
+        x.shape[1], plan.k_per_split, scale,
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, INPUT_PRECISION=plan.prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
-def _expand(out, h, W, meta, cfg, prec, tile_seg, tile_row):
+def _expand(out, h, W, meta, plan):
+    """out += (sum_s h[s]) @ W_s."""
     from . import kernel as K
 
-    d = out.shape[1]
-    grid = (tile_seg.numel(), triton_cdiv(d, cfg.BLOCK_N))
-    K._lora_expand_kernel[grid](
-        h, W, out,
-        tile_seg, tile_row, meta.cu_seqlens, meta.seg_rank_start, meta.seg_rank_len,
-        d,
-        h.stride(0), h.stride(1), W.stride(0), W.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, INPUT_PRECISION=prec,
+    cfg = plan.cfg
+    K._lora_expand_kernel[(plan.n_tiles, cdiv(out.shape[1], cfg.BLOCK_N))](
+        h, W, out, plan.tiles,
+        out.shape[1], h.shape[0],
+        h.stride(0), h.stride(1), h.stride(2), W.stride(0), W.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, INPUT_PRECISION=plan.prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -181,7 +223,7 @@ def _wgrad(dw, g, x, meta, cfg, prec):
 
     d = x.shape[1]
     n_adapters = meta.adapter_rank_len.numel()
-    grid = (n_adapters, triton_cdiv(max(meta.max_rank, 1), cfg.BLOCK_R), triton_cdiv(d, cfg.BLOCK_N))
+    grid = (n_adapters, cdiv(max(meta.max_rank, 1), cfg.BLOCK_R), cdiv(d, cfg.BLOCK_N))
     K._lora_wgrad_kernel[grid](
         g, x, dw,
         meta.adapter_rank_start, meta.adapter_rank_len, meta.adapter_seg_ptr, meta.adapter_seg_ids,
@@ -206,8 +248,8 @@ def segmented_lora_bwd(
     """Triton backward: ``(dx, dA, dB)`` (``None`` where not needed).
 
     Recomputes the shrink instead of saving it: ``hs = scale * x A_s^T`` and ``gs = scale * dy B_s^T``
-    (both fp32 ``[T, max_rank]`` buffers, the same shrink kernel), then ``dx = gs A_s`` (expand kernel),
-    ``dA = gs^T x`` and ``dB = hs^T dy`` (per-adapter wgrad kernel; unused rank rows stay 0).
+    (both fp32 ``[T, max_rank]`` buffers, the same shrink kernel without split-K), then ``dx = gs A_s``
+    (expand kernel), ``dA = gs^T x`` and ``dB = hs^T dy`` (per-adapter wgrad kernel; unused rank rows stay 0).
     """
     validate_inputs(x, A, B, meta)
     if tuple(dy.shape) != (x.shape[0], B.shape[1]):
@@ -220,20 +262,20 @@ def segmented_lora_bwd(
         return dx, dA, dB
     x, A, B, dy = _last_dim_unit(x), _last_dim_unit(A), _last_dim_unit(B), _last_dim_unit(dy.to(x.dtype))
     d_in, d_out = x.shape[1], B.shape[1]
-    cfg = config or pick_config(meta.n_tokens, max(meta.max_seqlen, 2), meta.max_rank, d_in, d_out)
-    prec = input_precision(x.dtype)
-    tile_seg, tile_row = meta.tiles(cfg.BLOCK_M)
-    R = max(meta.max_rank, 1)
+    # dy B^T is a shrink over d_out, x A^T one over d_in: one plan each (the shrink's K is the reduced dim)
+    plan_dy = launch_plan(meta, d_out, d_in, x.dtype, x.device, config, backward=True)
+    plan_x = launch_plan(meta, d_in, d_out, x.dtype, x.device, config, backward=True)
+    R = meta.max_rank
     with _device_guard(x):
         if need_dx or need_dA:
-            gs = torch.empty(meta.n_tokens, R, dtype=torch.float32, device=x.device)
-            _shrink(gs, dy, B, meta, float(scale), cfg, prec, tile_seg, tile_row)
+            gs = torch.empty(1, meta.n_tokens, R, dtype=torch.float32, device=x.device)
+            _shrink(gs, dy, B, meta, float(scale), plan_dy)
             if need_dx:
-                _expand(dx, gs, A, meta, cfg, prec, tile_seg, tile_row)
+                _expand(dx, gs, A, meta, plan_dy)
             if need_dA:
-                _wgrad(dA, gs, x, meta, cfg, prec)
+                _wgrad(dA, gs[0], x, meta, plan_dy.cfg, plan_dy.prec)
         if need_dB:
-            hs = torch.empty(meta.n_tokens, R, dtype=torch.float32, device=x.device)
-            _shrink(hs, x, A, meta, float(scale), cfg, prec, tile_seg, tile_row)
-            _wgrad(dB, hs, dy, meta, cfg, prec)
+            hs = torch.empty(1, meta.n_tokens, R, dtype=torch.float32, device=x.device)
+            _shrink(hs, x, A, meta, float(scale), plan_x)
+            _wgrad(dB, hs[0], dy, meta, plan_x.cfg, plan_x.prec)
     return dx, dA, dB

@@ -7,7 +7,8 @@ LoRA layer of the model. It carries
   per-adapter CSR used by the weight-gradient kernel),
 * Python ints (``n_tokens``, ``max_seqlen``, ``max_rank``) so launchers never sync,
 * host-side grouping (merged token runs, unique adapters with their token runs) for the CPU path,
-* a small cache for derived, per-(device, block size) data: Triton tile tables and CPU gather indices.
+* a small cache for derived, per-(device, block size) data: Triton tile tables, launch plans and CPU gather
+  indices.
 """
 
 from __future__ import annotations
@@ -103,15 +104,6 @@ class SegmentMeta:
     @property
     def device(self) -> torch.device:
         return self.cu_seqlens.device
-
-    @property
-    def is_decode(self) -> bool:
-        """Every segment holds at most one token (one row per segment)."""
-        return self.max_seqlen <= 1
-
-    @property
-    def rank_total_used(self) -> int:
-        return sum(g.rank_len for g in self.groups)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -285,28 +277,22 @@ class SegmentMeta:
         return dataclasses.replace(self, _cache={}, **tensors)
 
     # ------------------------------------------------------------------ derived data
-    def tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tile table for row tiles of ``block_m`` tokens that never straddle segments.
+    def tile_table(self, block_m: int) -> torch.Tensor:
+        """Triton tile table: int32 ``[n_tiles, 4]`` rows ``(row_start, row_end, rank_start, rank_len)``.
 
-        Returns ``(tile_seg, tile_row_start)`` int32 device tensors; only segments with an adapter and
-        at least one token get tiles, so the Triton grid is exact.
+        Tiles cover the merged token ``runs`` (adjacent segments with the same adapter form one run, so
+        repeated rows such as beams share tiles) in pieces of at most ``block_m`` tokens that never straddle a
+        run; runs without an adapter get no tile, so the grid is exact. ``block_m == 1`` gives one tile per
+        token (decode). Cached per ``block_m`` for the lifetime of this batch.
         """
-        key = ("tiles", block_m)
+        key = ("tile_table", block_m)
         hit = self._cache.get(key)
         if hit is None:
-            seg, row = [], []
-            cu = self.cu_seqlens_host
-            for s, rl in enumerate(self.rank_len_host):
-                if rl == 0:
-                    continue
-                for r in range(cu[s], cu[s + 1], block_m):
-                    seg.append(s)
-                    row.append(r)
-            dev = self.device
-            hit = (
-                torch.tensor(seg, dtype=torch.int32).to(dev, non_blocking=True),
-                torch.tensor(row, dtype=torch.int32).to(dev, non_blocking=True),
-            )
+            rows = []
+            for t0, t1, rs, rl in self.runs:
+                for r in range(t0, t1, block_m):
+                    rows.append((r, min(r + block_m, t1), rs, rl))
+            hit = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(self.device, non_blocking=True)
             self._cache[key] = hit
         return hit
 
