@@ -63,15 +63,18 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         if x.is_cuda and _liger_silu_mul() is not None:  # Liger's fused silu·mul kernel (fwd + bwd) on CUDA
             return self.down_proj(_liger_silu_mul()(self.gate_proj(x), self.up_proj(x)))
-        if torch.is_grad_enabled() or x.shape[0] <= self.block_rows:
+        n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if torch.is_grad_enabled() or n_rows <= self.block_rows:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # inference: row blocks keep the two [rows, hidden] intermediates small and cache-resident
-        out = x.new_empty(x.shape[0], self.down_proj.out_features)
-        for i in range(0, x.shape[0], self.block_rows):
-            xb = x[i : i + self.block_rows]
+        # inference: row blocks keep the two [rows, hidden] intermediates small and cache-resident; any
+        # leading dims (e.g. latents [segments, queries, D]) are flattened into rows first
+        x2 = x.reshape(n_rows, x.shape[-1])
+        out = x2.new_empty(n_rows, self.down_proj.out_features)
+        for i in range(0, n_rows, self.block_rows):
+            xb = x2[i : i + self.block_rows]
             g = self.gate_proj(xb)
             out[i : i + self.block_rows] = self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(xb)))
-        return out
+        return out.view(*x.shape[:-1], self.down_proj.out_features)
 
 
 class PerceiverAttention(nn.Module):
