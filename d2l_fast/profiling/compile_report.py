@@ -52,6 +52,8 @@ MODELS = {
 # "mix" gives the 16 prefill documents the ranks 8, 16, 64, 1032 in turn
 RANKS = (8, 16, 64, 1032, "mix")
 PREFILL_DOCS, PREFILL_LEN = 16, 256
+# a small prefill (8 prompts of 32 tokens, 256 tokens in all): the batch size at which pick_config picks "fused"
+SMALL_PREFILL_ROWS, SMALL_PREFILL_LEN = 8, 32
 DECODE_ROWS = 64
 # (name, n_q, H, hd, n_kv, D, segment lengths)
 READOUT_CONFIGS = (
@@ -77,13 +79,13 @@ class Scenario:
     model: str
     dtype: str  # a DTYPES label (requested)
     rank: str = ""  # LoRA rank label
+    shape: str = ""  # batch label, e.g. "16x256" (segments x tokens)
     seq_lens: tuple = ()
     seg_ranks: tuple = ()
     d_in: int = 0
     d_out: int = 0
     readout: tuple = ()  # (name, n_q, H, hd, n_kv, D, seq_lens)
     mode: str = ""  # readout form forced for this call
-    auto_mode: str = ""  # the form mode="auto" picks for this config
 
 
 def _seg_ranks(rank, n):
@@ -93,7 +95,8 @@ def _seg_ranks(rank, n):
 
 
 def build_scenarios(quick: bool = False) -> list[Scenario]:
-    """Every (op, model, dtype, rank) the report covers; ``quick``: Gemma-2-2b, bf16, rank 16, one readout."""
+    """Every (op, shape, model, dtype, rank) the report covers; ``quick``: Gemma-2-2b, bf16, rank 16, forward only,
+    the main readout config in the absorbed form."""
     models = {"gemma-2-2b": MODELS["gemma-2-2b"]} if quick else MODELS
     dtypes = ("bf16",) if quick else tuple(DTYPES)
     ranks = (16,) if quick else RANKS
@@ -102,14 +105,17 @@ def build_scenarios(quick: bool = False) -> list[Scenario]:
         for name, (hidden, inter) in models.items():
             for r in ranks:
                 pre = dict(model=name, dtype=dt, rank=str(r), d_in=inter, d_out=hidden)
-                out.append(Scenario("prefill-fwd", seq_lens=(PREFILL_LEN,) * PREFILL_DOCS,
-                                    seg_ranks=_seg_ranks(r, PREFILL_DOCS), **pre))
+                big = dict(seq_lens=(PREFILL_LEN,) * PREFILL_DOCS, seg_ranks=_seg_ranks(r, PREFILL_DOCS),
+                           shape=f"{PREFILL_DOCS}x{PREFILL_LEN}", **pre)
+                out.append(Scenario("prefill-fwd", **big))
+                out.append(Scenario("prefill-fwd", seq_lens=(SMALL_PREFILL_LEN,) * SMALL_PREFILL_ROWS,
+                                    seg_ranks=_seg_ranks(r, SMALL_PREFILL_ROWS),
+                                    shape=f"{SMALL_PREFILL_ROWS}x{SMALL_PREFILL_LEN}", **pre))
                 if not quick:
-                    out.append(Scenario("prefill-bwd", seq_lens=(PREFILL_LEN,) * PREFILL_DOCS,
-                                        seg_ranks=_seg_ranks(r, PREFILL_DOCS), **pre))
+                    out.append(Scenario("prefill-bwd", **big))
                 if r != "mix":
-                    out.append(Scenario("decode-fwd", seq_lens=(1,) * DECODE_ROWS,
-                                        seg_ranks=_seg_ranks(r, DECODE_ROWS), **pre))
+                    out.append(Scenario("decode-fwd", seq_lens=(1,) * DECODE_ROWS, seg_ranks=_seg_ranks(r, DECODE_ROWS),
+                                        shape=f"{DECODE_ROWS}x1", **pre))
         for cfg in READOUT_CONFIGS[:1] if quick else READOUT_CONFIGS:
             for mode in ("absorbed",) if quick else ("absorbed", "plain"):
                 out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode))
@@ -344,13 +350,14 @@ def capture(scenarios, arch: str = "sm_90", n_sm: int = 132) -> list[Launch]:
             current.update(scenario=scen, n=0)
             with _fp32_precision(DTYPES[scen.dtype][1]):
                 before = len(launches)
-                _run_scenario(scen, sl, rf)
+                auto_mode = _run_scenario(scen, sl, rf)
                 for lc in launches[before:]:
-                    lc.auto_mode = scen.auto_mode
+                    lc.auto_mode = auto_mode
     return launches
 
 
-def _run_scenario(scen: Scenario, sl, rf):
+def _run_scenario(scen: Scenario, sl, rf) -> str:
+    """Call the scenario's launcher on meta tensors; returns the readout form mode="auto" picks (else "")."""
     import torch
 
     from ..kernels.segmented_lora import SegmentMeta
@@ -372,7 +379,7 @@ def _run_scenario(scen: Scenario, sl, rf):
         else:
             out = torch.empty(T, scen.d_out, dtype=dtype, device=dev)
             sl.segmented_lora_fwd(out, x, A, B, meta, 2.0)
-        return
+        return ""
     _, n_q, H, hd, n_kv, D, lens = scen.readout
     T = sum(lens)
     cu = [0]
@@ -385,9 +392,9 @@ def _run_scenario(scen: Scenario, sl, rf):
     w = torch.empty(D, dtype=dtype, device=dev)
     rstd = torch.empty(T, dtype=torch.float32, device=dev)
     cu_t = torch.tensor(cu, dtype=torch.int32).to(dev)
-    object.__setattr__(scen, "auto_mode", rf.resolve_mode("auto", q, ctx, n_kv))
     rf.latent_readout(q, ctx, cu_t, max(lens), wk, wv, w, n_kv_heads=n_kv, mode=scen.mode, backend="triton",
                       ctx_rstd=rstd)
+    return rf.resolve_mode("auto", q, ctx, n_kv)
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -593,7 +600,7 @@ def assemble(launches, results, arch) -> Report:
         status = "ok" if not problems else ("FAIL" if _gating(prec) else "warn")
         s = lc.scenario
         row = {
-            "kernel": lc.short, "op": s.op, "model": s.model, "dtype": prec, "requested": s.dtype,
+            "kernel": lc.short, "op": s.op, "shape": s.shape, "model": s.model, "dtype": prec, "requested": s.dtype,
             "rank": s.rank if s.op != "readout" else "", "mode": s.mode,
             "auto_mode": lc.auto_mode, "grid": list(lc.grid),
             "blocks": {k: v for k, v in lc.constexprs.items() if k.startswith("BLOCK")},
@@ -614,8 +621,9 @@ def assemble(launches, results, arch) -> Report:
         known = all(r["kernel_bytes"] is not None for r in rows)
         total = sum(r["kernel_bytes"] for r in rows) if known else None
         mn = op_min_bytes(s)
-        rep.ops.append({"op": s.op, "model": s.model, "dtype": rows[0]["dtype"], "rank": s.rank, "mode": s.mode,
-                        "auto_mode": s.auto_mode, "kernels": [r["kernel"] for r in rows], "bytes": total,
+        rep.ops.append({"op": s.op, "shape": s.shape, "model": s.model, "dtype": rows[0]["dtype"], "rank": s.rank,
+                        "mode": s.mode,
+                        "auto_mode": rows[0]["auto_mode"], "kernels": [r["kernel"] for r in rows], "bytes": total,
                         "min_bytes": mn, "ratio": round(total / mn, 2) if total else None})
     rep.n_compiled = len(results)
     return rep
@@ -629,8 +637,8 @@ def _group_rows(rows):
     """Rows with the same kernel, op, dtype and compiled config share one table line (models, ranks joined)."""
     groups: dict = {}
     for r in rows:
-        key = (r["op"], r["kernel"], r["dtype"], r["mode"], json.dumps(r["constexprs"], sort_keys=True, default=str),
-               r["num_warps"], r["num_stages"])
+        key = (r["op"], r["shape"], r["kernel"], r["dtype"], r["mode"],
+               json.dumps(r["constexprs"], sort_keys=True, default=str), r["num_warps"], r["num_stages"])
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
@@ -647,7 +655,8 @@ def format_table(rep: Report) -> str:
         for g in grp:
             if g["rank"] and g["rank"] not in ranks:
                 ranks.append(g["rank"])
-        op = r["op"] if r["op"] != "readout" else f"readout {r['mode']}" + ("*" if r["mode"] == r["auto_mode"] else "")
+        op = f"{r['op']} {r['shape']}" if r["op"] != "readout" else f"readout {r['mode']}" + (
+            "*" if r["mode"] == r["auto_mode"] else "")
         ratios = [g["bytes_ratio"] for g in grp if g["bytes_ratio"] is not None]
         ratio = "n/a" if not ratios else (f"{min(ratios):.2f}" if min(ratios) == max(ratios)
                                           else f"{min(ratios):.2f}-{max(ratios):.2f}")
@@ -679,7 +688,8 @@ def format_ops(rep: Report) -> str:
         what = o["rank"] if o["op"] != "readout" else f"{o['model']} {o['mode']}" + (
             "*" if o["mode"] == o["auto_mode"] else "")
         width = "fp32" if o["dtype"].startswith("fp32") else "16-bit"
-        cells.setdefault((o["op"], what, width), {})[col] = o["ratio"]
+        op = f"{o['op']} {o['shape']}" if o["op"] != "readout" else "readout"
+        cells.setdefault((op, what, width), {})[col] = o["ratio"]
     head = ["op", "rank / config", "dtype"] + models + ["ratio"]
     lines = []
     for (op, what, width), row in cells.items():
@@ -721,7 +731,8 @@ def _toolchain_ok() -> str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sm_90", help="CUDA architecture to compile for (default sm_90: H100/H200)")
     p.add_argument("--sms", type=int, default=132, help="SM count launchers see for the target (default 132)")
-    p.add_argument("--quick", action="store_true", help="a small subset: Gemma-2-2b, bf16, rank 16, one readout")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset: Gemma-2-2b, bf16, rank 16, forward only, one readout")
     p.add_argument("--json", metavar="PATH", help="also write every row and op total as JSON")
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
 
@@ -762,9 +773,10 @@ def run_cli(args) -> int:
     print(f"compile report for {rep.arch} (triton {_triton_version()}): {len(rep.rows)} launches, "
           f"{rep.n_compiled} distinct kernels compiled in {rep.seconds} s")
     print("models: G gemma-2-2b, Q qwen3-4b, M mistral-7b, S smollm2-135m (down_proj: d_in = intermediate); "
-          f"prefill {PREFILL_DOCS}x{PREFILL_LEN} tokens, decode {DECODE_ROWS} rows / {DECODE_ROWS} adapters; "
+          f"op shapes are segments x tokens, one adapter per segment (decode: {DECODE_ROWS} distinct adapters); "
           "readout * = the form mode='auto' picks")
-    print("bytes/min: global bytes this kernel moves / minimum bytes of its whole op\n")
+    print("bytes/min: global bytes this kernel loads + stores (L2 requests, no credit for cache reuse) / minimum "
+          "bytes of its whole op (operands read once, outputs written once)\n")
     print(format_table(rep))
     print("\nop bytes (sum over the op's kernels) / minimum; ! = over 1.5x\n")
     print(format_ops(rep))
