@@ -80,3 +80,17 @@ def test_refuses_interpreted_kernels_in_process():
 def test_bad_arch_is_rejected():
     with pytest.raises(ValueError, match="sm_90"):
         cr.main(["--arch", "gfx942", "--quick"])
+
+
+def test_gate_rules():
+    clean = dict(stack=0, ldl=0, stl=0, local=0, mma="wgmma", shared=1024)
+    assert cr._check(clean) == [] and cr._check(dict(clean, mma="none (no dot)")) == []
+    assert cr._check(dict(clean, stack=8, ldl=2))[0].startswith("spills")
+    assert cr._check(dict(clean, mma="FMA")) == ["tl.dot lowered to FMA"]
+    assert cr._check(dict(clean, shared=cr.SMEM_LIMIT + 1))[0].startswith("shared memory")
+    assert cr._check({"error": "CompilationError: x"}) == ["compile failed: CompilationError: x"]
+    # bf16 / fp16 / tf32 gate the exit status (with the dot-free fp32 kernels of a tf32 run); fp32-ieee never does
+    assert cr._gating("bf16", "bf16") and cr._gating("fp16", "fp16") and cr._gating("fp32-tf32", "fp32-tf32")
+    assert cr._gating("fp32", "fp32-tf32")
+    assert not cr._gating("fp32-ieee", "fp32-ieee") and not cr._gating("fp32-ieee", "fp32-tf32")
+    assert not cr._gating("fp32", "fp32-ieee")
