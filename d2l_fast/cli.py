@@ -125,6 +125,18 @@ def _bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def _compile_report_args(p) -> None:
+    from .profiling.compile_report import add_arguments
+
+    add_arguments(p)
+
+
+def _compile_report(args) -> int:
+    from .profiling.compile_report import run_cli
+
+    return run_cli(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="d2l-fast", description="Fast Doc-to-LoRA")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -168,6 +180,10 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark)")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
+    cr = sub.add_parser("compile-report", help="compile every Triton kernel for a GPU arch (no GPU needed): "
+                        "shared memory, registers, spills, MMA instruction")
+    _compile_report_args(cr)
+    cr.set_defaults(fn=_compile_report)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return args.fn(args)
