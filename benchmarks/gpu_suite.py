@@ -43,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
-from d2l_fast.kernels.segmented_lora.configs import pick_config  # noqa: E402
+from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config  # noqa: E402
+from d2l_fast.kernels.segmented_lora.launch import segmented_lora_fwd  # noqa: E402
 
 LORA_SHAPES = {
     "smollm2-down": (1536, 576),
@@ -325,6 +326,10 @@ def sec_lora(S: Suite):
             return y
 
         fns["cublas_loop"] = cublas_loop
+        if cfg.SPLIT_K > 1:  # the same config without split-K: what the split buys
+            cfg1 = KernelConfig(cfg.variant, cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_R, cfg.num_warps,
+                                cfg.num_stages, 1)  # fmt: skip
+            fns["lora_only_splitk1"] = lambda: segmented_lora_fwd(y0, x, A, B, m, c.scale, cfg1)
         try:
             pm = c.peft()
             rows = len(c.seq_lens)
@@ -338,14 +343,14 @@ def sec_lora(S: Suite):
         for prov, fn in fns.items():
             with torch.no_grad():
                 y = fn()
-                if prov != "lora_only":
+                if not prov.startswith("lora_only"):
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                 else:
                     err = None
                 t = cuda_time_us(fn, reps=30 if c.kind.startswith("decode") else 15)
             times[prov] = t
             row = dict(section="lora", case=c.name, provider=prov, us=t, rel_err=err)
-            if prov == "lora_only":
+            if prov.startswith("lora_only"):
                 row["graph_us"] = graph_time_us(fn)
                 row["host_us"] = host_us(fn)
                 row["GBps"] = n["lora_bytes"] / t / 1e3
@@ -428,6 +433,22 @@ def gemma2_2b_model():
     return model.eval()
 
 
+def _profile(S: Suite, label: str, fn, top=15):
+    """Top CUDA kernels by self CUDA time for one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    S.row(section="profile", case=label, total_cuda_us=total, n_kernels=sum(e.count for e in events))
+    for e in events[:top]:
+        S.row(section="profile", case=label, kernel=e.key[:90], calls=e.count, cuda_us=e.self_device_time_total,
+              frac=e.self_device_time_total / max(total, 1e-9))  # fmt: skip
+
+
 def sec_e2e(S: Suite):
     from d2l_fast import D2LModel
 
@@ -462,6 +483,8 @@ def sec_e2e(S: Suite):
         S.row(section="e2e", step=f"internalize_{name}", ms_median=statistics.median(ts), ms_min=min(ts),
               ms_cuda_events=a.elapsed_time(b), ranks=ad.ranks[:4],
               peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)  # fmt: skip
+        if name == "1doc_2k":
+            _profile(S, "internalize_1doc_2k", lambda: model.internalize(docs))
     if S.left() < 70:
         return
     # serving: 64 rows, 64 distinct adapters
