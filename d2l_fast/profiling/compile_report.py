@@ -500,12 +500,24 @@ def kernel_bytes(lc: Launch) -> int | None:
             return sum(nN * _cdiv(r, BR) * n * d_in * e + nN * _cdiv(n, BM) * r * d_in * e
                        + _cdiv(n, BM) * r * d_out * e + 2 * n * d_out * e for n, r in segs)
         if name == "lora_shrink":
+            # split-K: each (tile, rank block) reads x and W once over all K slices, writes one fp32 partial per slice
             e, d = _elem(sig["x_ptr"]), i.get("d_in", c.get("d_in"))
-            return sum(_cdiv(r, BR) * n * d * e + _cdiv(n, BM) * r * d * e + n * r * 4 for n, r in segs)
+            n_split = lc.grid[2] if len(lc.grid) > 2 else 1
+            return sum(_cdiv(r, BR) * n * d * e + _cdiv(n, BM) * r * d * e + n_split * n * r * 4 for n, r in segs)
         if name == "lora_expand":
             e, d = _elem(sig["w_ptr"]), i.get("d_out", c.get("d_out"))
             nN = _cdiv(d, c["BLOCK_N"])
-            return sum(nN * n * r * 4 + _cdiv(n, BM) * r * d * e + 2 * n * d * e for n, r in segs)
+            n_split = i.get("n_splits", c.get("n_splits")) or 1
+            return sum(nN * n_split * n * r * 4 + _cdiv(n, BM) * r * d * e + 2 * n * d * e for n, r in segs)
+        if name == "lora_decode_shrink":  # one row per tile: A read once per row, x once per rank block
+            e, d = _elem(sig["x_ptr"]), i.get("d_in", c.get("d_in"))
+            n_split = lc.grid[2] if len(lc.grid) > 2 else 1
+            return sum(n * (r * d * e + _cdiv(r, BR) * d * e + n_split * r * 4) for n, r in segs)
+        if name == "lora_decode_expand":  # B read once per row; partials re-read per output block
+            e, d = _elem(sig["b_ptr"]), i.get("d_out", c.get("d_out"))
+            nN = _cdiv(d, c["BLOCK_N"])
+            n_split = i.get("n_splits", c.get("n_splits")) or 1
+            return sum(n * (r * d * e + nN * n_split * r * 4 + 2 * d * e) for n, r in segs)
         if name == "lora_wgrad":
             e, d = _elem(sig["x_ptr"]), i.get("d", c.get("d"))
             nN = _cdiv(d, c["BLOCK_N"])
