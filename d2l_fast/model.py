@@ -307,6 +307,7 @@ class D2LModel(nn.Module):
         if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
             raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
                              f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
+        adapters.check_fits(self.spec)  # feature sizes too: a mismatch is an error here, not in the kernel
         dev, dt = self.device, self.base_dtype
         if adapters.device == dev and adapters.dtype == dt:
             return adapters
