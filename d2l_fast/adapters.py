@@ -240,7 +240,7 @@ def _parse_adapter_meta(meta: dict, path):
 
 
 def _check_adapter_tensors(shapes: dict, ro: list[int], n: int, path) -> list[str]:
-    """Tensor names ``<module>.A``/``.B`` in pairs, float dtypes, A [L, R, d_in] / B [L, R, d_out], R = rank_offsets[-1]."""
+    """Names ``<module>.A``/``.B`` in pairs, float dtypes, A [L, R, d_in] / B [L, R, d_out], R = rank_offsets[-1]."""
     from .checkpoint import CheckpointError
 
     mods = set()
@@ -261,8 +261,8 @@ def _check_adapter_tensors(shapes: dict, ro: list[int], n: int, path) -> list[st
             raise CheckpointError(f"{path}: module {m!r} needs both {m}.A and {m}.B")
         a, b = shapes[f"{m}.A"][1], shapes[f"{m}.B"][1]
         if a[:2] != b[:2] or a[1] != ro[-1]:
-            raise CheckpointError(f"{path}: module {m!r}: A {list(a)} / B {list(b)} must share [layers, rank] with rank "
-                                  f"= rank_offsets[-1] = {ro[-1]}")
+            raise CheckpointError(f"{path}: module {m!r}: A {list(a)} / B {list(b)} must share [layers, rank] "
+                                  f"with rank = rank_offsets[-1] = {ro[-1]}")
         if L is not None and a[0] != L:
             raise CheckpointError(f"{path}: module {m!r} has {a[0]} layers, another module {L}")
         L = a[0]

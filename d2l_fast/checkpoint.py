@@ -347,7 +347,8 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
     cfg_path = folder / CONFIG_NAME
     try:
         if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, a config has at most {MAX_CONFIG_BYTES}")
+            raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, a config has at most "
+                                  f"{MAX_CONFIG_BYTES}")
         cfg = json.loads(cfg_path.read_text())
     except RecursionError:
         raise CheckpointError(f"{cfg_path}: unreadable config: JSON nested too deeply") from None
@@ -356,7 +357,8 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path}: format_version {cfg.get('format_version')!r:.80}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{cfg_path}: format_version {cfg.get('format_version')!r:.80}, "
+                              f"expected {FORMAT_VERSION}")
     if not isinstance(cfg.get("spec"), dict):
         raise CheckpointError(f"{cfg_path}: field 'spec' must be a JSON object, got {type(cfg.get('spec')).__name__}")
     try:
@@ -375,7 +377,8 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
             for k in keys:  # shapes are checked before any tensor is read
                 shape = tuple(f.get_slice(k).get_shape())
                 if shape != expected[k]:
-                    raise CheckpointError(f"{wpath}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies {expected[k]}")
+                    raise CheckpointError(f"{wpath}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies "
+                                          f"{expected[k]}")
             tensors = {k: f.get_tensor(k) for k in keys}
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         if isinstance(e, CheckpointError):

@@ -190,9 +190,7 @@ def as_int(v, name: str) -> int:
 
 def as_float(v, name: str) -> float:
     """``v`` as a finite Python float (ints and floats only); a ValueError naming ``name`` otherwise."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
-        raise ValueError(f"{name} must be a number, got {type(v).__name__} {v!r:.80}")
-    if isinstance(v, (str, bytes)):
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
         raise ValueError(f"{name} must be a number, got {type(v).__name__} {v!r:.80}")
     try:
         f = float(v)
@@ -432,7 +430,8 @@ class D2LSpec:
         tm = _target_modules(req(lc, "target_modules", "hypernet_config.lora_config"))
         fs = req(hc, "feature_sizes", "hypernet_config")
         if not isinstance(fs, (list, tuple)) or len(fs) != 2:
-            raise ValueError(f"hypernet_config.feature_sizes must be a pair (d_in dict, d_out dict), got {type(fs).__name__}")
+            raise ValueError(f"hypernet_config.feature_sizes must be a pair (d_in dict, d_out dict), "
+                             f"got {type(fs).__name__}")
         fs_in, fs_out = fs
         enc_type = _enum_value(getattr(ctx_encoder_args, "ctx_encoder_type", "per_layer_activations"))
         hcn, acn, lcn, cen = "hypernet_config", "aggregator_config", "lora_config", "ctx_encoder_args"

@@ -59,7 +59,8 @@ def test_base_model_kwargs_dtype(ckpt_path, bare_base):
         assert m.d2l.base_dtype == torch.bfloat16
         assert m.hypernet.head.weight.dtype == torch.float32  # the hypernetwork stays fp32, as in the reference
     with pytest.raises(ValueError, match="conflicts with dtype"):
-        D2LModel.from_checkpoint(ck, base_model=bare_base, dtype=torch.float32, base_model_kwargs={"dtype": torch.bfloat16})
+        D2LModel.from_checkpoint(ck, base_model=bare_base, dtype=torch.float32,
+                                 base_model_kwargs={"dtype": torch.bfloat16})
 
 
 def test_get_head_bias_is_the_bias_lora(ckpt_path, bare_base):
