@@ -9,6 +9,12 @@ refused by torch's restricted unpickler.
 
 Pickle-free format: a folder with ``d2l_config.json`` (the :class:`~d2l_fast.config.D2LSpec`) and
 ``hypernet.safetensors`` (same tensor names as the reference).
+
+Every file is checked before anything is allocated from it: the zip holds only stored (uncompressed)
+entries whose CRC-32 matches, no tensor claims more elements than its storage holds (zero strides /
+overlaps), the config's sizes are bounded and consistent, and the tensors' names and shapes are exactly
+those the config implies (compared on the ``meta`` device). Any failure is a :class:`CheckpointError`
+naming the file and the offending field.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import pathlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 
@@ -57,6 +64,12 @@ _REFERENCE_GLOBALS = {
     "peft.utils.peft_types.TaskType": TaskType,
     "builtins.set": set,
 }
+# What d2l_fast itself pickles: ``save_reference_checkpoint`` and ``torch.save(ModulatedPretrainedModel.state_dict())``.
+_REFERENCE_GLOBALS.update({f"d2l_fast.config.{c.__name__}": c for c in (
+    HypernetConfig, AggregatorConfig, CtxEncoderArguments, LoraConfig, LoraRuntimeConfig, PeftType, TaskType)})
+
+MAX_CONFIG_BYTES = 1 << 20  # d2l_config.json
+_MAX_WALK = 100_000  # objects visited when checking the tensors nested in a loaded pickle
 
 
 class CheckpointError(ValueError):
@@ -77,6 +90,16 @@ class LoadedCheckpoint:
     def base_model_name_or_path(self) -> str:
         return self.spec.base_model_name_or_path
 
+    def validate(self) -> "LoadedCheckpoint":
+        """Check the config and that the tensors are exactly the hypernetwork's (names, shapes, float dtypes)."""
+        src = self.source or "<checkpoint>"
+        try:
+            self.spec.validate()
+        except ValueError as e:
+            raise CheckpointError(f"{src}: invalid config: {e}") from e
+        check_tensors(self.spec, self.state_dict, src)
+        return self
+
     def to_reference_state_dict(self) -> dict:
         """The dict shape the reference's ``from_state_dict`` expects (tensors + the three metadata keys)."""
         hc, ce = (self.hypernet_config, self.ctx_encoder_args)
@@ -93,30 +116,139 @@ def _safe_globals():
     return [(obj, name) for name, obj in _REFERENCE_GLOBALS.items()]
 
 
+def _check_zip(path: pathlib.Path) -> None:
+    """Refuse compressed, encrypted, duplicated or oversized entries and verify every CRC-32 (one read)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise CheckpointError(f"{path}: the zip archive holds duplicated entry names; refusing it")
+            for i in infos:
+                if i.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: zip entry {i.filename!r} is compressed (method {i.compress_type}); "
+                                          "torch checkpoints store entries uncompressed, refusing it")
+                if i.flag_bits & 0x1:
+                    raise CheckpointError(f"{path}: zip entry {i.filename!r} is encrypted; refusing it")
+            total = sum(i.file_size for i in infos)
+            if total > size:
+                raise CheckpointError(f"{path}: zip entries claim {total} bytes in a file of {size} bytes")
+            for i in infos:
+                with zf.open(i) as f:  # zipfile checks the CRC-32 when the entry has been read to its end
+                    while f.read(1 << 22):
+                        pass
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{path}: corrupt zip archive (truncated file or flipped bytes?): {e}") from e
+    except (OSError, EOFError, ValueError, NotImplementedError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: unreadable zip archive: {e}") from e
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The useful part of torch's weights-only error (not its advice to retry with ``weights_only=False``)."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it references the global {m.group(1)}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+             and "arbitrary code" not in ln and "torch.serialization" not in ln and "trusted" not in ln]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def _check_tensor(t: torch.Tensor, where: str) -> None:
+    """A tensor must not claim more bytes than its storage holds (zero strides, overlapping views)."""
+    nbytes = t.untyped_storage().nbytes()
+    need = t.numel() * t.element_size()
+    if need > nbytes:
+        raise CheckpointError(f"{where}: tensor of shape {tuple(t.shape)} (strides {t.stride()}) claims {need} bytes "
+                              f"from a storage of {nbytes} bytes (zero-stride or overlapping layout); refusing it")
+    if t.numel() and any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise CheckpointError(f"{where}: tensor of shape {tuple(t.shape)} has a zero stride; refusing it")
+
+
+def _check_loaded(obj, path) -> None:
+    """Walk the loaded pickle (dicts, lists, config objects) and check every tensor in it."""
+    stack, seen, n = [(obj, "")], set(), 0
+    while stack:
+        o, where = stack.pop()
+        n += 1
+        if n > _MAX_WALK:
+            raise CheckpointError(f"{path}: the pickle holds more than {_MAX_WALK} objects; refusing it")
+        if isinstance(o, torch.Tensor):
+            _check_tensor(o, f"{path}: entry {where or '<root>'}")
+            continue
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in o.items())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(o))
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            stack.extend((v, f"{where}.{k}") for k, v in vars(o).items())
+
+
 def _torch_load_reference(path: pathlib.Path) -> dict:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a torch zip checkpoint (expected the reference's pytorch_model.bin); "
             "the file is truncated, corrupt or in another format"
         )
+    _check_zip(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refused to load {path}: it pickles something outside the Doc-to-LoRA allowlist "
-            f"({', '.join(sorted(set(_REFERENCE_GLOBALS)))}). Only load files you trust with other tools. "
-            f"Details: {e}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {e}") from e
+            f"refused to load {path}: {_unpickling_reason(e)}, outside the Doc-to-LoRA allowlist "
+            f"({', '.join(sorted(set(_REFERENCE_GLOBALS)))}). Only load files you trust with other tools."
+        ) from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the pickle nests too deeply; refusing it") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError,
+            IndexError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {type(e).__name__}: "
+                              f"{str(e)[:300]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict state_dict at the top level, got {type(obj).__name__}")
+    _check_loaded(obj, path)
     return obj
 
 
+def _expected_shapes(spec: D2LSpec) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the hypernetwork's tensors, built on the meta device (no memory is allocated)."""
+    from .hypernet import HyperLoRA
+
+    with torch.device("meta"):
+        net = HyperLoRA(spec)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_tensors(spec: D2LSpec, tensors: dict, source: str = "<checkpoint>") -> None:
+    """The tensors must be exactly the hypernetwork's of ``spec``: same names, shapes, floating dtypes."""
+    expected = _expected_shapes(spec)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: tensors do not match the hypernetwork its config describes: "
+                              f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for k, shape in expected.items():
+        t = tensors[k]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {k!r} should be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(t.shape)}, the config implies {shape}")
+        if not t.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {t.dtype}, expected a floating dtype")
+
+
 def split_reference_state_dict(sd: dict, *, source: str = "<dict>", copy: bool = True) -> LoadedCheckpoint:
-    """Split a reference state dict into (spec, tensors). Does not mutate ``sd`` unless ``copy=False``."""
+    """Split a reference state dict into (spec, tensors), validated. Does not mutate ``sd`` unless ``copy=False``."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{source}: expected a state dict, got {type(sd).__name__}")
     if copy:
         sd = dict(sd)
     missing = [k for k in META_KEYS if k not in sd]
@@ -127,15 +259,21 @@ def split_reference_state_dict(sd: dict, *, source: str = "<dict>", copy: bool =
     ce = sd.pop("ctx_encoder_args")
     tensors = {}
     for k, v in sd.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{source}: state dict keys must be strings, got {type(k).__name__} {k!r:.80}")
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{source}: entry {k!r} should be a tensor, got {type(v).__name__}")
+        _check_tensor(v, f"{source}: entry {k!r}")
         k = k.replace("_orig_mod.", "")
         tensors[k] = v.detach().to("cpu")
     try:
         spec = D2LSpec.from_reference(base, hc, ce)
-    except (AttributeError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{source}: malformed hypernet_config / ctx_encoder_args: {e}") from e
-    return LoadedCheckpoint(spec=spec, state_dict=tensors, source=source, hypernet_config=hc, ctx_encoder_args=ce)
+    except RecursionError:
+        raise CheckpointError(f"{source}: malformed hypernet_config / ctx_encoder_args (nested too deeply)") from None
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"{source}: malformed hypernet_config / ctx_encoder_args: {e}") from None
+    ckpt = LoadedCheckpoint(spec=spec, state_dict=tensors, source=source, hypernet_config=hc, ctx_encoder_args=ce)
+    return ckpt.validate()
 
 
 def _resolve_hub(path_or_id: str, subfolder: str | None, revision: str | None) -> pathlib.Path:
@@ -203,22 +341,50 @@ def save_checkpoint(ckpt: LoadedCheckpoint | tuple, folder) -> pathlib.Path:
 
 
 def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     folder = pathlib.Path(folder)
+    cfg_path = folder / CONFIG_NAME
     try:
-        cfg = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: unreadable config: {e}") from e
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, a config has at most "
+                                  f"{MAX_CONFIG_BYTES}")
+        cfg = json.loads(cfg_path.read_text())
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path}: unreadable config: JSON nested too deeply") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: format_version {cfg.get('format_version')!r}, expected {FORMAT_VERSION}")
-    spec = D2LSpec.from_dict(cfg["spec"])
+        raise CheckpointError(f"{cfg_path}: format_version {cfg.get('format_version')!r:.80}, "
+                              f"expected {FORMAT_VERSION}")
+    if not isinstance(cfg.get("spec"), dict):
+        raise CheckpointError(f"{cfg_path}: field 'spec' must be a JSON object, got {type(cfg.get('spec')).__name__}")
     try:
-        tensors = load_file(str(folder / WEIGHTS_NAME), device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable weights (truncated or corrupt?): {e}") from e
-    return LoadedCheckpoint(spec=spec, state_dict=tensors, source=str(folder))
+        spec = D2LSpec.from_dict(cfg["spec"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid field in 'spec': {e}") from None
+    wpath = folder / WEIGHTS_NAME
+    expected = _expected_shapes(spec)
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{wpath}: tensors do not match the hypernetwork {CONFIG_NAME} describes: "
+                                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for k in keys:  # shapes are checked before any tensor is read
+                shape = tuple(f.get_slice(k).get_shape())
+                if shape != expected[k]:
+                    raise CheckpointError(f"{wpath}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies "
+                                          f"{expected[k]}")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{wpath}: unreadable weights (truncated or corrupt?): {e}") from e
+    return LoadedCheckpoint(spec=spec, state_dict=tensors, source=str(folder)).validate()
 
 
 def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
@@ -234,6 +400,7 @@ def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
 __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
+    "check_tensors",
     "load_checkpoint",
     "load_safetensors_checkpoint",
     "save_checkpoint",

@@ -13,12 +13,13 @@ semantics as spec §4, with these deliberate differences (documented in README):
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
 
 from .adapters import merge_chunk_loras
-from .checkpoint import split_reference_state_dict
+from .checkpoint import LoadedCheckpoint, load_checkpoint, split_reference_state_dict
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context
 
@@ -66,15 +67,23 @@ class ModulatedPretrainedModel(nn.Module):
                         user_defined_scaling: float = 1.0, max_chunk_len: int | None = None, **kwargs):
         """Like the reference, but ``state_dict`` is not mutated, and ``base_model`` may be a folder or a loaded model.
 
+        ``state_dict``: the reference's dict (e.g. ``torch.load`` of its ``pytorch_model.bin``), what
+        :func:`d2l_fast.load_checkpoint` returns, or a checkpoint path. ``base_model_kwargs`` go to
+        ``from_pretrained`` (``dtype``/``torch_dtype`` and ``device`` included). Without a tokenizer (a base
+        folder with no tokenizer files) the id-level calls work and text calls explain what to pass.
+
         ``use_flash_attn`` is accepted for compatibility; attention is chosen per device (no flash-attn needed).
         ``train`` is accepted for compatibility (the hypernetwork is trainable either way; call ``.train()``).
         """
-        if isinstance(state_dict, (str, bytes)) or hasattr(state_dict, "__fspath__"):
-            from .checkpoint import load_checkpoint
-
-            ckpt = load_checkpoint(state_dict)
-        else:
+        if isinstance(state_dict, LoadedCheckpoint):
+            ckpt = state_dict
+        elif isinstance(state_dict, (str, bytes)) or hasattr(state_dict, "__fspath__"):
+            ckpt = load_checkpoint(os.fsdecode(state_dict))
+        elif isinstance(state_dict, dict):
             ckpt = split_reference_state_dict(state_dict)
+        else:
+            raise TypeError(f"from_state_dict expects a state dict, a LoadedCheckpoint or a path, got "
+                            f"{type(state_dict).__name__}")
         d2l = D2LModel.from_checkpoint(ckpt, base_model=base_model, tokenizer=tokenizer, base_model_kwargs=base_model_kwargs,
                                        user_defined_scaling=user_defined_scaling, max_chunk_len=max_chunk_len, **kwargs)
         model = cls(d2l, use_sequence_packing=use_sequence_packing)
@@ -147,7 +156,7 @@ class ModulatedPretrainedModel(nn.Module):
         if not isinstance(text, str):
             raise TypeError(f"internalize expects a str, got {type(text).__name__}")
         if self.tokenizer is None:
-            raise ValueError("internalize(text) needs a tokenizer (pass tokenizer= to from_state_dict)")
+            raise self.d2l.tokenizer_required("internalize(text)")
         packed = self.d2l.pack([text], max_chunk_len=max_chunk_len)
         loras = self.d2l.chunk_loras(packed)
         self.generated_loras, self._generated_n_chunks = loras, packed.n_chunks

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,12 @@ class _StateBag:
 
     def __setstate__(self, state):
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) form
+            if not all(x is None or isinstance(x, dict) for x in state):
+                raise ValueError(f"pickled state of {type(self).__name__} must be a dict, got a malformed tuple")
             state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+            raise ValueError(f"pickled state of {type(self).__name__} must be a dict of field names, got "
+                             f"{type(state).__name__}")
         self.__dict__.update(state)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +154,101 @@ class CtxEncoderArguments(_StateBag):
 
 ENCODER_TYPES = ("per_layer_activations", "early_exit", "embed_only")
 
+# Inclusive bounds of the integer sizes of a D2LSpec. Far above every released or plausible config, they
+# exist so a malformed file is refused before any allocation (a checkpoint's tensors are then checked
+# against the shapes these sizes imply, see ``checkpoint.check_tensors``).
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "num_layers": (1, 1024),
+    "feature_size": (1, 1 << 17),
+    "latent_size": (1, 1 << 16),
+    "lora_r": (1, 1024),
+    "n_latent_queries": (1, 1 << 14),
+    "num_blocks": (1, 256),
+    "num_self_attn_per_block": (0, 64),
+    "n_heads": (1, 1024),
+    "head_dim": (1, 4096),
+    "n_kv_heads": (1, 1024),
+    "intermediate_size_factor": (1, 64),
+    "num_pre_head_layers": (0, 64),
+}
+MAX_FEATURE_DIM = 1 << 20  # d_in / d_out of a target module
+MAX_LAYER_INDEX = 1 << 14
+MAX_PERCEIVER_LAYERS = 1024  # num_blocks * (1 + num_self_attn_per_block)
+MAX_OUTPUT_QUERIES = 1 << 16
+MAX_TARGET_MODULES = 64
+
+
+def as_int(v, name: str) -> int:
+    """``v`` as a Python int (ints, integer numpy/torch scalars); a ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an integer, got the bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {type(v).__name__} {v!r:.80}") from None
+
+
+def as_float(v, name: str) -> float:
+    """``v`` as a finite Python float (ints and floats only); a ValueError naming ``name`` otherwise."""
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+        raise ValueError(f"{name} must be a number, got {type(v).__name__} {v!r:.80}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {type(v).__name__} {v!r:.80}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {f}")
+    return f
+
+
+def _as_bool(v, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ValueError(f"{name} must be a bool, got {type(v).__name__} {v!r:.80}")
+
+
+def _as_opt_int(v, name: str, lo: int, hi: int) -> int | None:
+    if v is None:
+        return None
+    i = as_int(v, name)
+    if not lo <= i <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {i}")
+    return i
+
+
+def _as_str(v, name: str, *, optional: bool = False) -> str | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > 4096:
+        raise ValueError(f"{name} must be a string (at most 4096 characters), got {type(v).__name__} {v!r:.80}")
+    return v
+
+
+def _target_modules(tm) -> tuple[str, ...]:
+    if isinstance(tm, str):
+        tm = [tm]
+    if not isinstance(tm, (list, tuple, set, frozenset)):
+        raise ValueError(f"lora_config.target_modules must be a name or a collection of names, got {type(tm).__name__}")
+    if len(tm) > MAX_TARGET_MODULES:
+        raise ValueError(f"lora_config.target_modules names {len(tm)} modules, at most {MAX_TARGET_MODULES} supported")
+    for m in tm:
+        if not isinstance(m, str) or not m.isidentifier():
+            raise ValueError(f"lora_config.target_modules entries must be module names, got {m!r:.80}")
+    return tuple(sorted(tm))
+
+
+def _feature_dims(d, name: str, modules) -> dict[str, int]:
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be a dict module -> size, got {type(d).__name__}")
+    out = {}
+    for m in modules:
+        if m not in d:
+            raise ValueError(f"{name} lacks target module {m!r} (has {sorted(map(str, d))[:8]})")
+        out[m] = as_int(d[m], f"{name}[{m!r}]")
+    return out
+
 
 def _enum_value(v):
     v = getattr(v, "value", v)
@@ -222,16 +324,61 @@ class D2LSpec:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown D2L config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(d)
+        if missing:
+            raise ValueError(f"missing D2L config fields {sorted(missing)}")
         d = dict(d)
-        d["layer_indices"] = tuple(int(i) for i in d["layer_indices"])
-        d["target_modules"] = tuple(d["target_modules"])
-        d["d_in"] = {str(k): int(v) for k, v in d["d_in"].items()}
-        d["d_out"] = {str(k): int(v) for k, v in d["d_out"].items()}
+        li = d["layer_indices"]
+        if not isinstance(li, (list, tuple)) or len(li) > INT_LIMITS["num_layers"][1]:
+            raise ValueError(f"layer_indices must be a list of at most {INT_LIMITS['num_layers'][1]} ints")
+        d["layer_indices"] = tuple(as_int(i, "layer_indices") for i in li)
+        d["target_modules"] = _target_modules(d["target_modules"])
+        d["d_in"] = _feature_dims(d["d_in"], "d_in", d["target_modules"])
+        d["d_out"] = _feature_dims(d["d_out"], "d_out", d["target_modules"])
         spec = cls(**d)
         spec.validate()
         return spec
 
     def validate(self) -> None:
+        """Types, bounds and consistency of every field; ValueError naming the field. Allocates nothing."""
+        for name, (lo, hi) in INT_LIMITS.items():
+            v = as_int(getattr(self, name), name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+        _as_str(self.base_model_name_or_path, "base_model_name_or_path")
+        for name in ("shared_weights", "use_bias", "per_layer_processing", "quantize_ctx_encoder"):
+            _as_bool(getattr(self, name), name)
+        as_float(self.lora_alpha, "lora_alpha")
+        for name in ("lora_dropout", "dropout_rate"):
+            if not 0.0 <= as_float(getattr(self, name), name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < as_float(self.rms_norm_eps, "rms_norm_eps") < 1.0:
+            raise ValueError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        if not isinstance(self.encoder_type, str):
+            raise ValueError(f"ctx_encoder_type must be a string, got {type(self.encoder_type).__name__}")
+        _as_str(self.encoder_model_name_or_path, "encoder_model_name_or_path", optional=True)
+        _as_opt_int(self.encoder_layer_idx, "encoder_layer_idx", 0, MAX_LAYER_INDEX)
+        _as_opt_int(self.encoder_last_layer, "encoder_last_layer", -MAX_LAYER_INDEX, MAX_LAYER_INDEX)
+        if not isinstance(self.layer_indices, tuple) or not isinstance(self.target_modules, tuple):
+            raise ValueError("layer_indices and target_modules must be tuples")
+        for i in self.layer_indices:
+            if not 0 <= as_int(i, "layer_indices") < MAX_LAYER_INDEX:
+                raise ValueError(f"layer_indices must be in [0, {MAX_LAYER_INDEX}), got {i}")
+        if len(set(self.layer_indices)) != len(self.layer_indices):
+            raise ValueError(f"layer_indices must be distinct, got {list(self.layer_indices)[:16]}")
+        _target_modules(self.target_modules)
+        for name in ("d_in", "d_out"):
+            for m, v in _feature_dims(getattr(self, name), name, self.target_modules).items():
+                if not 1 <= v <= MAX_FEATURE_DIM:
+                    raise ValueError(f"{name}[{m!r}] must be in [1, {MAX_FEATURE_DIM}], got {v}")
+        n_perceiver = self.num_blocks * (1 + self.num_self_attn_per_block)
+        if n_perceiver > MAX_PERCEIVER_LAYERS:
+            raise ValueError(f"num_blocks * (1 + num_self_attn_per_block) = {n_perceiver} perceiver layers, at most "
+                             f"{MAX_PERCEIVER_LAYERS} supported")
+        if self.encoder_type in ENCODER_TYPES and self.n_output_queries > MAX_OUTPUT_QUERIES:
+            raise ValueError(f"{self.n_output_queries} perceiver output queries (layers x modules x r), at most "
+                             f"{MAX_OUTPUT_QUERIES} supported")
         if self.encoder_type not in ENCODER_TYPES:
             raise ValueError(f"ctx_encoder_type must be one of {ENCODER_TYPES}, got {self.encoder_type!r}")
         if not self.target_modules:
@@ -258,45 +405,65 @@ class D2LSpec:
         num_pre_head = getattr(hc, "num_pre_head_layers", 4)
         use_bias = getattr(hc, "use_bias", True)
         if getattr(hc, "extra_modules", None):
-            raise ValueError(f"extra_modules are not supported, got {hc.extra_modules!r}")
+            raise ValueError(f"extra_modules are not supported, got {hc.extra_modules!r:.80}")
         if not getattr(hc, "per_rank_gen", True) or not getattr(ac, "per_rank_gen", True):
             raise ValueError("per_rank_gen=False is not supported (the reference cannot run it either)")
         agg_type = _enum_value(getattr(ac, "aggregator_type", "perceiver"))
         if agg_type != "perceiver":
             raise ValueError(f"only the perceiver aggregator is supported, got {agg_type!r}")
         if getattr(ac, "num_extra_modules", 0):
-            raise ValueError(f"num_extra_modules must be 0, got {ac.num_extra_modules}")
-        li = hc.layer_indices
-        li = tuple(int(i) for i in (li.tolist() if hasattr(li, "tolist") else li))
-        tm = lc.target_modules
-        tm = tuple(sorted([tm] if isinstance(tm, str) else tm))
-        fs_in, fs_out = hc.feature_sizes
+            raise ValueError(f"num_extra_modules must be 0, got {ac.num_extra_modules!r:.80}")
+        def req(obj, field, prefix):
+            if not hasattr(obj, field):
+                raise ValueError(f"{prefix}.{field} is missing")
+            return getattr(obj, field)
+
+        li = req(hc, "layer_indices", "hypernet_config")
+        n_max = INT_LIMITS["num_layers"][1]
+        if hasattr(li, "numel") and li.numel() > n_max or hasattr(li, "__len__") and len(li) > n_max:
+            raise ValueError(f"hypernet_config.layer_indices has more than {n_max} entries")
+        if hasattr(li, "tolist"):
+            li = li.tolist()
+        if not isinstance(li, (list, tuple)):
+            raise ValueError(f"hypernet_config.layer_indices must be a list or 1-D tensor, got {type(li).__name__}")
+        li = tuple(as_int(i, "hypernet_config.layer_indices") for i in li)
+        tm = _target_modules(req(lc, "target_modules", "hypernet_config.lora_config"))
+        fs = req(hc, "feature_sizes", "hypernet_config")
+        if not isinstance(fs, (list, tuple)) or len(fs) != 2:
+            raise ValueError(f"hypernet_config.feature_sizes must be a pair (d_in dict, d_out dict), "
+                             f"got {type(fs).__name__}")
+        fs_in, fs_out = fs
         enc_type = _enum_value(getattr(ctx_encoder_args, "ctx_encoder_type", "per_layer_activations"))
+        hcn, acn, lcn, cen = "hypernet_config", "aggregator_config", "lora_config", "ctx_encoder_args"
         spec = cls(
-            base_model_name_or_path=str(base_model_name_or_path),
-            num_layers=int(ac.num_layers),
+            base_model_name_or_path=_as_str(base_model_name_or_path, "base_model_name_or_path"),
+            num_layers=as_int(req(ac, "num_layers", acn), f"{acn}.num_layers"),
             layer_indices=li,
             target_modules=tm,
-            d_in={m: int(fs_in[m]) for m in tm},
-            d_out={m: int(fs_out[m]) for m in tm},
-            feature_size=int(ac.feature_size),
-            latent_size=int(hc.latent_size),
-            lora_r=int(lc.r),
-            lora_alpha=float(lc.lora_alpha),
-            lora_dropout=float(getattr(lc, "lora_dropout", 0.0) or 0.0),
-            n_latent_queries=int(ac.n_latent_queries),
-            num_blocks=int(ac.num_blocks),
-            num_self_attn_per_block=int(ac.num_self_attn_per_block),
-            shared_weights=bool(ac.shared_weights),
-            use_bias=bool(use_bias),
-            per_layer_processing=bool(getattr(hc, "per_layer_processing", False)),
-            num_pre_head_layers=int(num_pre_head),
-            dropout_rate=float(getattr(hc, "dropout_rate", 0.0) or 0.0),
-            encoder_type=enc_type,
-            encoder_model_name_or_path=getattr(ctx_encoder_args, "ctx_encoder_model_name_or_path", None),
-            encoder_layer_idx=getattr(ctx_encoder_args, "layer_idx", None),
-            encoder_last_layer=getattr(ctx_encoder_args, "ctx_encoder_last_layer", None),
-            quantize_ctx_encoder=bool(getattr(ctx_encoder_args, "quantize_ctx_encoder", False)),
+            d_in=_feature_dims(fs_in, f"{hcn}.feature_sizes[0]", tm),
+            d_out=_feature_dims(fs_out, f"{hcn}.feature_sizes[1]", tm),
+            feature_size=as_int(req(ac, "feature_size", acn), f"{acn}.feature_size"),
+            latent_size=as_int(req(hc, "latent_size", hcn), f"{hcn}.latent_size"),
+            lora_r=as_int(req(lc, "r", lcn), f"{lcn}.r"),
+            lora_alpha=as_float(req(lc, "lora_alpha", lcn), f"{lcn}.lora_alpha"),
+            lora_dropout=as_float(getattr(lc, "lora_dropout", 0.0) or 0.0, f"{lcn}.lora_dropout"),
+            n_latent_queries=as_int(req(ac, "n_latent_queries", acn), f"{acn}.n_latent_queries"),
+            num_blocks=as_int(req(ac, "num_blocks", acn), f"{acn}.num_blocks"),
+            num_self_attn_per_block=as_int(req(ac, "num_self_attn_per_block", acn), f"{acn}.num_self_attn_per_block"),
+            shared_weights=_as_bool(req(ac, "shared_weights", acn), f"{acn}.shared_weights"),
+            use_bias=_as_bool(use_bias, f"{hcn}.use_bias"),
+            per_layer_processing=_as_bool(getattr(hc, "per_layer_processing", False), f"{hcn}.per_layer_processing"),
+            num_pre_head_layers=as_int(num_pre_head, f"{hcn}.num_pre_head_layers"),
+            dropout_rate=as_float(getattr(hc, "dropout_rate", 0.0) or 0.0, f"{hcn}.dropout_rate"),
+            encoder_type=_as_str(enc_type, f"{cen}.ctx_encoder_type"),
+            encoder_model_name_or_path=_as_str(getattr(ctx_encoder_args, "ctx_encoder_model_name_or_path", None),
+                                               f"{cen}.ctx_encoder_model_name_or_path", optional=True),
+            encoder_layer_idx=_as_opt_int(getattr(ctx_encoder_args, "layer_idx", None), f"{cen}.layer_idx", 0,
+                                          MAX_LAYER_INDEX),
+            encoder_last_layer=_as_opt_int(getattr(ctx_encoder_args, "ctx_encoder_last_layer", None),
+                                           f"{cen}.ctx_encoder_last_layer", -MAX_LAYER_INDEX, MAX_LAYER_INDEX),
+            quantize_ctx_encoder=_as_bool(getattr(ctx_encoder_args, "quantize_ctx_encoder", False),
+                                          f"{cen}.quantize_ctx_encoder"),
         )
         spec.validate()
         return spec

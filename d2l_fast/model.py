@@ -66,6 +66,7 @@ class D2LModel(nn.Module):
         self.base_model = base_model
         self.hypernet = hypernet
         self.tokenizer = tokenizer
+        self._tokenizer_note: str | None = None  # why no tokenizer could be loaded (see tokenizer_required)
         self.user_defined_scaling = float(user_defined_scaling)
         self.max_chunk_len = max_chunk_len
         self.encode_token_budget = encode_token_budget
@@ -131,14 +132,34 @@ class D2LModel(nn.Module):
             if strict_base_name and name and name != spec.base_model_name_or_path:
                 raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {name!r}")
         else:
-            model = _load_base_model(src, dtype=dtype, device=device, **(base_model_kwargs or {}))
+            bmk = dict(base_model_kwargs or {})
+            for key in ("dtype", "torch_dtype", "device"):  # the reference passes these through base_model_kwargs
+                if key in bmk:
+                    v, own = bmk.pop(key), device if key == "device" else dtype
+                    if own is not None and v != own:
+                        raise ValueError(f"base_model_kwargs[{key!r}]={v!r} conflicts with "
+                                         f"{'device' if key == 'device' else 'dtype'}={own!r}")
+                    if key == "device":
+                        device = v
+                    else:
+                        dtype = v
+            model = _load_base_model(src, dtype=dtype, device=device, **bmk)
             if strict_base_name and str(src) != spec.base_model_name_or_path:
                 raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {src!r}")
+        tokenizer_note = None
         if tokenizer is None and not isinstance(src, nn.Module):
-            tokenizer = get_tokenizer(src)
+            # the reference builds the model without a tokenizer; only text calls need one
+            try:
+                tokenizer = get_tokenizer(src, model_name=spec.base_model_name_or_path)
+            except (OSError, ValueError) as e:
+                tokenizer_note = f"no tokenizer could be loaded from {str(src)!r}: {e}"
+                logger.warning("%s; id-level calls work, text calls need tokenizer=", tokenizer_note)
         elif isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__"):
-            tokenizer = get_tokenizer(tokenizer)
+            tokenizer = get_tokenizer(tokenizer, model_name=spec.base_model_name_or_path)
+        elif tokenizer is None:
+            tokenizer_note = "base_model was an already-loaded model and no tokenizer= was given"
         cls._check_base_matches(model, spec)
+        ckpt.validate()  # names/shapes checked on the meta device before the hypernetwork is allocated
         hypernet = HyperLoRA(spec)
         missing, unexpected = hypernet.load_state_dict(ckpt.state_dict, strict=False)
         if missing or unexpected:
@@ -146,7 +167,9 @@ class D2LModel(nn.Module):
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         dev = next(model.parameters()).device
         hypernet.to(device=dev, dtype=hypernet_dtype).eval()
-        return cls(model, hypernet, tokenizer, **kwargs)
+        out = cls(model, hypernet, tokenizer, **kwargs)
+        out._tokenizer_note = tokenizer_note
+        return out
 
     @classmethod
     def from_base(cls, base_model, tokenizer=None, *, seed: int = 0, spec: D2LSpec | None = None,
@@ -222,9 +245,17 @@ class D2LModel(nn.Module):
         return merge_chunk_loras(chunk_loras, list(n_chunks), bias=self.hypernet.bias_lora(), alpha=self.spec.lora_alpha,
                                  model_id=self.model_id, scalers=scalers, bias_scaler=bias_scaler, names=names)
 
+    def tokenizer_required(self, what: str) -> ValueError:
+        """The error for a text call on a model built without a tokenizer: what is missing and how to pass one."""
+        note = self._tokenizer_note
+        return ValueError(f"{what} needs a tokenizer, and this model has none"
+                          f"{f' ({note})' if note else ''}: pass tokenizer=<folder, hub id or tokenizer> to "
+                          "from_checkpoint / from_state_dict, or set model.tokenizer = d2l_fast.get_tokenizer(path); "
+                          "id-level calls (templated token ids) work without one")
+
     def pack(self, documents, *, max_chunk_len: int | None = None) -> PackedContexts:
         if self.tokenizer is None and any(isinstance(d, str) for d in documents):
-            raise ValueError("text documents need a tokenizer; pass tokenizer= or give templated token ids")
+            raise self.tokenizer_required("internalizing text documents")
         mcl = self.max_chunk_len if max_chunk_len is None else max_chunk_len
         return PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
                                              model_name=self.spec.base_model_name_or_path)
@@ -276,6 +307,7 @@ class D2LModel(nn.Module):
         if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
             raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
                              f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
+        adapters.check_fits(self.spec)  # feature sizes too: a mismatch is an error here, not in the kernel
         dev, dt = self.device, self.base_dtype
         if adapters.device == dev and adapters.dtype == dt:
             return adapters
@@ -340,7 +372,7 @@ class D2LModel(nn.Module):
 
     def encode_prompts(self, prompts: list[str], *, system: str | None = None):
         if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer")
+            raise self.tokenizer_required("encoding text prompts")
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
         rows = [tokenize_prompt(self.tokenizer, p, system) for p in prompts]

@@ -27,27 +27,84 @@ def compact_chat_template(template: str) -> str:
     return template.replace("    ", "").replace("\n", "")
 
 
+# Chat templates shipped with the package (d2l_fast/data/chat_templates), by published base-model name: they
+# render the context strings of spec §1.2 from any working directory (the reference reads its copies from
+# ./chat_templates/ and falls back to the stock template elsewhere; Gemma-2's stock one rejects the system role).
+PACKAGED_TEMPLATES: dict[str, str] = {
+    "google/gemma-2-2b-it": "gemma-2-2b-it.jinja",
+    "Qwen/Qwen3-4B-Instruct-2507": "Qwen3-4B-Instruct-2507.jinja",
+    "mistralai/Mistral-7B-Instruct-v0.2": "Mistral-7B-Instruct-v0.2.jinja",
+}
+
+# Files a tokenizer is loaded from; a local folder holding none of them has no tokenizer (transformers would
+# otherwise build an empty one from the model config alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt", "tekken.json")
+
+
+def packaged_template_name(model_name) -> str | None:
+    """The published model a name refers to (``google/gemma-2-2b-it`` or a folder ending in ``gemma-2-2b-it``)."""
+    if model_name is None:
+        return None
+    name = str(model_name).rstrip("/")
+    if name in PACKAGED_TEMPLATES:
+        return name
+    base = pathlib.PurePath(name).name
+    for full in PACKAGED_TEMPLATES:
+        if base == full.split("/")[-1]:
+            return full
+    return None
+
+
+def packaged_chat_template(model_name) -> str | None:
+    """The compacted chat template d2l_fast ships for ``model_name`` (see :data:`PACKAGED_TEMPLATES`), or None."""
+    from importlib import resources
+
+    full = packaged_template_name(model_name)
+    if full is None:
+        return None
+    src = resources.files("d2l_fast").joinpath("data/chat_templates", PACKAGED_TEMPLATES[full]).read_text()
+    return compact_chat_template(src)
+
+
+def has_tokenizer_files(name_or_path) -> bool:
+    """False only for a local folder that holds none of :data:`TOKENIZER_FILES` (a hub id is assumed to have them)."""
+    p = pathlib.Path(str(name_or_path))
+    if not p.is_dir():
+        return True
+    return any((p / f).is_file() for f in TOKENIZER_FILES)
+
+
 def get_tokenizer(name_or_path, *, train: bool = False, chat_template: str | None = None,
-                  compact_chat_template_: bool | None = None, **kwargs):
+                  compact_chat_template_: bool | None = None, model_name: str | None = None, **kwargs):
     """Load a tokenizer the way the reference does (``get_tokenizer``), without depending on the cwd by accident.
 
     pad := eos when missing; left padding for inference, right for training; left truncation.
-    Chat template, in order: ``chat_template`` (a Jinja string or a path to a ``.jinja`` file), else
-    ``./chat_templates/<name>.jinja`` if it exists (the reference's lookup), else the tokenizer's own.
+    Chat template, in order: ``chat_template`` (a Jinja string or a path to a ``.jinja`` file); else the
+    template shipped with d2l_fast when ``model_name`` (default ``name_or_path``) is one of the published base
+    models (:data:`PACKAGED_TEMPLATES`; a folder whose name ends like one counts); else
+    ``./chat_templates/<name>.jinja`` if it exists (the reference's lookup); else the tokenizer's own.
     Templates read from a file are compacted as the reference does; pass ``compact_chat_template_=True``
     to compact the tokenizer's stock template too (e.g. a tokenizer that ships the reference's raw template).
+    A local folder without tokenizer files is refused (ValueError) instead of yielding an empty tokenizer.
     """
     from transformers import AutoTokenizer
 
+    if not has_tokenizer_files(name_or_path):
+        raise ValueError(f"{str(name_or_path)!r} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                         "pass the folder or hub id of the base model's tokenizer")
     tok = AutoTokenizer.from_pretrained(str(name_or_path), padding_side="right" if train else "left",
                                         truncation_side="left", **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     from_file = False
+    packaged = packaged_chat_template(model_name if model_name is not None else name_or_path)
     if chat_template is not None:
         p = pathlib.Path(chat_template)
         if len(chat_template) < 1024 and p.suffix == ".jinja" and p.exists():
             chat_template, from_file = p.read_text(), True
+    elif packaged is not None:
+        chat_template, from_file = packaged, True
     else:
         p = pathlib.Path("chat_templates") / f"{pathlib.Path(str(name_or_path)).name}.jinja"
         if p.exists():
@@ -58,7 +115,8 @@ def get_tokenizer(name_or_path, *, train: bool = False, chat_template: str | Non
     if compact and tok.chat_template:
         tok.chat_template = compact_chat_template(tok.chat_template)
     if not tok.chat_template:
-        raise ValueError(f"tokenizer {name_or_path!r} has no chat template; Doc-to-LoRA needs a chat tokenizer")
+        raise ValueError(f"tokenizer {name_or_path!r} has no chat template; Doc-to-LoRA needs a chat tokenizer "
+                         f"(pass chat_template=, or use one of {sorted(PACKAGED_TEMPLATES)})")
     return tok
 
 
@@ -249,10 +307,13 @@ class PackedContexts:
 
 __all__ = [
     "KNOWN_AFFIXES",
+    "PACKAGED_TEMPLATES",
     "PackedContexts",
     "compact_chat_template",
     "context_affixes",
     "get_tokenizer",
+    "has_tokenizer_files",
+    "packaged_chat_template",
     "render_context",
     "split_ids",
     "tokenize_context",

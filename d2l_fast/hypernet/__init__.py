@@ -96,5 +96,9 @@ class HyperLoRA(nn.Module):
             return None
         return {m: {"A": self.bias_A[m], "B": self.bias_B[m]} for m in self.spec.target_modules}
 
+    def get_head_bias(self):
+        """The reference's name for :meth:`bias_lora`: {module: {"A": [L, r, d_in], "B": [L, r, d_out]}} or None."""
+        return self.bias_lora()
+
 
 __all__ = ["HyperLoRA"]
