@@ -51,3 +51,56 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _arg_key(a):
+    """What Triton specializes a launch argument on: dtype and 16-byte alignment of tensors; ints equal to 1,
+    divisible by 16 and fitting int32; other values as they are."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+    if isinstance(a, float):
+        return float
+    return a
+
+
+class Launcher:
+    """Launches one ``@triton.jit`` kernel, reusing the compiled binary of an earlier launch with the same
+    specialization (argument dtypes, alignment, int properties, constexprs, warps, stages, device).
+
+    Triton's own launch path re-binds and re-specializes every argument and builds a cache key string on every
+    call (tens of microseconds of host time for a ~20-argument kernel, more than the kernel itself at decode).
+    The first launch of each specialization goes through Triton (compiling if needed) and returns the compiled
+    kernel; later launches call it directly with every argument in parameter order. Under the interpreter,
+    with ``D2L_FAST_LAUNCH=0``, or if the direct call ever fails (another Triton version), every launch takes
+    Triton's normal path.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled: dict = {}
+        self._names = None
+        self.enabled = os.environ.get("D2L_FAST_LAUNCH", "1") not in ("0", "")
+
+    def __call__(self, grid, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
+        if not self.enabled or interpreting():
+            return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()), num_warps, num_stages,
+               args[0].device.index if isinstance(args[0], torch.Tensor) else None)
+        ck = self._compiled.get(key)
+        if ck is not None:
+            try:
+                return ck[grid](*args, *(constexprs[n] for n in self._names[len(args):]))
+            except Exception:  # noqa: BLE001  (an unexpected Triton API: fall back for good)
+                self.enabled = False
+                self._compiled.clear()
+        ck = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if self.enabled and ck is not None and hasattr(ck, "__getitem__") and hasattr(self.fn, "arg_names"):
+            names = list(self.fn.arg_names)
+            if len(names) == len(args) + len(constexprs) and all(n in constexprs for n in names[len(args):]):
+                self._names = names
+                self._compiled[key] = ck
+        return ck

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import cdiv, input_precision, sm_count
+from .._common import Launcher, cdiv, input_precision, sm_count
 from .configs import KernelConfig, pick_config
 from .meta import SegmentMeta
 
@@ -73,6 +73,19 @@ def validate_inputs(x, A, B, meta, out=None) -> None:
     _validate(x, A, B, meta, out)
     if key is not None:
         meta._cache[key] = True
+
+
+_LAUNCHERS: dict[str, Launcher] = {}
+
+
+def _launch(name: str, grid, args: tuple, num_warps: int = 4, num_stages: int = 2, **constexprs):
+    """Launch kernel ``name`` of kernel.py (imported on first use: Triton is optional) via its :class:`Launcher`."""
+    launcher = _LAUNCHERS.get(name)
+    if launcher is None:
+        from . import kernel as K
+
+        launcher = _LAUNCHERS[name] = Launcher(getattr(K, name))
+    return launcher(grid, args, constexprs, num_warps, num_stages)
 
 
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
@@ -154,14 +167,12 @@ def segmented_lora_fwd(
 
 
 def _fused(out, x, A, B, scale, plan):
-    from . import kernel as K
-
     cfg = plan.cfg
-    K._lora_fused_fwd_kernel[(plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N))](
+    _launch("_lora_fused_fwd_kernel", (plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N)), (
         x, A, B, out, plan.tiles,
         x.shape[1], B.shape[1], scale,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
         INPUT_PRECISION=plan.prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -170,35 +181,31 @@ def _fused(out, x, A, B, scale, plan):
 
 def _decode(out, x, A, B, meta, scale, plan):
     """Decode (one token per row): split-K shrink into fp32 partials, then the expand sums them."""
-    from . import kernel as K
-
     cfg = plan.cfg
     h = torch.empty(plan.n_splits, plan.n_tiles, meta.max_rank, dtype=torch.float32, device=x.device)
-    K._lora_decode_shrink_kernel[(plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits)](
+    _launch("_lora_decode_shrink_kernel", (plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits), (
         x, A, h, plan.tiles,
         x.shape[1], plan.k_per_split,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1), h.stride(2)),
         BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    K._lora_decode_expand_kernel[(plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N))](
+    _launch("_lora_decode_expand_kernel", (plan.n_tiles, cdiv(B.shape[1], cfg.BLOCK_N)), (
         h, B, out, plan.tiles,
         B.shape[1], plan.n_splits, scale,
-        h.stride(0), h.stride(1), h.stride(2), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
+        h.stride(0), h.stride(1), h.stride(2), B.stride(0), B.stride(1), out.stride(0), out.stride(1)),
         BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
 def _shrink(h, x, W, meta, scale, plan):
     """h[s] = scale * x @ W_s.T over K slice s (h: fp32 [n_splits, T, max_rank])."""
-    from . import kernel as K
-
     cfg = plan.cfg
-    K._lora_shrink_kernel[(plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits)](
+    _launch("_lora_shrink_kernel", (plan.n_tiles, cdiv(meta.max_rank, cfg.BLOCK_R), plan.n_splits), (
         x, W, h, plan.tiles,
         x.shape[1], plan.k_per_split, scale,
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), h.stride(0), h.stride(1), h.stride(2),
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), h.stride(0), h.stride(1), h.stride(2)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, INPUT_PRECISION=plan.prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -206,30 +213,26 @@ def _shrink(h, x, W, meta, scale, plan):
 
 def _expand(out, h, W, meta, plan):
     """out += (sum_s h[s]) @ W_s."""
-    from . import kernel as K
-
     cfg = plan.cfg
-    K._lora_expand_kernel[(plan.n_tiles, cdiv(out.shape[1], cfg.BLOCK_N))](
+    _launch("_lora_expand_kernel", (plan.n_tiles, cdiv(out.shape[1], cfg.BLOCK_N)), (
         h, W, out, plan.tiles,
         out.shape[1], h.shape[0],
-        h.stride(0), h.stride(1), h.stride(2), W.stride(0), W.stride(1), out.stride(0), out.stride(1),
+        h.stride(0), h.stride(1), h.stride(2), W.stride(0), W.stride(1), out.stride(0), out.stride(1)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, INPUT_PRECISION=plan.prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
 def _wgrad(dw, g, x, meta, cfg, prec):
-    from . import kernel as K
-
     d = x.shape[1]
     n_adapters = meta.adapter_rank_len.numel()
     grid = (n_adapters, cdiv(max(meta.max_rank, 1), cfg.BLOCK_R), cdiv(d, cfg.BLOCK_N))
-    K._lora_wgrad_kernel[grid](
+    _launch("_lora_wgrad_kernel", grid, (
         g, x, dw,
         meta.adapter_rank_start, meta.adapter_rank_len, meta.adapter_seg_ptr, meta.adapter_seg_ids,
         meta.cu_seqlens,
         d,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_N=cfg.BLOCK_N, INPUT_PRECISION=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
