@@ -104,15 +104,6 @@ class SegmentMeta:
     def device(self) -> torch.device:
         return self.cu_seqlens.device
 
-    @property
-    def is_decode(self) -> bool:
-        """Every segment holds at most one token (one row per segment)."""
-        return self.max_seqlen <= 1
-
-    @property
-    def rank_total_used(self) -> int:
-        return sum(g.rank_len for g in self.groups)
-
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_lengths(
