@@ -38,7 +38,8 @@ def _demo(args) -> int:
     base, tok = load_smollm2()
     t["load SmolLM2-135M-Instruct"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale, max_chunk_len=args.max_chunk_len)
+    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale,
+                               max_chunk_len=args.max_chunk_len)
     n_params = sum(p.numel() for p in model.hypernet.parameters())
     t["build hypernetwork"] = time.perf_counter() - t0
     print(f"hypernetwork: {n_params / 1e6:.1f} M parameters, UNTRAINED (seeded random init, seed={args.seed}): "
@@ -52,15 +53,18 @@ def _demo(args) -> int:
           f"{len(packed.chunks)} chunks (max_chunk_len={args.max_chunk_len}), adapter ranks {adapters.ranks}")
     questions = [d["question"] for d in docs]
     t0 = time.perf_counter()
-    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))), max_new_tokens=args.max_new_tokens)
+    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))),
+                                  max_new_tokens=args.max_new_tokens)
     t["generate (batched, one adapter per row)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_answers = model.generate_text(questions, None, max_new_tokens=args.max_new_tokens)
     t["generate (same batch, base model)"] = time.perf_counter() - t0
     for d, a, b in zip(docs, answers, base_answers):
-        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n  reference answer: {d['answer']}")
+        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n"
+              f"  reference answer: {d['answer']}")
     n_diff = sum(a != b for a, b in zip(answers, base_answers))
-    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's (random adapters, init scale {args.init_scale})")
+    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's "
+          f"(random adapters, init scale {args.init_scale})")
     print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
     for k, v in t.items():
         print(f"  {k:<42s} {v:7.2f} s")
@@ -266,13 +270,15 @@ def main(argv=None) -> int:
     p.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     p.add_argument("--progress", action="store_true", help="show transformers' progress bars (off by default)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
+    d = sub.add_parser("demo",
+                       help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
     d.add_argument("--n-docs", type=_positive_int, default=8)
     d.add_argument("--max-new-tokens", type=_positive_int, default=24)
     d.add_argument("--max-chunk-len", type=_positive_int, default=256)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--init-scale", type=float, default=2.0,
-                   help="std of the random scaler_B (0 = the reference init: every adapter is zero, i.e. the base model)")
+                   help="std of the random scaler_B "
+                        "(0 = the reference init: every adapter is zero, i.e. the base model)")
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(fn=_demo, loads_models=True)
     pr = sub.add_parser("profile", help="torch.profiler breakdown of internalize + batched generate on SmolLM2")

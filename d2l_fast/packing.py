@@ -89,7 +89,8 @@ def render_context(tokenizer, doc) -> str:
 
 
 def control_token_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special (control) tokens: bos/eos/pad/unk, chat-turn markers, other special added tokens."""
+    """Ids of the tokenizer's special (control) tokens: bos/eos/pad/unk, chat-turn markers, other special added
+    tokens."""
     ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))

@@ -26,7 +26,8 @@ def find_target_linears(model: nn.Module, modules) -> dict[tuple[int, str], nn.L
     out = {}
     for i, layer in enumerate(dec.layers):
         for m in modules:
-            found = [mod for name, mod in layer.named_modules() if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
+            found = [mod for name, mod in layer.named_modules()
+                     if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
             if len(found) != 1:
                 raise ValueError(f"layer {i}: expected exactly one Linear named {m!r}, found {len(found)}")
             out[(i, m)] = found[0]

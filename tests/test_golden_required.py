@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_TEST = "tests/test_cli.py::test_info_and_convert"  # uses the golden_dir fixture
 

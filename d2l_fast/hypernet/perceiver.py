@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from ..kernels.latent_readout import compute_rstd, latent_readout
 
 
@@ -87,7 +86,8 @@ class PerceiverAttention(nn.Module):
 class PerceiverLayer(nn.Module):
     """Sandwich-norm perceiver layer: cross (context K/V) or self (latent K/V) attention + SwiGLU MLP."""
 
-    def __init__(self, d: int, n_heads: int, head_dim: int, n_kv_heads: int, eps: float, is_cross: bool, mlp_factor: int = 4):
+    def __init__(self, d: int, n_heads: int, head_dim: int, n_kv_heads: int, eps: float, is_cross: bool,
+                 mlp_factor: int = 4):
         super().__init__()
         self.is_cross = is_cross
         self.input_latents_layernorm = RMSNorm(d, eps)
@@ -167,7 +167,8 @@ class Perceiver(nn.Module):
                                           spec.shared_weights, **kw)
         self.decoder = PerceiverResampler(D, spec.n_output_queries, 1, 0, False, **kw)
 
-    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False, projected: bool = False):
+    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False,
+                projected: bool = False):
         """features [T_total, H] packed; segments by ``cu_seqlens`` (int32 [n_seg+1], max_seqlen a Python int).
 
         ``projected=True``: ``features`` already went through the modality projection ([T_total, D]).
