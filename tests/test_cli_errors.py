@@ -120,16 +120,24 @@ def test_checkpoint_base_name_is_resolved_as_a_local_folder(golden_dir, tmp_path
     assert len(AdapterBatch.load(out)) == 1
 
 
-def test_no_transformers_progress_bars_by_default(golden_dir, tmp_path, doc, capsys):
+@pytest.fixture
+def hf_bars_on():
+    """transformers' progress bars enabled (the library default), whatever the environment says."""
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield hf_logging
+    (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_no_transformers_progress_bars_by_default(golden_dir, tmp_path, doc, capsys, hf_bars_on):
     args = ["internalize", golden_dir / "pytorch_model.bin", doc, "-o", tmp_path / "a.safetensors",
             "--base-model", golden_dir / "tiny-gemma2"]
     rc, _, err = run_main(args, capsys)
     assert rc == 0, err
     assert "Loading weights" not in err and "it/s" not in err
-    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
+    assert hf_bars_on.is_progress_bar_enabled()  # restored for the rest of the process
     rc, _, err = run_main(["--progress", *args], capsys)  # the check above can see a bar when there is one
     assert rc == 0 and "Loading weights" in err
 
