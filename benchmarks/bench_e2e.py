@@ -412,7 +412,8 @@ def _bench_internalize(benchmark, env_info, model, case, provider, rounds, basel
         ctx_tokens_per_s=round(sum(len(d) for d in docs) / mean, 1), peak_rss_mb=mem.peak_mb,
         peak_rss_method="in-process: malloc_trim + clear_refs, VmHWM - VmRSS_before",
         rounds=rounds, other_cores=mon.other_cores,
-        reference_peak_estimate_mb=round(_reference_peak_estimate_bytes(model, docs) / 2**20), loadavg_1m_before=round(load0, 2),
+        reference_peak_estimate_mb=round(_reference_peak_estimate_bytes(model, docs) / 2**20),
+        loadavg_1m_before=round(load0, 2),
         loadavg_1m_after=round(os.getloadavg()[0], 2), full_size=FULL,
         hypernet=dict(latent_size=model.spec.latent_size, num_blocks=model.spec.num_blocks, lora_r=model.spec.lora_r),
         dtype="float32", **_env_extra(env_info),
@@ -578,7 +579,8 @@ def test_generation_d2l_matches_peft(benchmark, gen):
     changed = int((d2l != base).any(1).sum())
     assert changed > 0, "the adapters changed no row: the comparison would not test the conversion"
     assert gen.logit_err < 1e-2 * gen.logit_effect, (
-        f"prompt logits: d2l_fast vs PEFT differ by {gen.logit_err:.3g}, the adapters' effect is {gen.logit_effect:.3g}")
+        f"prompt logits: d2l_fast vs PEFT differ by {gen.logit_err:.3g}, "
+        f"the adapters' effect is {gen.logit_effect:.3g}")
     same = (d2l == pf).all(1)
     assert bool(same.all()), f"d2l_fast and PEFT differ in rows {(~same).nonzero().flatten().tolist()}"
 

@@ -81,7 +81,8 @@ def build_long_table(data: dict, stat: str = "mean") -> str:
         unit = rows[0].get("extra_info", {}).get("work_unit")
         tp_head = f"{unit}/s" if unit else "throughput"
         head = ["provider", f"time ({stat})", f"× {base_name or 'baseline'} time", tp_head,
-                f"× {base_name or 'baseline'} {tp_head}", "peak RSS MB", "× baseline peak", "other-proc cores", "rounds"]
+                f"× {base_name or 'baseline'} {tp_head}", "peak RSS MB", "× baseline peak", "other-proc cores",
+                "rounds"]
         lines = [f"**{case}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         base_t = base["stats"][stat] if base else None
         base_info = base.get("extra_info", {}) if base else {}
@@ -96,7 +97,8 @@ def build_long_table(data: dict, stat: str = "mean") -> str:
             if info.get("peak_rss_mb_subprocess") is not None:
                 mem_s += f" (fresh proc {info['peak_rss_mb_subprocess']:.0f})"
             cells = [prov, _fmt_time(t), _ratio(t, base_t), "–" if tp is None else f"{tp:.3g}", _ratio(tp, base_tp),
-                     mem_s, _ratio(mem, base_mem), str(info.get("other_cores", "–")), str(r["stats"].get("rounds", "–"))]
+                     mem_s, _ratio(mem, base_mem), str(info.get("other_cores", "–")),
+                     str(r["stats"].get("rounds", "–"))]
             lines.append("| " + " | ".join(cells) + " |")
         goal = rows[0].get("extra_info", {}).get("goal")
         if goal:

@@ -11,7 +11,7 @@ from .adapters import AdapterBatch, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .compat import ModulatedPretrainedModel, combine_lora
 from .config import D2LSpec, spec_for_model
-from .lora_ops import SegmentMeta, segmented_lora, segmented_lora_
+from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt
 

@@ -65,8 +65,13 @@ class AdapterBatch:
     def device(self):
         return next(iter(self.A.values())).device
 
-    def to(self, device=None, dtype=None) -> "AdapterBatch":
-        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    def to(self, *args, **kwargs) -> "AdapterBatch":
+        """A copy moved/cast like ``Tensor.to``: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``,
+        ``to(tensor)`` or keywords ``device=``, ``dtype=``, ``non_blocking=``. The dtype must be floating point."""
+        probe = torch.empty(0, dtype=self.dtype).to(*args, **kwargs)  # torch parses (and rejects) the arguments
+        if not probe.is_floating_point():
+            raise TypeError(f"AdapterBatch.to: adapters must stay floating point, got dtype {probe.dtype}")
+        f = lambda t: t.to(*args, **kwargs)  # noqa: E731
         return AdapterBatch({m: f(t) for m, t in self.A.items()}, {m: f(t) for m, t in self.B.items()},
                             list(self.rank_offsets), self.alpha, self.model_id, self.names)
 

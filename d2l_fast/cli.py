@@ -1,14 +1,26 @@
-"""``d2l-fast`` command line: demo, checkpoint info/convert, internalize, benchmarks."""
+"""``d2l-fast`` command line: demo, checkpoint info/convert, internalize, benchmarks.
+
+User errors (missing or unreadable files, bad UTF-8, a missing output folder, a bad checkpoint, a base model
+that is neither a local folder nor reachable on the Hub) end with one ``d2l-fast <cmd>: error: ...`` line on
+stderr and exit status 1; ``--traceback`` shows the Python traceback instead. Files are checked before any
+model is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import pathlib
 import sys
 import time
 from importlib import resources
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit status 1."""
 
 
 def _demo(args) -> int:
@@ -26,7 +38,8 @@ def _demo(args) -> int:
     base, tok = load_smollm2()
     t["load SmolLM2-135M-Instruct"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale, max_chunk_len=args.max_chunk_len)
+    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale,
+                               max_chunk_len=args.max_chunk_len)
     n_params = sum(p.numel() for p in model.hypernet.parameters())
     t["build hypernetwork"] = time.perf_counter() - t0
     print(f"hypernetwork: {n_params / 1e6:.1f} M parameters, UNTRAINED (seeded random init, seed={args.seed}): "
@@ -40,15 +53,18 @@ def _demo(args) -> int:
           f"{len(packed.chunks)} chunks (max_chunk_len={args.max_chunk_len}), adapter ranks {adapters.ranks}")
     questions = [d["question"] for d in docs]
     t0 = time.perf_counter()
-    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))), max_new_tokens=args.max_new_tokens)
+    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))),
+                                  max_new_tokens=args.max_new_tokens)
     t["generate (batched, one adapter per row)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_answers = model.generate_text(questions, None, max_new_tokens=args.max_new_tokens)
     t["generate (same batch, base model)"] = time.perf_counter() - t0
     for d, a, b in zip(docs, answers, base_answers):
-        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n  reference answer: {d['answer']}")
+        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n"
+              f"  reference answer: {d['answer']}")
     n_diff = sum(a != b for a, b in zip(answers, base_answers))
-    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's (random adapters, init scale {args.init_scale})")
+    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's "
+          f"(random adapters, init scale {args.init_scale})")
     print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
     for k, v in t.items():
         print(f"  {k:<42s} {v:7.2f} s")
@@ -99,29 +115,121 @@ def _info(args) -> int:
 def _convert(args) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint
 
+    out = pathlib.Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output {str(out)!r} exists and is not a folder")
+    _check_output_parent(out)
     ck = load_checkpoint(args.checkpoint, subfolder=args.subfolder)
-    out = save_checkpoint(ck, args.output)
+    out = save_checkpoint(ck, out)
     print(f"wrote {out} (d2l_config.json + hypernet.safetensors)")
     return 0
 
 
-def _internalize(args) -> int:
+def _check_output_parent(out: pathlib.Path) -> None:
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise CLIError(f"output folder {str(parent)!r} does not exist (create it first)")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"output folder {str(parent)!r} is not writable")
+
+
+def _read_documents(paths) -> list[str]:
+    """Every document as text, checked before anything heavy runs: exists, is a file, UTF-8, not blank."""
+    texts = []
+    for p in paths:
+        path = pathlib.Path(p)
+        if not path.exists():
+            raise CLIError(f"document {p!r} not found")
+        if not path.is_file():
+            raise CLIError(f"document {p!r} is not a file")
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise CLIError(f"document {p!r} cannot be read: {e.strerror or e}") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"document {p!r} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset "
+                           f"{e.start}); convert it to UTF-8 first") from e
+        if not text.strip():
+            raise CLIError(f"document {p!r} is empty or whitespace-only")
+        texts.append(text)
+    return texts
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that can only mean a local folder (a Hub id is ``name`` or ``org/name``)."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
+            or (os.sep != "/" and os.sep in name))
+
+
+def _check_base_model(name: str, from_checkpoint: bool) -> None:
+    where = "the checkpoint's base model" if from_checkpoint else "--base-model"
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{where} {name!r} is a file; expected a model folder (with config.json) or a Hub id")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"{where} folder {str(path.absolute())!r} has no config.json (not a transformers model)")
+        return
+    if _looks_like_path(name):
+        raise CLIError(f"{where} {name!r} is not a local folder ({str(path.absolute())!r} does not exist)")
+
+
+def _load_model(args, ckpt):
     from . import D2LModel
 
-    model = D2LModel.from_checkpoint(args.checkpoint, base_model=args.base_model, subfolder=args.subfolder,
-                                     max_chunk_len=args.max_chunk_len)
-    texts = [open(p, encoding="utf-8").read() for p in args.documents]
+    from_ckpt = args.base_model is None
+    name = ckpt.spec.base_model_name_or_path if from_ckpt else args.base_model
+    _check_base_model(name, from_ckpt)
+    local = pathlib.Path(name).expanduser().is_dir()
+    try:
+        return D2LModel.from_checkpoint(ckpt, base_model=str(pathlib.Path(name).expanduser()) if local else name,
+                                        max_chunk_len=args.max_chunk_len)
+    except OSError as e:
+        if local:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (f" The checkpoint names {name!r}; pass --base-model with the base model's folder."
+                if from_ckpt else " Pass --base-model with the base model's folder.")
+        raise CLIError(f"base model {name!r} is not a local folder (no {str(pathlib.Path(name).absolute())!r}) and "
+                       f"could not be loaded from the Hugging Face Hub: {first}{hint}") from e
+
+
+def _internalize(args) -> int:
+    from .checkpoint import load_checkpoint
+
+    out = pathlib.Path(args.output)
+    if out.is_dir():
+        raise CLIError(f"output {args.output!r} is a folder; expected a file name such as adapters.safetensors")
+    _check_output_parent(out)
+    texts = _read_documents(args.documents)
+    ckpt = load_checkpoint(args.checkpoint, subfolder=args.subfolder)
+    model = _load_model(args, ckpt)
     t0 = time.perf_counter()
-    adapters = model.internalize(texts, names=[os.path.basename(p) for p in args.documents], docs_per_call=args.docs_per_call)
-    adapters.save(args.output)
-    print(f"internalized {len(texts)} documents in {time.perf_counter() - t0:.2f} s → {args.output} (ranks {adapters.ranks})")
+    adapters = model.internalize(texts, names=[os.path.basename(p) for p in args.documents],
+                                 docs_per_call=args.docs_per_call)
+    adapters.save(out)
+    print(f"internalized {len(texts)} documents in {time.perf_counter() - t0:.2f} s → {out} (ranks {adapters.ranks})")
     return 0
 
 
+def benchmarks_dir() -> pathlib.Path:
+    """The benchmark suite of the source tree this package runs from."""
+    return pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
 def _bench(args) -> int:
+    import importlib.util
     import subprocess
 
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", *args.pytest_args]
+    bdir = benchmarks_dir()
+    if not bdir.is_dir():
+        raise CLIError(f"no benchmark suite at {str(bdir)!r}: the benchmarks ship with the source tree, not the "
+                       "wheel; run d2l-fast from a source checkout (pip install -e .[dev])")
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise CLIError("the benchmarks need pytest-benchmark: pip install 'd2l_fast[bench]'")
+    cmd = [sys.executable, "-m", "pytest", str(bdir), "--benchmark-only", *args.pytest_args]
     return subprocess.call(cmd)
 
 
@@ -137,28 +245,64 @@ def _compile_report(args) -> int:
     return run_cli(args)
 
 
+@contextlib.contextmanager
+def _hf_progress_bars(show: bool):
+    """transformers / huggingface_hub progress bars off unless ``show`` (the previous state is restored)."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# errors a user can cause with arguments or files; anything else is a bug and keeps its traceback
+_USER_ERRORS = (CLIError, ValueError, OSError)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="d2l-fast", description="Fast Doc-to-LoRA")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="d2l-fast", description="Fast Doc-to-LoRA", allow_abbrev=False)
+    p.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
+    p.add_argument("--progress", action="store_true", help="show transformers' progress bars (off by default)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
-    d.add_argument("--n-docs", type=int, default=8)
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.add_argument("--max-chunk-len", type=int, default=256)
+    d = sub.add_parser("demo",
+                       help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
+    d.add_argument("--n-docs", type=_positive_int, default=8)
+    d.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    d.add_argument("--max-chunk-len", type=_positive_int, default=256)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--init-scale", type=float, default=2.0,
-                   help="std of the random scaler_B (0 = the reference init: every adapter is zero, i.e. the base model)")
+                   help="std of the random scaler_B "
+                        "(0 = the reference init: every adapter is zero, i.e. the base model)")
     d.add_argument("--threads", type=int, default=0)
-    d.set_defaults(fn=_demo)
+    d.set_defaults(fn=_demo, loads_models=True)
     pr = sub.add_parser("profile", help="torch.profiler breakdown of internalize + batched generate on SmolLM2")
-    pr.add_argument("--n-docs", type=int, default=8)
-    pr.add_argument("--max-new-tokens", type=int, default=8)
-    pr.add_argument("--max-chunk-len", type=int, default=256)
-    pr.add_argument("--latent-size", type=int, default=512)
-    pr.add_argument("--num-blocks", type=int, default=9)
-    pr.add_argument("--rows", type=int, default=15)
+    pr.add_argument("--n-docs", type=_positive_int, default=8)
+    pr.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    pr.add_argument("--max-chunk-len", type=_positive_int, default=256)
+    pr.add_argument("--latent-size", type=_positive_int, default=512)
+    pr.add_argument("--num-blocks", type=_positive_int, default=9)
+    pr.add_argument("--rows", type=_positive_int, default=15)
     pr.add_argument("--threads", type=int, default=0)
     pr.add_argument("--trace", help="also write chrome traces to TRACE.<stage>.json")
-    pr.set_defaults(fn=_profile)
+    pr.set_defaults(fn=_profile, loads_models=True)
     i = sub.add_parser("info", help="print a checkpoint's config")
     i.add_argument("checkpoint")
     i.add_argument("--subfolder")
@@ -168,25 +312,45 @@ def main(argv=None) -> int:
     c.add_argument("output")
     c.add_argument("--subfolder")
     c.set_defaults(fn=_convert)
-    n = sub.add_parser("internalize", help="documents (text files) → adapters.safetensors")
+    n = sub.add_parser("internalize", help="documents (UTF-8 text files) → adapters.safetensors")
     n.add_argument("checkpoint")
     n.add_argument("documents", nargs="+")
     n.add_argument("-o", "--output", default="adapters.safetensors")
-    n.add_argument("--base-model")
+    n.add_argument("--base-model", help="local folder or Hub id (default: the one the checkpoint names)")
     n.add_argument("--subfolder")
-    n.add_argument("--max-chunk-len", type=int, default=None)
-    n.add_argument("--docs-per-call", type=int, default=None)
-    n.set_defaults(fn=_internalize)
-    b = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark)")
-    b.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=_bench)
+    n.add_argument("--max-chunk-len", type=_positive_int, default=None)
+    n.add_argument("--docs-per-call", type=_positive_int, default=None)
+    n.set_defaults(fn=_internalize, loads_models=True)
+    sub.add_parser("bench", help="run the benchmark suite from any folder: d2l-fast bench [pytest args]",
+                   add_help=False).set_defaults(fn=_bench, pytest_args=[])
     cr = sub.add_parser("compile-report", help="compile every Triton kernel for a GPU arch (no GPU needed): "
                         "shared memory, registers, spills, MMA instruction")
     _compile_report_args(cr)
     cr.set_defaults(fn=_compile_report)
-    args = p.parse_args(argv)
+    # everything after "bench" goes to pytest unchanged (argparse would claim -k, -q, --co, ...)
+    k = 0
+    while k < len(argv) and argv[k] in ("--traceback", "--progress"):
+        k += 1
+    if k < len(argv) and argv[k] == "bench":
+        args = p.parse_args(argv[: k + 1])
+        args.fn, args.pytest_args = _bench, argv[k + 1 :]
+    else:
+        args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        with _hf_progress_bars(args.progress) if getattr(args, "loads_models", False) else contextlib.nullcontext():
+            return args.fn(args)
+    except _USER_ERRORS as e:
+        if args.traceback:
+            raise
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"d2l-fast {args.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"d2l-fast {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

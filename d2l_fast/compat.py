@@ -7,7 +7,9 @@ semantics as spec §4, with these deliberate differences (documented in README):
 * ``from_state_dict(..., base_model=...)`` may point at a local folder or an already-loaded model;
 * ``generate(ctx_ids=...)`` always applies the given contexts, also after ``reset()``;
 * ``forward`` accepts ``position_ids`` in padded mode (the reference crashes there);
-* ``internalize`` runs without autograd and re-uses the tokenizer; it optionally chunks.
+* ``internalize`` runs without autograd and re-uses the tokenizer; it optionally chunks;
+* ``internalize(text)`` keeps control-token text in the document (``<start_of_turn>``, ``<|im_start|>``, ...)
+  plain; ``split_special_tokens=False`` gives the reference's tokenization.
 """
 
 from __future__ import annotations
@@ -151,13 +153,17 @@ class ModulatedPretrainedModel(nn.Module):
         return combine_lora(generated_loras, n_ctx_chunks, lora_bias, scalers, bias_scaler)
 
     @torch.no_grad()
-    def internalize(self, text: str, *, max_chunk_len: int | None = None):
-        """Tokenise with the chat wrapper and store this document's (uncombined) LoRA for later ``generate`` calls."""
+    def internalize(self, text: str, *, max_chunk_len: int | None = None, split_special_tokens: bool = True):
+        """Tokenise with the chat wrapper and store this document's (uncombined) LoRA for later ``generate`` calls.
+
+        ``split_special_tokens=False``: the reference's tokenization, where text such as ``<start_of_turn>`` in the
+        document becomes a real control token (a document can then open or close chat turns).
+        """
         if not isinstance(text, str):
             raise TypeError(f"internalize expects a str, got {type(text).__name__}")
         if self.tokenizer is None:
             raise self.d2l.tokenizer_required("internalize(text)")
-        packed = self.d2l.pack([text], max_chunk_len=max_chunk_len)
+        packed = self.d2l.pack([text], max_chunk_len=max_chunk_len, split_special_tokens=split_special_tokens)
         loras = self.d2l.chunk_loras(packed)
         self.generated_loras, self._generated_n_chunks = loras, packed.n_chunks
         return loras

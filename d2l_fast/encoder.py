@@ -57,7 +57,8 @@ class ContextEncoder(nn.Module):
       * ``embed_only``: the embedding output.
     """
 
-    def __init__(self, model: nn.Module, encoder_type: str, *, layer_idx: int | None = None, last_layer: int | None = None):
+    def __init__(self, model: nn.Module, encoder_type: str, *, layer_idx: int | None = None,
+                 last_layer: int | None = None):
         super().__init__()
         self._model = [model]  # not registered: weights belong to the base model
         dec = decoder_of(model)

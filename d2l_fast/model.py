@@ -253,26 +253,33 @@ class D2LModel(nn.Module):
                           "from_checkpoint / from_state_dict, or set model.tokenizer = d2l_fast.get_tokenizer(path); "
                           "id-level calls (templated token ids) work without one")
 
-    def pack(self, documents, *, max_chunk_len: int | None = None) -> PackedContexts:
+    def pack(self, documents, *, max_chunk_len: int | None = None, split_special_tokens: bool = True) -> PackedContexts:
+        """``split_special_tokens``: control-token text in a text document stays plain text (True, the default)
+        or becomes control tokens as in the reference (False); see :func:`d2l_fast.packing.tokenize_context`."""
         if self.tokenizer is None and any(isinstance(d, str) for d in documents):
             raise self.tokenizer_required("internalizing text documents")
         mcl = self.max_chunk_len if max_chunk_len is None else max_chunk_len
         return PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
-                                             model_name=self.spec.base_model_name_or_path)
+                                             model_name=self.spec.base_model_name_or_path,
+                                             split_special_tokens=split_special_tokens)
 
     @torch.no_grad()
     def internalize(self, documents, *, max_chunk_len: int | None = None, scalers=None, bias_scaler=None,
-                    names=None, docs_per_call: int | None = None, progress: bool | None = None) -> AdapterBatch:
+                    names=None, docs_per_call: int | None = None, progress: bool | None = None,
+                    split_special_tokens: bool = True) -> AdapterBatch:
         """Documents (text, or chat-templated id lists) → one adapter each, in ONE packed padding-free pass.
 
         Long documents are chunked on templated ids (``max_chunk_len``); a document of n chunks gets rank
         (n+1)·r. ``docs_per_call`` bounds memory for very large lists (several packed calls, tqdm progress).
         Nothing is stored on the model: the returned :class:`AdapterBatch` is the state.
+        ``split_special_tokens`` (default True): text such as ``<start_of_turn>`` in a document stays plain text
+        instead of becoming a control token; False gives the reference's tokenization.
         """
         if isinstance(documents, (str, torch.Tensor)):
             raise TypeError("internalize expects a list of documents; wrap a single document in a list")
         documents = list(documents)
-        packed = self.pack(documents, max_chunk_len=max_chunk_len)  # validates everything before any compute
+        # validates everything before any compute
+        packed = self.pack(documents, max_chunk_len=max_chunk_len, split_special_tokens=split_special_tokens)
         if names is not None and len(names) != len(documents):
             raise ValueError(f"{len(names)} names for {len(documents)} documents")
         if scalers is not None:

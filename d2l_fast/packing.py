@@ -146,10 +146,58 @@ def render_context(tokenizer, doc) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_context(tokenizer, doc) -> list[int]:
-    """``tokenize_ctx_text`` of the reference: rendered chat, no extra special tokens."""
+def control_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special (control) tokens: bos/eos/pad/unk, chat-turn markers, other special added
+    tokens."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    return ids
+
+
+def tokenize_context(tokenizer, doc, *, split_special_tokens: bool = True) -> list[int]:
+    """``tokenize_ctx_text`` of the reference: rendered chat, no extra special tokens.
+
+    ``split_special_tokens=True`` (default, a deliberate difference from the reference): control-token text
+    inside the document (``<start_of_turn>``, ``<|im_start|>``, ``<bos>``, ...) is tokenized as plain text, so
+    a document cannot open or close chat turns; the template's own control tokens stay. For a document without
+    such text the ids are the reference's. ``False``: the reference's behaviour (such text becomes control tokens).
+    """
     _check_document(doc)
-    return list(tokenizer(render_context(tokenizer, doc), add_special_tokens=False)["input_ids"])
+    text = render_context(tokenizer, doc)
+    if not split_special_tokens:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _tokenize_without_injection(tokenizer, doc.strip(), text)
+
+
+def _tokenize_without_injection(tokenizer, body: str, text: str) -> list[int]:
+    """Ids of the rendered ``text`` in which control tokens come only from the template, never from ``body``."""
+    pre, _, suf = render_context(tokenizer, _SENTINEL).partition(_SENTINEL)
+    if text == pre + body + suf:
+        d0 = len(pre)
+    elif text.count(body) == 1:
+        d0 = text.index(body)
+    else:
+        raise ValueError("cannot locate the document in its chat-templated text to keep control-token text in it "
+                         "plain; pass split_special_tokens=False for the reference's tokenization")
+    d1 = d0 + len(body)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:  # only fast tokenizers report offsets
+        raise ValueError("split_special_tokens needs a fast tokenizer (offset mapping); pass "
+                         "split_special_tokens=False for the reference's tokenization") from e
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ctrl = control_token_ids(tokenizer)
+    marks = [k for k, t in enumerate(ids) if t in ctrl]
+    if not any(offs[k][0] < d1 and offs[k][1] > d0 for k in marks):
+        return ids  # no control token came from the document: the reference's ids
+    # keep the template's control tokens around the document; re-tokenize the text between them as plain text
+    before = [k for k in marks if offs[k][1] <= d0]
+    after = [k for k in marks if offs[k][0] >= d1]
+    k0, c0 = (before[-1] + 1, offs[before[-1]][1]) if before else (0, 0)
+    k1, c1 = (after[0], offs[after[0]][0]) if after else (len(ids), len(text))
+    mid = tokenizer(text[c0:c1], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids[:k0] + list(mid) + ids[k1:]
 
 
 def tokenize_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
@@ -262,8 +310,12 @@ class PackedContexts:
         return cls(chunks=chunks, n_chunks=n_chunks)
 
     @classmethod
-    def from_documents(cls, tokenizer, docs, *, max_chunk_len: int | None = None, model_name: str | None = None) -> "PackedContexts":
-        """Text documents (or pre-tokenised templated id lists) → chat-templated, chunked, packed."""
+    def from_documents(cls, tokenizer, docs, *, max_chunk_len: int | None = None, model_name: str | None = None,
+                       split_special_tokens: bool = True) -> "PackedContexts":
+        """Text documents (or pre-tokenised templated id lists) → chat-templated, chunked, packed.
+
+        ``split_special_tokens``: control-token text in a text document stays plain text (see :func:`tokenize_context`).
+        """
         if isinstance(docs, (str, torch.Tensor)):
             raise TypeError("docs must be a list of documents; wrap a single document in a list")
         docs = list(docs)
@@ -271,7 +323,8 @@ class PackedContexts:
             raise ValueError("expected at least one document, got an empty list")
         for i, d in enumerate(docs):
             _check_document(d, i)
-        ids = [tokenize_context(tokenizer, d) if isinstance(d, str) else d for d in docs]
+        ids = [tokenize_context(tokenizer, d, split_special_tokens=split_special_tokens) if isinstance(d, str) else d
+               for d in docs]
         aff = context_affixes(tokenizer, model_name) if max_chunk_len else None
         return cls.from_ids(ids, max_chunk_len=max_chunk_len, affixes=aff)
 
@@ -311,6 +364,7 @@ __all__ = [
     "PackedContexts",
     "compact_chat_template",
     "context_affixes",
+    "control_token_ids",
     "get_tokenizer",
     "has_tokenizer_files",
     "packaged_chat_template",

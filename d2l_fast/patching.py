@@ -17,10 +17,7 @@ from torch import nn
 
 from .adapters import AdapterBatch
 from .encoder import decoder_of
-from .lora_ops import SegmentMeta, segmented_lora, segmented_lora_
-
-ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 
 
 def find_target_linears(model: nn.Module, modules) -> dict[tuple[int, str], nn.Linear]:
@@ -29,7 +26,8 @@ def find_target_linears(model: nn.Module, modules) -> dict[tuple[int, str], nn.L
     out = {}
     for i, layer in enumerate(dec.layers):
         for m in modules:
-            found = [mod for name, mod in layer.named_modules() if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
+            found = [mod for name, mod in layer.named_modules()
+                     if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
             if len(found) != 1:
                 raise ValueError(f"layer {i}: expected exactly one Linear named {m!r}, found {len(found)}")
             out[(i, m)] = found[0]

@@ -343,7 +343,7 @@ _GEMMA2_TEMPLATE = _compact_template(
 {% if add_generation_prompt %}
     {{'<start_of_turn>model\\n'}}
 {% endif %}
-"""
+"""  # noqa: E501
 )
 
 # ChatML as in Qwen3 (no default system prompt, no thinking block).

@@ -1,4 +1,5 @@
-"""Safe checkpoint loading: reference pickles without ctx_to_lora/peft, refusal of foreign pickles, pickle-free format."""
+"""Safe checkpoint loading: reference pickles without ctx_to_lora/peft, refusal of foreign pickles, pickle-free
+format."""
 
 import os
 import shutil
@@ -107,7 +108,7 @@ def test_mismatched_base_model_is_rejected(golden_dir):
     wrong = AutoModelForCausalLM.from_config(cfg)  # same hidden size, down_proj 128->64 instead of 256->64
     with pytest.raises(CheckpointError, match="down_proj"):
         D2LModel.from_checkpoint(golden_dir / "pytorch_model.bin", base_model=wrong)
-    cfg2 = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8)
+    cfg2 = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     with pytest.raises(CheckpointError, match="hidden_size"):
         D2LModel.from_checkpoint(golden_dir / "pytorch_model.bin", base_model=AutoModelForCausalLM.from_config(cfg2))

@@ -58,7 +58,8 @@ def test_bad_input_keeps_internalized_document(model, cases):
         model.generate_weights(cases["inputs.ctx_pair_ids"])
     with pytest.raises(ValueError, match="n_queries"):
         model.generate(ctx_ids=cases["inputs.ctx_batch_ids"], ctx_attn_mask=cases["inputs.ctx_batch_mask"],
-                       n_ctx_chunks=[1, 1, 1], input_ids=cases["inputs.prompt_ids"], attention_mask=cases["inputs.prompt_mask"])
+                       n_ctx_chunks=[1, 1, 1], input_ids=cases["inputs.prompt_ids"],
+                       attention_mask=cases["inputs.prompt_mask"])
     with pytest.raises(ValueError, match="integer tensor"):
         model.generate_weights(cases["inputs.ctx_pair_ids"].float(), cases["inputs.ctx_pair_mask"])
     with pytest.raises(ValueError, match="ctx_attn_mask shape"):

@@ -95,7 +95,8 @@ def test_case4_combine(model, cases):
     out = combine_lora(per_chunk, [2, 1], bias)
     close(out["down_proj"]["A"], cases["case4.combined_bias.down_proj.A"], dict(atol=0, rtol=0))
     close(out["down_proj"]["B"], cases["case4.combined_bias.down_proj.B"], dict(atol=0, rtol=0))
-    out = model.combine_lora(per_chunk, torch.tensor([2, 1]), bias, scalers=torch.tensor([0.5, -1.5, 2.0]), bias_scaler=-0.7)
+    out = model.combine_lora(per_chunk, torch.tensor([2, 1]), bias, scalers=torch.tensor([0.5, -1.5, 2.0]),
+                             bias_scaler=-0.7)
     close(out["down_proj"]["A"], cases["case4.combined_scaled.down_proj.A"], dict(atol=1e-7, rtol=1e-6))
     close(out["down_proj"]["B"], cases["case4.combined_scaled.down_proj.B"], dict(atol=1e-7, rtol=1e-6))
 
@@ -150,8 +151,9 @@ def test_case6_generate(model, cases):
                        n_ctx_chunks=[1, 1])
     assert torch.equal(seq, cases["case6.tokens_lora_11"])
     close_steps(logits, cases["case6.step_logits_lora_11"])
-    seq, logits = _gen(model, cases, ctx_ids=cases["inputs.ctx_batch_ids"], ctx_attn_mask=cases["inputs.ctx_batch_mask"],
-                       n_ctx_chunks=[2, 1], scalers=torch.tensor([0.5, -1.5, 2.0]), bias_scaler=-0.7)
+    seq, logits = _gen(model, cases, ctx_ids=cases["inputs.ctx_batch_ids"],
+                       ctx_attn_mask=cases["inputs.ctx_batch_mask"], n_ctx_chunks=[2, 1],
+                       scalers=torch.tensor([0.5, -1.5, 2.0]), bias_scaler=-0.7)
     assert torch.equal(seq, cases["case6.tokens_lora_21_scaled"])
     close_steps(logits, cases["case6.step_logits_lora_21_scaled"])
 

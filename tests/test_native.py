@@ -64,7 +64,8 @@ def test_packed_equals_padded(model):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
     from_padded = PackedContexts.from_padded(ids, mask, n_ctx_chunks=packed.n_chunks)
-    from_row = PackedContexts.from_padded(packed.input_ids(), ctx_position_ids=packed.position_ids(), n_ctx_chunks=packed.n_chunks)
+    from_row = PackedContexts.from_padded(packed.input_ids(), ctx_position_ids=packed.position_ids(),
+                                          n_ctx_chunks=packed.n_chunks)
     with torch.no_grad():
         a = model.chunk_loras(packed)
         b = model.chunk_loras(from_padded)
@@ -81,7 +82,8 @@ def test_generate_mixed_adapters_matches_alone(model):
     out = model.generate(ids, mask, adapters=adapters, adapter_index=rows, max_new_tokens=6, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     logits = torch.stack(out.logits, 1)
-    base = model.generate(ids, mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    base = model.generate(ids, mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
     assert (logits[0] - torch.stack(base.logits, 1)[0]).abs().max() > 1e-3  # adapters change the output
     for i in (0, 2, 3):
         one_ids, one_mask = model.encode_prompts([QUESTIONS[i]])

@@ -26,8 +26,9 @@ def test_known_affixes_and_derived_affixes():
     assert KNOWN_AFFIXES["google/gemma-2-2b-it"] == ([2, 106, 1645, 110], [107, 108, 106, 2516, 108])
     tok = tiny_tokenizer("gemma2")
     pre, suf = context_affixes(tok, "tiny")
-    ids = tok(tok.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": "hello there"}],
-                                      tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "hello there"}]
+    ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
     assert ids[: len(pre)] == pre and ids[-len(suf):] == suf
 
 

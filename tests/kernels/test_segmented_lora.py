@@ -350,7 +350,8 @@ def test_bad_backend():
 
 
 def test_pick_config_is_pure_and_gpu_legal():
-    problems = [(64, 1, 16, 9216, 2304), (4096, 256, 72, 9216, 2304), (10, 10, 8, 40, 24), (4096, 4096, 1032, 1536, 576)]
+    problems = [(64, 1, 16, 9216, 2304), (4096, 256, 72, 9216, 2304), (10, 10, 8, 40, 24),
+                (4096, 4096, 1032, 1536, 576)]
     for args in problems:
         for interpret in (True, False):
             a, b = pick_config(*args, interpret=interpret), pick_config(*args, interpret=interpret)

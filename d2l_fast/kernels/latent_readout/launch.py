@@ -1,14 +1,15 @@
-"""Host launchers: validate, allocate, pick a config, launch. No autograd here."""
+"""Host launchers: validate, allocate, pick a config, launch. No autograd here.
+
+Triton is optional: it (and the kernel module) is imported when a kernel is launched, never at import time.
+"""
 from __future__ import annotations
 
 import contextlib
 
 import torch
-import triton
 
 from .._common import input_precision
 from .configs import interpreting, pick_config
-from .kernel import _readout_combine_kernel, _readout_fwd_kernel
 
 __all__ = ["readout_attend_fwd", "latent_readout_triton_fwd", "SUPPORTED_DTYPES"]
 
@@ -39,12 +40,14 @@ def readout_attend_fwd(
     Returns:
         fp32 [G, n_seg, R, d], zeros for empty segments.
     """
+    from .kernel import _readout_combine_kernel, _readout_fwd_kernel
+
     G, n_seg, R, d = q.shape
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     v_arg = k if v is None else _last_dim_contiguous(v)
     ts_arg = tok_scale if tok_scale is not None else cu_seqlens  # never read when HAS_TOK_SCALE is False
     cfg = pick_config(n_seg, G, R, d, max_seqlen, q.dtype, q.device)
-    n_row_tiles = triton.cdiv(R, cfg.BLOCK_M)
+    n_row_tiles = -(-R // cfg.BLOCK_M)
     out = torch.empty(G, n_seg, R, d, device=q.device, dtype=torch.float32)
     if n_seg == 0:
         return out

@@ -85,7 +85,8 @@ def pick_config(
         programs = max(1, n_tokens) * max(1, -(-max_rank // br))
         max_splits = max(1, -(-d_in // (bk if interpret else 2 * bk)))
         splits = min(max_splits, max(1, -(-4 * n_sms // programs))) if not interpret else max_splits
-        k_per_split = -(-(-(-d_in // splits)) // bk) * bk
+        per_split = -(-d_in // splits)
+        k_per_split = -(-per_split // bk) * bk
         return KernelConfig(
             "decode", BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=4,
             SPLIT_K=max(1, -(-d_in // k_per_split)),

@@ -300,7 +300,8 @@ def _lora_decode_expand_kernel(
         mask_r = offs_r < rank_len
         h = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for s in range(0, n_splits):
-            h += tl.load(h_ptr + s * stride_h_split + pid_m * stride_h_row + offs_r * stride_h_rank, mask=mask_r, other=0.0)
+            h_s = h_ptr + s * stride_h_split + pid_m * stride_h_row + offs_r * stride_h_rank
+            h += tl.load(h_s, mask=mask_r, other=0.0)
         b = tl.load(
             b_ptr + (rank_start + offs_r)[:, None] * stride_b_rank + offs_n[None, :] * stride_b_d,
             mask=mask_r[:, None] & mask_n[None, :],
