@@ -199,7 +199,8 @@ def sec_tests(S: Suite):
             out = p.stdout + p.stderr
             rc = p.returncode
         except subprocess.TimeoutExpired as e:
-            out, rc = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), 124
+            raw = e.stdout or b""
+            out, rc = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw), 124
         if rc != 0 and "-n" in args and ("unrecognized arguments: -n" in out or "xdist" in out and rc == 4):
             p = subprocess.run([c for c in cmd if c not in ("-n", "8")], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=timeout)  # fmt: skip
@@ -356,7 +357,8 @@ def sec_lora(S: Suite):
                 row["GBps"] = n["lora_bytes"] / t / 1e3
                 row["frac_copy_bw"] = row["GBps"] / bw if bw else None
                 row["TFLOPs"] = n["lora_flops"] / t / 1e6
-                row["config"] = f"{cfg.variant} M{cfg.BLOCK_M} N{cfg.BLOCK_N} K{cfg.BLOCK_K} R{cfg.BLOCK_R} w{cfg.num_warps} s{cfg.SPLIT_K}"
+                row["config"] = (f"{cfg.variant} M{cfg.BLOCK_M} N{cfg.BLOCK_N} K{cfg.BLOCK_K} R{cfg.BLOCK_R} "
+                                 f"w{cfg.num_warps} s{cfg.SPLIT_K}")
             if prov == "base":
                 row["TFLOPs"] = n["base_flops"] / t / 1e6
                 row["frac_peak"] = row["TFLOPs"] / tf if tf else None
@@ -508,7 +510,8 @@ def sec_e2e(S: Suite):
         return dt
 
     t_base = timed("base", lambda: model.generate(ids, mask, **gen_kw))
-    t_d2l = timed("d2l_fast", lambda: model.generate(ids, mask, adapters=ads, adapter_index=list(range(n_rows)), **gen_kw))
+    rows = list(range(n_rows))
+    t_d2l = timed("d2l_fast", lambda: model.generate(ids, mask, adapters=ads, adapter_index=rows, **gen_kw))
     S.row(section="e2e", step="generate_ratio", d2l_vs_base_tokens_per_s=t_base / t_d2l)
     if S.left() < 60:
         return
