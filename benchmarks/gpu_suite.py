@@ -354,6 +354,17 @@ def sec_lora(S: Suite):
             if prov.startswith("lora_only"):
                 row["graph_us"] = graph_time_us(fn)
                 row["host_us"] = host_us(fn)
+                if prov == "lora_only":  # the same calls through Triton's own launch path (no Launcher reuse)
+                    from d2l_fast.kernels.segmented_lora import launch as L
+
+                    row["fast_launch_active"] = all(lc.enabled for lc in L._LAUNCHERS.values())
+                    saved = {k: lc.enabled for k, lc in L._LAUNCHERS.items()}
+                    for lc in L._LAUNCHERS.values():
+                        lc.enabled = False
+                    row["host_us_triton_launch"] = host_us(fn)
+                    row["us_triton_launch"] = cuda_time_us(fn, reps=15)
+                    for k, lc in L._LAUNCHERS.items():
+                        lc.enabled = saved[k]
                 row["GBps"] = n["lora_bytes"] / t / 1e3
                 row["frac_copy_bw"] = row["GBps"] / bw if bw else None
                 row["TFLOPs"] = n["lora_flops"] / t / 1e6

@@ -1,6 +1,7 @@
 """Markdown table of a pytest-benchmark JSON: mean time per provider and ratio vs the ``base`` provider.
 
     python benchmarks/report.py /tmp/seglora.json [--stat mean|median|min]
+    python benchmarks/report.py benchmarks/results/gpu_suite_h100_run2.json     # a gpu_suite.py run
 
 Generic: rows are grouped by ``extra_info["case"]``, columns by ``extra_info["provider"]``; a provider
 named ``base`` (if present) is the denominator of the ratios.
@@ -109,6 +110,54 @@ def build_long_table(data: dict, stat: str = "mean") -> str:
     return "\n\n".join(out)
 
 
+def _n(v, fmt="{:.1f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def build_gpu_suite_tables(data: dict) -> str:
+    """Markdown tables of a ``benchmarks/gpu_suite.py`` JSON (card, ceilings, tests, LoRA, readout, e2e)."""
+    env, rows = data.get("env", {}), data.get("rows", [])
+    out = [f"Card: **{env.get('device')}** ({env.get('sms')} SMs), torch {env.get('torch')}, "
+           f"triton {env.get('triton')}; measured ceilings: copy {_n(env.get('copy_GBps'), '{:.0f}')} GB/s "
+           f"(read + write), bf16 matmul {_n(env.get('bf16_matmul_TFLOPs'), '{:.0f}')} TFLOP/s"]
+    for name, t in (data.get("tests") or {}).items():
+        out.append(f"- tests `{name}`: rc {t['rc']}, {' '.join(t.get('summary') or [])}")
+    lora = [r for r in rows if r.get("section") == "lora"]
+    if lora:
+        out += ["", "| case | base µs | d2l_fast µs (overhead) | LoRA alone: events µs / graph µs / host µs | "
+                "LoRA GB/s (graph, % of copy) | per-adapter cuBLAS µs | PEFT µs | config |",
+                "|---|---|---|---|---|---|---|---|"]
+        bw = env.get("copy_GBps")
+        for case in dict.fromkeys(r["case"] for r in lora):
+            by = {r["provider"]: r for r in lora if r["case"] == case}
+            base, d2l, lo = by.get("base", {}), by.get("d2l_fast", {}), by.get("lora_only", {})
+            gbps = None
+            if lo.get("graph_us") and lo.get("GBps") and lo.get("us"):
+                gbps = lo["GBps"] * lo["us"] / lo["graph_us"]
+            ovh = (d2l["us"] / base["us"] - 1) * 100 if base.get("us") and d2l.get("us") else None
+            out.append(
+                f"| {case} | {_n(base.get('us'))} | {_n(d2l.get('us'))} ({_n(ovh, '{:+.0f}')} %) | "
+                f"{_n(lo.get('us'))} / {_n(lo.get('graph_us'))} / {_n(lo.get('host_us'))} | "
+                f"{_n(gbps, '{:.0f}')} ({_n(gbps / bw * 100 if gbps and bw else None, '{:.0f}')} %) | "
+                f"{_n(by.get('cublas_loop', {}).get('us'))} | {_n(by.get('peft', {}).get('us'))} | "
+                f"{lo.get('config', '')} |")
+    ro = [r for r in rows if r.get("section") == "readout"]
+    if ro:
+        out += ["", "| readout case | provider | µs | useful TFLOP/s | % of bf16 peak | rel. error |",
+                "|---|---|---|---|---|---|"]
+        for r in ro:
+            out.append(f"| {r['case']} | {r['provider']} | {_n(r['us'])} | {_n(r.get('useful_TFLOPs'))} | "
+                       f"{_n((r.get('frac_peak') or 0) * 100)} | {_n(r.get('rel_err'), '{:.1e}')} |")
+    e2e = [r for r in rows if r.get("section") == "e2e"]
+    if e2e:
+        out += ["", "| end to end (random Gemma-2-2b-shaped model, bf16) | result |", "|---|---|"]
+        for r in e2e:
+            rest = ", ".join(f"{k} {_n(v, '{:.4g}') if isinstance(v, float) else v}" for k, v in r.items()
+                             if k not in ("section", "step"))
+            out.append(f"| {r['step']} | {rest} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json_path")
@@ -117,6 +166,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     with open(args.json_path) as f:
         data = json.load(f)
+    if "sections" in data and "rows" in data:  # benchmarks/gpu_suite.py
+        print(build_gpu_suite_tables(data))
+        return
     mi = data.get("machine_info", {})
     print(f"<!-- {mi.get('cpu', {}).get('brand_raw', mi.get('processor', ''))}; {data.get('datetime', '')} -->")
     if _is_long(data):

@@ -67,7 +67,7 @@ def test_quick_report_byte_minimum_and_table(quick_report):
     for col in ("smem", "regs", "spill", "LDL/STL", "mma", "bytes/min", "status"):
         assert col in lines[header]
     table = lines[header + 2 : lines.index("", header)]
-    assert len(table) == len(data["rows"]) == 6  # every quick launch is its own config
+    assert len(table) == len(data["rows"]) >= 6  # one line per compiled config (2 kernels per two-pass op)
     assert all(ln.split()[-1] == "ok" for ln in table)
 
 

@@ -93,7 +93,8 @@ class Launcher:
         ck = self._compiled.get(key)
         if ck is not None:
             try:
-                return ck[grid](*args, *(constexprs[n] for n in self._names[len(args):]))
+                g3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+                return ck[g3](*args, *(constexprs[n] for n in self._names[len(args):]))
             except Exception:  # noqa: BLE001  (an unexpected Triton API: fall back for good)
                 self.enabled = False
                 self._compiled.clear()

@@ -137,6 +137,7 @@ def test_prefill_each_variant(variant, prec):
         pytest.param((64, [i % 4 for i in range(64)], [16, 24, 32, 8]), id="64rows-4shared"),
         pytest.param((3, [0, -1, 1], [1032, 8]), id="3rows-r1032-none"),
         pytest.param((1, [0], [8]), id="1row-r8"),
+        pytest.param((8, [0] * 8, [1032]), id="8beams-r1032"),
     ],
 )
 @pytest.mark.parametrize("shape", ["gemma2-2b-down", "mistral-7b-down", "smollm2-down"])
@@ -149,6 +150,7 @@ def test_decode_real_shapes(shape, layout, prec):
     _, x, A, B = lora_problem([1] * rows, row_adapter, ranks, d_in, d_out, prec)
     meta = SegmentMeta.uniform(rows, 1, row_adapter, offs, device="cuda")
     assert pick_config(meta.n_tokens, meta.max_seqlen, meta.max_rank, d_in, d_out).variant == "decode"
+    x_first = x.clone()
     base = torch.randn(rows, d_out, device="cuda").to(x.dtype)
     with fp32_precision(prec):
         out = base.clone()
@@ -157,6 +159,18 @@ def test_decode_real_shapes(shape, layout, prec):
     none_rows = [i for i, a in enumerate(row_adapter) if a < 0]
     if none_rows:
         assert torch.equal(out[none_rows], base[none_rows]), "rows without an adapter must be untouched"
+    # a second call on new data reuses the compiled binaries (Launcher fast path): still exact
+    x.copy_(torch.randn_like(x_first))
+    with fp32_precision(prec):
+        out2 = base.clone()
+        segmented_lora_(out2, x, A, B, meta, 0.5)
+    check(f"decode {shape} (second call)", out2.double() - base.double(), ref64(x, A, B, meta, 0.5), prec)
+    # misaligned views (data_ptr % 16 != 0) are a different specialization: must not reuse an aligned binary
+    xm = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)[1:].view_as(x).copy_(x)
+    with fp32_precision(prec):
+        out3 = base.clone()
+        segmented_lora_(out3, xm, A, B, meta, 0.5)
+    check(f"decode {shape} (misaligned x)", out3.double() - base.double(), ref64(x, A, B, meta, 0.5), prec)
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)

@@ -101,6 +101,24 @@ def test_tile_table_merges_runs():
     assert meta.tile_table(1).shape == (21, 4)
 
 
+@pytest.mark.interpreter
+def test_decode_rows_sharing_an_adapter_use_run_tiles():
+    """Beams (adjacent rows with one adapter) at decode: tensor-core tiles over the runs, same result."""
+    from d2l_fast.kernels.segmented_lora.launch import launch_plan
+
+    row_adapter = [0, 0, 0, 0, 1, 1, 1, 1, -1, 2]
+    meta = SegmentMeta.uniform(10, 1, row_adapter, [0, 8, 24, 40])
+    plan = launch_plan(meta, 72, 40, torch.float32, torch.device("cpu"))
+    assert plan.cfg.variant != "decode" and plan.n_tiles == 3
+    distinct = SegmentMeta.uniform(4, 1, [0, 1, 2, 0], [0, 8, 24, 40])
+    assert launch_plan(distinct, 72, 40, torch.float32, torch.device("cpu")).cfg.variant == "decode"
+    g = torch.Generator().manual_seed(4)
+    x, A, B = torch.randn(10, 72, generator=g), torch.randn(40, 72, generator=g) / 9, torch.randn(40, 40, generator=g)
+    out = torch.zeros(10, 40)
+    segmented_lora_fwd(out, x, A, B, meta, 0.5)
+    assert_close("delta(beams)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), fp32_tol(112))
+
+
 def test_meta_worked_example():
     meta = SegmentMeta.from_lengths([4, 6], [1, 0], [0, 8, 24], device="cpu")
     assert meta.cu_seqlens.tolist() == [0, 4, 10] and meta.cu_seqlens.dtype == torch.int32
