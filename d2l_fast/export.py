@@ -89,8 +89,9 @@ def export_peft(model_or_spec, adapters: AdapterBatch, index_or_indices, out_dir
         raise ValueError("weights= only applies with compose=True")
     if single or compose:
         if names is not None:
-            raise ValueError(f"names= names the folders of a list export; with {'compose=True' if compose else 'an int index'} "
-                             f"the folder is out_dir itself ({str(out_dir)!r}), got names={names!r:.80}")
+            mode = "compose=True" if compose else "an int index"
+            raise ValueError(f"names= names the folders of a list export; with {mode} the folder is out_dir itself "
+                             f"({str(out_dir)!r}), got names={names!r:.80}")
         if compose:
             ad = adapters.compose(indices, weights)  # validates weights against the indices
             jobs = [(out_dir, ad, 0, indices)]
@@ -154,7 +155,8 @@ def _resolve_model(model_or_spec, base_model):
         if base_model is not None:
             raise ValueError("base_model= is only for a spec or checkpoint; a D2LModel brings its own base model")
         return spec, bm, model_id
-    raise TypeError(f"model_or_spec must be a D2LModel, LoadedCheckpoint or D2LSpec, got {type(model_or_spec).__name__}")
+    raise TypeError(f"model_or_spec must be a D2LModel, LoadedCheckpoint or D2LSpec, "
+                    f"got {type(model_or_spec).__name__}")
 
 
 def _check_same_model(adapters: AdapterBatch, spec: D2LSpec, expected_id: str | None) -> None:
@@ -247,7 +249,8 @@ def _module_paths(spec: D2LSpec, model: nn.Module) -> dict[tuple[int, str], str]
     try:
         lins = find_target_linears(model, spec.target_modules)
     except ValueError as e:
-        raise ValueError(f"base model does not have the adapters' target modules {list(spec.target_modules)}: {e}") from e
+        raise ValueError(f"base model does not have the adapters' target modules {list(spec.target_modules)}: "
+                         f"{e}") from e
     n_layers = 1 + max(layer for layer, _ in lins)
     if max(spec.layer_indices) >= n_layers:
         raise ValueError(f"adapters target decoder layers {list(spec.layer_indices)}, the base model has {n_layers}")
