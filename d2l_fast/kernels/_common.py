@@ -53,55 +53,57 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _arg_key(a):
-    """What Triton specializes a launch argument on: dtype and 16-byte alignment of tensors; ints equal to 1,
-    divisible by 16 and fitting int32; other values as they are."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, int):
-        return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
-    if isinstance(a, float):
-        return float
-    return a
-
-
 class Launcher:
     """Launches one ``@triton.jit`` kernel, reusing the compiled binary of an earlier launch with the same
-    specialization (argument dtypes, alignment, int properties, constexprs, warps, stages, device).
+    arguments apart from tensor addresses (same dtypes, 16-byte alignment, int values, constexprs, warps, stages
+    and device) and float values (never specialized).
 
     Triton's own launch path re-binds and re-specializes every argument and builds a cache key string on every
-    call (tens of microseconds of host time for a ~20-argument kernel, more than the kernel itself at decode).
-    The first launch of each specialization goes through Triton (compiling if needed) and returns the compiled
-    kernel; later launches call it directly with every argument in parameter order. Under the interpreter,
-    with ``D2L_FAST_LAUNCH=0``, or if the direct call ever fails (another Triton version), every launch takes
-    Triton's normal path.
+    call (tens of microseconds of host time for a ~20-argument kernel, as much as the kernel itself at decode).
+    The first launch of each such key goes through Triton (compiling if needed) and returns the compiled
+    kernel; later launches call it directly with every argument in parameter order. The key is finer than
+    Triton's specialization (exact ints rather than their divisibility), so a reused binary is always the one
+    Triton would pick. Under the interpreter, with ``D2L_FAST_LAUNCH=0``, or if a direct call ever fails
+    (another Triton version), every launch takes Triton's normal path.
     """
 
     def __init__(self, fn):
         self.fn = fn
         self._compiled: dict = {}
         self._names = None
+        self._layout = None  # (tensor positions, int positions) of the call site's arguments
         self.enabled = os.environ.get("D2L_FAST_LAUNCH", "1") not in ("0", "")
+
+    def _key(self, args, constexprs, num_warps, num_stages):
+        layout = self._layout
+        if layout is None or len(layout[2]) != len(args):
+            kinds = tuple("t" if isinstance(a, torch.Tensor) else ("f" if isinstance(a, float) else "o") for a in args)
+            tpos = tuple(i for i, k in enumerate(kinds) if k == "t")
+            opos = tuple(i for i, k in enumerate(kinds) if k == "o")
+            layout = self._layout = (tpos, opos, kinds)
+        tpos, opos, kinds = layout
+        try:
+            tensors = tuple((args[i].dtype, args[i].data_ptr() & 15, args[i].get_device()) for i in tpos)
+        except AttributeError:  # a call site changed argument kinds: recompute the layout next time
+            self._layout = None
+            return None
+        return (tensors, tuple(args[i] for i in opos), tuple(constexprs.values()), num_warps, num_stages)
 
     def __call__(self, grid, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
         if not self.enabled or interpreting():
             return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()), num_warps, num_stages,
-               args[0].device.index if isinstance(args[0], torch.Tensor) else None)
-        ck = self._compiled.get(key)
+        key = self._key(args, constexprs, num_warps, num_stages)
+        ck = self._compiled.get(key) if key is not None else None
         if ck is not None:
             try:
                 g3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-                return ck[g3](*args, *(constexprs[n] for n in self._names[len(args):]))
+                return ck[g3](*args, *constexprs.values())
             except Exception:  # noqa: BLE001  (an unexpected Triton API: fall back for good)
                 self.enabled = False
                 self._compiled.clear()
         ck = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        if self.enabled and ck is not None and hasattr(ck, "__getitem__") and hasattr(self.fn, "arg_names"):
-            names = list(self.fn.arg_names)
-            if len(names) == len(args) + len(constexprs) and all(n in constexprs for n in names[len(args):]):
-                self._names = names
+        if key is not None and self.enabled and ck is not None and hasattr(ck, "__getitem__"):
+            names = list(getattr(self.fn, "arg_names", ()))
+            if names[len(args):] == list(constexprs):  # constexprs given in parameter order, after the others
                 self._compiled[key] = ck
         return ck
