@@ -100,7 +100,8 @@ def answer_tokens(labels: torch.Tensor, qa_cu_seqlens) -> AnswerTokens:
         raise ValueError(f"qa_cu_seqlens must rise from 0 to the {T} labels, got {cu}")
     is_label = labels != IGNORE_INDEX
     if bool((labels[is_label] < 0).any()):
-        raise ValueError(f"labels must be token ids ≥ 0 or {IGNORE_INDEX}, got {sorted(set(labels[labels < 0].tolist()))}")
+        bad = sorted(set(labels[labels < 0].tolist()) - {IGNORE_INDEX})
+        raise ValueError(f"labels must be token ids ≥ 0 or {IGNORE_INDEX}, got {bad}")
     starts = torch.tensor(cu[:-1], dtype=torch.long, device=labels.device)
     starts = starts[starts < T]
     if starts.numel() and bool(is_label[starts].any()):
@@ -110,7 +111,7 @@ def answer_tokens(labels: torch.Tensor, qa_cu_seqlens) -> AnswerTokens:
     pos = torch.nonzero(is_label).flatten()
     lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], dtype=torch.long, device=labels.device)
     seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=labels.device), lens)
-    counts = torch.bincount(seg[pos], minlength=len(cu) - 1) if pos.numel() else torch.zeros(len(cu) - 1, dtype=torch.long)
+    counts = torch.bincount(seg[pos], minlength=len(cu) - 1) if pos.numel() else torch.zeros(len(cu) - 1).long()
     return AnswerTokens(pos - 1, labels[pos].long(), [int(c) for c in counts.tolist()])
 
 
@@ -149,8 +150,8 @@ def per_context_weights(qa_lengths, n_queries, n_ctx_window: int, *, device=None
 
 
 def per_token_weights(n_tokens: int, n_labels_window: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Token weights of the per-label-token average: ``[n_tokens]`` (fp32 by default) filled with ``1 / n_labels_window``
-    (the answer tokens of the whole gradient-accumulation window, ≥ n_tokens)."""
+    """Token weights of the per-label-token average: ``[n_tokens]`` (fp32 by default) filled with
+    ``1 / n_labels_window`` (the answer tokens of the whole gradient-accumulation window, ≥ n_tokens)."""
     if not isinstance(n_tokens, int) or n_tokens < 0:
         raise ValueError(f"n_tokens must be an int ≥ 0, got {n_tokens!r}")
     if not isinstance(n_labels_window, int) or isinstance(n_labels_window, bool) or n_labels_window < max(1, n_tokens):
@@ -262,7 +263,7 @@ def _check_head(hidden, weight, bias, token_weight, chunk_size, softcap) -> int:
                          f"got {got}")
     if token_weight.device != hidden.device:
         raise ValueError(f"token_weight is on {token_weight.device} but hidden on {hidden.device}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0):
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if chunk_size is None:
         return _auto_chunk(N, weight.shape[0])
@@ -348,7 +349,8 @@ def cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden on {hidden.device}")
     if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must be token ids in [0, {V}), got range [{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(f"targets must be token ids in [0, {V}), got range "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
     if use_liger is not False:
         fused = _liger_fused_ce() if hidden.is_cuda else None
         uniform = N > 0 and bool((token_weight == token_weight[0]).all())
