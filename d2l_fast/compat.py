@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import merge_chunk_loras
+from .adapters import as_index_list, merge_chunk_loras
 from .checkpoint import split_reference_state_dict
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context
@@ -162,7 +162,7 @@ class ModulatedPretrainedModel(nn.Module):
             if n_rows != n_groups:
                 raise ValueError(f"{n_rows} prompt rows for {n_groups} contexts: pass n_queries (rows per context)")
             return list(range(n_groups))
-        nq = [int(x) for x in (n_queries.tolist() if isinstance(n_queries, torch.Tensor) else n_queries)]
+        nq = as_index_list(n_queries, "n_queries")
         if len(nq) != n_groups or sum(nq) != n_rows:
             raise ValueError(f"n_queries={nq} must have one entry per context ({n_groups}) summing to the rows ({n_rows})")
         return [g for g, k in enumerate(nq) for _ in range(k)]

@@ -19,7 +19,7 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch, merge_chunk_loras
+from .adapters import AdapterBatch, as_index_list, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .config import D2LSpec, spec_for_model
 from .encoder import ContextEncoder, decoder_of
@@ -188,10 +188,28 @@ class D2LModel(nn.Module):
     def base_dtype(self):
         return next(self.base_model.parameters()).dtype
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the base model's input embedding: valid token ids are ``0 .. vocab_size - 1``."""
+        return int(self.base_model.get_input_embeddings().weight.shape[0])
+
+    def _check_vocab(self, lo: int, hi: int, where: str) -> None:
+        V = self.vocab_size
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: token id {bad} is outside the vocabulary (size {V}: ids 0..{V - 1})")
+
+    def _check_packed_ids(self, packed: PackedContexts) -> None:
+        for c, chunk in enumerate(packed.chunks):
+            lo, hi = min(chunk), max(chunk)
+            if lo < 0 or hi >= self.vocab_size:
+                self._check_vocab(lo, hi, f"document #{packed.chunk_to_doc[c]} (chunk {c})")
+
     # ----------------------------------------------------------------- context → LoRA
     def chunk_loras(self, packed: PackedContexts, *, intermediates: dict | None = None) -> dict:
         """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
         spec = self.spec
+        self._check_packed_ids(packed)
         hdt = self.hypernet.head.weight.dtype
         # inference streams each encoder layer through the modality projection as it is produced (the
         # [L, T, H] feature stack is never held); training / intermediates keep the plain path for autograd
@@ -248,8 +266,12 @@ class D2LModel(nn.Module):
             n_sc = len(torch.as_tensor(scalers).flatten())
             if n_sc not in (1, len(packed.chunks)):
                 raise ValueError(f"scalers must have 1 or {len(packed.chunks)} (one per chunk) entries, got {n_sc}")
+        self._check_packed_ids(packed)
         if docs_per_call is None or docs_per_call >= len(documents):
-            return self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler, names=names)
+            out = self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler,
+                             names=names)
+            out.check_finite(where=" (made by internalize from the document of that index)")
+            return out
         from tqdm.auto import tqdm
 
         parts, c0 = [], 0
@@ -265,7 +287,9 @@ class D2LModel(nn.Module):
             parts.append(self.merge(self.chunk_loras(sub), ncs, scalers=sc, bias_scaler=bias_scaler,
                                     names=None if names is None else names[d0:d1]))
             c0 += sum(ncs)
-        return AdapterBatch.concat(parts)
+        out = AdapterBatch.concat(parts)
+        out.check_finite(where=" (made by internalize from the document of that index)")
+        return out
 
     # ----------------------------------------------------------------- binding adapters
     def _prepare_adapters(self, adapters: AdapterBatch) -> AdapterBatch:
@@ -287,11 +311,16 @@ class D2LModel(nn.Module):
         return out
 
     @contextlib.contextmanager
-    def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None):
+    def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None,
+             rows_per_index: int = 1):
         """Within the block, the base model applies adapter ``adapter_index[i]`` (-1 = none) to batch row i.
 
         For a packed single-row input give ``seg_lens`` (tokens per segment) and ``seg_adapter`` instead.
-        ``adapter_index=None`` means row i uses adapter i.
+        ``adapter_index=None`` means row i uses adapter i. ``adapter_index`` needs one entry per row; with
+        ``rows_per_index=k`` a batch of exactly ``k·len(adapter_index)`` rows is also accepted, rows
+        ``i·k .. i·k+k-1`` using ``adapter_index[i]`` (HF ``generate`` expands every prompt row k times for
+        ``num_return_sequences`` / ``num_beams``). Indices must be integers; adapters holding NaN or infinite
+        values are refused here (only those some row uses).
         """
         if adapters is None:
             with self._lora_ctx.bound(None):
@@ -301,7 +330,8 @@ class D2LModel(nn.Module):
         if seg_lens is None and adapter_index is None:
             adapter_index = list(range(len(ad)))
         binding = LoRABinding(ad, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
-                              seg_lens=seg_lens, seg_adapter=seg_adapter)
+                              seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
+        ad.check_finite(binding.used_adapters, where=" (bound for this call)")
         with self._lora_ctx.bound(binding):
             yield binding
 
@@ -313,9 +343,12 @@ class D2LModel(nn.Module):
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            self._check_vocab(int(lo), int(hi), "input_ids")
         if adapters is not None:
             n_rows = input_ids.shape[0]
-            idx = list(range(len(adapters))) if adapter_index is None else list(adapter_index)
+            idx = list(range(len(adapters))) if adapter_index is None else as_index_list(adapter_index)
             if len(idx) != n_rows:
                 raise ValueError(f"{n_rows} prompt rows but {len(idx)} adapter indices "
                                  f"({'one per adapter' if adapter_index is None else 'adapter_index'}); give one per row")
@@ -325,6 +358,9 @@ class D2LModel(nn.Module):
         """Base-model forward with per-row (padded) or per-segment (packed, ``seg_lens``) adapters."""
         if seg_lens is None:
             self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
+        elif isinstance(input_ids, torch.Tensor) and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            self._check_vocab(int(lo), int(hi), "input_ids")
         with self.bind(adapters, adapter_index, seg_lens=seg_lens, seg_adapter=seg_adapter):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -335,7 +371,10 @@ class D2LModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("pad_token_id", getattr(self.tokenizer, "pad_token_id", None) or self.base_model.config.pad_token_id)
-        with self.bind(adapters, adapter_index):
+        gc = kwargs.get("generation_config") or self.base_model.generation_config
+        k = max(int(kwargs.get("num_beams", None) or getattr(gc, "num_beams", 1) or 1),
+                int(kwargs.get("num_return_sequences", None) or getattr(gc, "num_return_sequences", 1) or 1))
+        with self.bind(adapters, adapter_index, rows_per_index=k):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def encode_prompts(self, prompts: list[str], *, system: str | None = None):
@@ -343,6 +382,9 @@ class D2LModel(nn.Module):
             raise ValueError("text prompts need a tokenizer")
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("expected at least one prompt, got an empty list")
         rows = [tokenize_prompt(self.tokenizer, p, system) for p in prompts]
         n = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -55,10 +55,10 @@ def test_swiglu_blocked_path_takes_any_leading_dims():
 @pytest.fixture(scope="module")
 def many():
     model = build("llama")
-    # 1,100 short documents plus a few long ones (chunked): layer-to-layer segments 2 x ~1,110 latents rows
-    # of 8 queries (>> SwiGLU.block_rows), ~14k context tokens (> encode_token_budget, several packed rows)
-    docs = [doc(1 + (i * 7) % 9, i) for i in range(1100)]
-    for i in (3, 640, 1099):
+    # 1,000 short documents plus a few long ones (chunked): layer-to-layer segments 2 x ~1,010 latents of
+    # 8 query rows (>> SwiGLU.block_rows), ~13k context tokens (> encode_token_budget: several packed rows)
+    docs = [doc(1 + (i * 7) % 9, i) for i in range(1000)]
+    for i in (3, 640, 999):
         docs[i] = doc(150, 10_000 + i)
     return model, docs
 
@@ -76,7 +76,7 @@ def test_internalize_thousand_documents_in_one_call(many):
     # (segment = layer * C + chunk, 8 query rows each) and the encoder's packed rows (token budget)
     C = len(packed.chunks)
     block_segs = [s for s in range(0, n_seg, SwiGLU.block_rows // 8)] + [n_seg - 1]
-    sample = {0, 3, 640, 1099, len(docs) // 2}
+    sample = {0, 3, 640, 999, len(docs) // 2}
     sample |= {packed.chunk_to_doc[s % C] for s in block_segs}
     cum, budget_docs = 0, set()
     for c, n in enumerate(packed.lengths):
@@ -87,6 +87,182 @@ def test_internalize_thousand_documents_in_one_call(many):
     sample |= budget_docs
     for i in sorted(sample):
         assert_same_adapter(adapters[i], model.internalize([docs[i]]))
-    # several packed calls give the same adapters as one
-    split = model.internalize(docs, docs_per_call=400, progress=False)
-    assert_same_adapter(split, adapters)
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+NAN, INF = float("nan"), float("inf")
+
+
+def _planted(dtype):
+    """Four rank-4 adapters; adapter 1 holds a NaN in A, adapter 3 (inside the rank span, used by no row) an inf."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 24, generator=g)
+    B = torch.randn(16, 20, generator=g)
+    clean_A, clean_B = A.clone(), B.clone()
+    A[5, 7] = NAN
+    B[14, 3] = INF
+    clean_A[4:8] = 0  # what the other rows must see: the bad adapter contributes nothing to them
+    clean_B[12:16] = 0
+    return A.to(dtype), B.to(dtype), clean_A.to(dtype), clean_B.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq", [1, 5])  # decode rows and prefill rows
+@pytest.mark.parametrize("strategy", ["runs", "grouped", "bmm", "dense", "triton"])
+def test_nan_in_one_adapter_stays_in_its_rows(strategy, seq, dtype):
+    from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_
+    from d2l_fast.kernels.segmented_lora.cpu import segmented_lora_cpu_
+
+    offs = [0, 4, 8, 12, 16]
+    rows = [0, 1, -1, 2, 0, 1, 2, -1]  # adapter 3 sits inside the used rank span but no row uses it
+    A, B, cA, cB = _planted(dtype)
+    x = torch.randn(len(rows) * seq, 24, generator=torch.Generator().manual_seed(1)).to(dtype)
+    meta = SegmentMeta.uniform(len(rows), seq, rows, offs, x.device)
+    y0 = torch.randn(len(rows) * seq, 20, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def run(a, b):
+        out = y0.clone()
+        if strategy == "triton":
+            segmented_lora_(out, x, a, b, meta, 0.5, backend="triton")
+        else:
+            segmented_lora_cpu_(out, x, a, b, meta, 0.5, strategy=strategy)
+        return out.view(len(rows), seq, -1)
+
+    got, want = run(A, B), run(cA, cB)
+    for i, k in enumerate(rows):
+        if k == 1:  # the bad adapter's own rows show its NaN (the interpreter's bf16 emulation loses NaN)
+            assert not torch.isfinite(got[i]).all() or (strategy == "triton" and dtype == torch.bfloat16)
+        else:
+            assert torch.isfinite(got[i]).all(), f"row {i} (adapter {k}) was poisoned by adapter 1"
+            torch.testing.assert_close(got[i], want[i], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build("llama", seed=3)
+    docs = [doc(12, 1), doc(30, 2), doc(8, 3)]
+    return model, docs, model.internalize(docs, names=["one", "two", "three"])
+
+
+def _poisoned(adapters, k, value=NAN):
+    bad = adapters.to(adapters.device)  # a copy: the fixture's adapters stay clean
+    bad.A = {m: t.clone() for m, t in bad.A.items()}
+    lo = bad.rank_offsets[k]
+    bad.A["down_proj"][0, lo, 0] = value
+    return bad
+
+
+def test_non_finite_scalers_and_adapters_are_refused(tiny, tmp_path):
+    from d2l_fast import AdapterBatch
+
+    model, docs, adapters = tiny
+    with pytest.raises(ValueError, match=r"scalers must be finite.*chunk 0 \(document #0\)"):
+        model.internalize(docs, scalers=[NAN] + [1.0] * (len(model.pack(docs).chunks) - 1))
+    with pytest.raises(ValueError, match="scalers must be finite"):
+        model.internalize(docs, scalers=INF)
+    with pytest.raises(ValueError, match="bias_scaler must be finite"):
+        model.internalize(docs, bias_scaler=NAN)
+    with pytest.raises(ValueError, match="compose weights must be finite"):
+        adapters.compose([0, 1], weights=[1.0, NAN])
+    bad = _poisoned(adapters, 1)
+    assert bad.nonfinite() == [1] and adapters.nonfinite() == []
+    ids, mask = model.encode_prompts(["Who watched?", "What date?", "Where?"])
+    with pytest.raises(ValueError, match=r"adapter #1 \('two'\).*NaN or infinite"):
+        model.generate(ids, mask, adapters=bad, adapter_index=[0, 1, 2], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"adapter #1"):
+        model(ids, mask, adapters=bad, adapter_index=[1, -1, 0])
+    with pytest.raises(ValueError, match="non-finite alpha"):
+        model(ids, mask, adapters=type(adapters)(adapters.A, adapters.B, adapters.rank_offsets, NAN,
+                                                 adapters.model_id), adapter_index=[0, 0, 0])
+    # rows that do not use the bad adapter run, and equal the clean batch
+    ok = model.generate(ids, mask, adapters=bad, adapter_index=[2, -1, 0], max_new_tokens=3, do_sample=False)
+    ref = model.generate(ids, mask, adapters=adapters, adapter_index=[2, -1, 0], max_new_tokens=3, do_sample=False)
+    assert torch.equal(ok, ref)
+    # a NaN written in place after a first (clean) check is still caught: the check follows tensor versions
+    fresh = adapters.to(adapters.device)
+    fresh.A = {m: t.clone() for m, t in fresh.A.items()}
+    assert fresh.nonfinite() == []
+    fresh.B["down_proj"] = fresh.B["down_proj"].clone()
+    fresh.B["down_proj"][1, fresh.rank_offsets[2], 3] = -INF
+    assert fresh.nonfinite() == [2]
+    # adapter files
+    bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"adapter #1 \('two'\) in .*bad.safetensors"):
+        AdapterBatch.load(tmp_path / "bad.safetensors")
+    # a hypernetwork that emits NaN: internalize names the documents instead of returning poison
+    sb = model.hypernet.scaler_B["down_proj"]
+    keep = sb.detach().clone()
+    try:
+        with torch.no_grad():
+            sb[0, 0, 0, 0] = NAN
+        with pytest.raises(ValueError, match=r"adapter #0 \('one'\), #1 \('two'\), #2 \('three'\).*internalize"):
+            model.internalize(docs, names=["one", "two", "three"])
+    finally:
+        with torch.no_grad():
+            sb.copy_(keep)
+
+
+def test_adapter_indices_must_be_integers(tiny):
+    import numpy as np
+
+    model, docs, adapters = tiny
+    ids, mask = model.encode_prompts(["Who watched?", "What date?", "Where?"])
+    for bad in ([0.9, 1.7, "2"], [0, 1, 2.0], [0, True, 1], torch.tensor([0.0, 1.0, 2.0]), "012"):
+        with pytest.raises(TypeError, match="integer"):
+            model(ids, mask, adapters=adapters, adapter_index=bad)
+        with pytest.raises(TypeError, match="integer"):
+            model.generate(ids, mask, adapters=adapters, adapter_index=bad, max_new_tokens=1)
+    with pytest.raises(TypeError, match="integer"):
+        adapters.select([0.5])
+    with pytest.raises(TypeError, match="integer"):
+        with model.bind(adapters, [0, 1.5, 2]):
+            pass
+    with pytest.raises(TypeError, match="integer"):
+        model(ids[:1, :4], None, adapters=adapters, seg_lens=[2, 2.0], seg_adapter=[0, 1])
+    want = model(ids, mask, adapters=adapters, adapter_index=[2, 0, 1]).logits
+    for good in (np.array([2, 0, 1]), torch.tensor([2, 0, 1]), (np.int64(2), 0, 1)):
+        torch.testing.assert_close(model(ids, mask, adapters=adapters, adapter_index=good).logits, want,
+                                   rtol=0, atol=0)
+
+
+def test_row_count_must_match_unless_expansion_is_declared(tiny):
+    model, docs, adapters = tiny
+    ids, mask = model.encode_prompts(["Who watched?", "What date?", "Where?", "When?"])
+    with pytest.raises(ValueError, match="4 rows but 2 row adapters"):
+        with torch.no_grad(), model.bind(adapters, [0, 1]):
+            model.base_model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        with model.bind(adapters, [0, 1], rows_per_index=2):
+            got = model.base_model(input_ids=ids, attention_mask=mask).logits
+        with model.bind(adapters, [0, 0, 1, 1]):
+            want = model.base_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows_per_index=3"):
+        with torch.no_grad(), model.bind(adapters, [0, 1], rows_per_index=3):
+            model.base_model(input_ids=ids, attention_mask=mask)
+    # generate declares its own expansion (num_return_sequences): each prompt keeps its adapter
+    out = model.generate(ids[:2], mask[:2], adapters=adapters, adapter_index=[1, 0], num_return_sequences=2,
+                         do_sample=True, top_k=1, max_new_tokens=3)
+    alone = model.generate(ids[1:2], mask[1:2], adapters=adapters[0], max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 4 and torch.equal(out[2, -3:], alone[0, -3:]) and torch.equal(out[3, -3:], alone[0, -3:])
+
+
+def test_empty_prompts_and_out_of_vocabulary_ids(tiny):
+    model, docs, adapters = tiny
+    V = model.vocab_size
+    with pytest.raises(ValueError, match="at least one prompt"):
+        model.generate_text([])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        model.generate_text([], adapters, adapter_index=[])
+    ids, mask = model.encode_prompts(["Who watched?"])
+    for bad_id in (V, V + 100, -3):
+        bad = ids.clone()
+        bad[0, -1] = bad_id
+        with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \(size {V}"):
+            model.generate(bad, mask, max_new_tokens=1)
+        with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \(size {V}"):
+            model(bad, mask, adapters=adapters[0])
+        templated = model.pack([docs[0]]).chunks[0]
+        with pytest.raises(ValueError, match=rf"document #1 .*token id {bad_id} is outside the vocabulary"):
+            model.internalize([templated, templated[:3] + [bad_id] + templated[3:]])
+    assert model.internalize([templated]).ranks == [2 * model.spec.lora_r]  # still fine afterwards
