@@ -19,6 +19,8 @@ import logging
 import torch
 from torch import nn
 
+from .concurrency import guard_forward, model_lock
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,6 +75,9 @@ class ContextEncoder(nn.Module):
         if not 0 <= k <= n:
             raise ValueError(f"encoder would keep {k} layers but the model has {n}")
         self.encoder_type, self.n_kept = encoder_type, k
+        # encoder passes hook the decoder and switch its attention: they run alone (see d2l_fast.concurrency)
+        self._lock = model_lock(model)
+        guard_forward(dec, self._lock)
 
     @property
     def model(self):
@@ -107,21 +112,22 @@ class ContextEncoder(nn.Module):
             emit(dec.norm(hs))
             raise _Stop
 
-        try:
-            if kind == "per_layer_activations":
-                for j in range(k):
-                    handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            if kind == "embed_only" or k == 0:
-                handles.append(dec.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-                if kind != "embed_only":
-                    raise ValueError("an encoder with 0 layers only makes sense as embed_only")
-            else:
-                handles.append(dec.layers[k - 1].register_forward_hook(post_hook, with_kwargs=True))
-            with contextlib.suppress(_Stop):
-                dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with self._lock.exclusive():  # hooks on shared layers: no other thread's forward may run meanwhile
+            try:
+                if kind == "per_layer_activations":
+                    for j in range(k):
+                        handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                if kind == "embed_only" or k == 0:
+                    handles.append(dec.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                    if kind != "embed_only":
+                        raise ValueError("an encoder with 0 layers only makes sense as embed_only")
+                else:
+                    handles.append(dec.layers[k - 1].register_forward_hook(post_hook, with_kwargs=True))
+                with contextlib.suppress(_Stop):
+                    dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
         if kind == "per_layer_activations":
             expected = k + 1
         else:
@@ -195,7 +201,7 @@ class ContextEncoder(nn.Module):
                 ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
                 pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
                 dest = torch.arange(offsets[i], offsets[j], device=dev)
-                with _varlen.packed_attention(self.model, lens[i:j], dev):
+                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev):
                     run(range(i, j), make_sink(dest, None), ids, None, pos)
                 i = j
             return state["out"]

@@ -7,8 +7,9 @@ padding anywhere and no [T_total, T_total] mask. Model-specific attention detail
 usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
 On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
 
-The switch is made on the model's config for the duration of one encoder pass: do not run the same
-model object from another thread while it internalises (adapter bindings themselves are thread-local).
+The switch is made on the model's config for the duration of one encoder pass; the pass holds the
+model's lock exclusively (:mod:`d2l_fast.concurrency`), so forwards from other threads wait for it
+instead of seeing the switched config.
 """
 
 from __future__ import annotations

@@ -266,3 +266,56 @@ def test_empty_prompts_and_out_of_vocabulary_ids(tiny):
         with pytest.raises(ValueError, match=rf"document #1 .*token id {bad_id} is outside the vocabulary"):
             model.internalize([templated, templated[:3] + [bad_id] + templated[3:]])
     assert model.internalize([templated]).ranks == [2 * model.spec.lora_r]  # still fine afterwards
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+def test_concurrent_internalize_generate_forward_match_single_threaded():
+    import threading
+
+    model = build("gemma2", seed=11)  # 4 layers, eager attention + softcapping: the varlen switch matters
+    docs = [[doc(20 + 9 * i, 50 + i), doc(5 + i, 70 + i), doc(90, 80 + i)] for i in range(3)]
+    prompts = ["Who watched the boats?", "What did the council discuss?", "Where is the mill?"]
+    ids, mask = model.encode_prompts(prompts)
+    # single-threaded results first
+    want_ad = [model.internalize(d) for d in docs]
+    want_gen = [model.generate(ids, mask, adapters=a, adapter_index=[2, 0, 1], max_new_tokens=4, do_sample=False)
+                for a in want_ad]
+    with torch.no_grad():
+        want_fwd = [model(ids, mask, adapters=a, adapter_index=[1, -1, 2]).logits for a in want_ad]
+        want_base = model(ids, mask).logits
+
+    jobs = []
+    for rep in range(2):
+        for k in range(3):
+            jobs += [("internalize", k), ("generate", k), ("forward", k), ("base", k)]
+    errors, done = [], []
+
+    def worker(my_jobs):
+        try:
+            for kind, k in my_jobs:
+                if kind == "internalize":
+                    assert_same_adapter(model.internalize(docs[k]), want_ad[k])
+                elif kind == "generate":
+                    out = model.generate(ids, mask, adapters=want_ad[k], adapter_index=[2, 0, 1], max_new_tokens=4,
+                                         do_sample=False)
+                    assert torch.equal(out, want_gen[k]), (kind, k)
+                elif kind == "forward":
+                    with torch.no_grad():
+                        got = model(ids, mask, adapters=want_ad[k], adapter_index=[1, -1, 2]).logits
+                    torch.testing.assert_close(got, want_fwd[k], **BATCHING)
+                else:
+                    with torch.no_grad():
+                        torch.testing.assert_close(model(ids, mask).logits, want_base, **BATCHING)
+                done.append(kind)
+        except BaseException as e:  # noqa: BLE001 - reported below with the thread's job
+            errors.append(e)
+
+    n_threads = 4
+    threads = [threading.Thread(target=worker, args=(jobs[t::n_threads][::(-1) ** t],)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung (deadlock?)"
+    assert not errors, errors[:3]
+    assert len(done) == len(jobs)
