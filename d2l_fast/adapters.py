@@ -74,11 +74,13 @@ class AdapterBatch:
     def nonfinite(self) -> list[int]:
         """Indices of the adapters holding a NaN or an infinity (in any module or layer).
 
-        The result is cached until a tensor is replaced or modified in place (tensor version counters).
+        The result is cached until a tensor is replaced or modified in place (tensor version counters; inference
+        tensors have none and are scanned on every call).
         """
-        key = [(t, t._version) for d in (self.A, self.B) for _, t in sorted(d.items())]
+        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
+        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
         cached = self.__dict__.get("_nonfinite_cache")
-        if cached is not None and len(cached[0]) == len(key) and all(
+        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
                 a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
             return list(cached[1])
         R = self.rank_offsets[-1]
@@ -94,7 +96,8 @@ class AdapterBatch:
                 cnt = torch.cat([bad_rows.new_zeros(1, dtype=torch.long), bad_rows.long().cumsum(0)]).cpu()
                 ro = torch.tensor(self.rank_offsets)
                 bad = (cnt[ro[1:]] - cnt[ro[:-1]]).nonzero().flatten().tolist()
-        self.__dict__["_nonfinite_cache"] = (key, bad)
+        if key is not None:
+            self.__dict__["_nonfinite_cache"] = (key, bad)
         return list(bad)
 
     def check_finite(self, indices=None, *, where: str = "") -> None:

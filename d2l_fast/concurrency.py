@@ -3,7 +3,7 @@
 A context-encoder pass changes state that every forward of the model reads: it switches the attention
 implementation on the model's config (:mod:`d2l_fast.varlen`) and installs forward hooks on decoder
 layers (:mod:`d2l_fast.encoder`). Adapter bindings are per thread already (:class:`d2l_fast.patching.LoRAContext`).
-So every base model gets one :class:`ModelLock`: each forward of its decoder holds it *shared* (any number
+So every base model gets one :class:`ModelLock`, kept on its decoder: each forward of the decoder holds it *shared* (any number
 at once, e.g. the decode steps of concurrent ``generate`` calls) and each encoder pass holds it *exclusive*.
 A waiting encoder pass blocks new forwards (no starvation), so a ``generate`` in another thread pauses
 between two decode steps while one packed encoder row runs, then continues. Both holds are reentrant per
@@ -13,7 +13,6 @@ thread: the encoder's own decoder forward passes straight through.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 from torch import nn
@@ -23,6 +22,12 @@ _CREATE = threading.Lock()
 
 class ModelLock:
     """A reentrant readers-writer lock (writer-preferring)."""
+
+    def __deepcopy__(self, memo):  # a copied model gets its own, free lock
+        return ModelLock()
+
+    def __reduce__(self):
+        return (ModelLock, ())
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
@@ -93,20 +98,22 @@ def model_lock(model: nn.Module) -> ModelLock:
     return lock
 
 
-def guard_forward(module: nn.Module, lock: ModelLock) -> None:
-    """Make every forward of ``module`` hold ``lock`` shared (once per module; the original stays reachable)."""
+def _guarded_forward(self, *args, **kwargs):
+    with model_lock(self).shared():
+        return self._d2l_unguarded_forward(*args, **kwargs)
+
+
+def guard_forward(module: nn.Module) -> None:
+    """Make every forward of ``module`` hold :func:`model_lock` ``(module)`` shared (idempotent).
+
+    The forward is replaced on the instance by a bound method (like the patched Linears), so ``copy.deepcopy``
+    and pickling give a copy guarded by its own lock.
+    """
     with _CREATE:
-        if module.__dict__.get("_d2l_guarded_by") is lock:
+        if "_d2l_unguarded_forward" in module.__dict__:
             return
-        orig = module.forward
-
-        @functools.wraps(orig)
-        def forward(*args, **kwargs):
-            with lock.shared():
-                return orig(*args, **kwargs)
-
-        module.forward = forward
-        module.__dict__["_d2l_guarded_by"] = lock
+        module._d2l_unguarded_forward = module.forward
+        module.forward = _guarded_forward.__get__(module, type(module))
 
 
 __all__ = ["ModelLock", "guard_forward", "model_lock"]

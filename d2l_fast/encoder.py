@@ -76,12 +76,15 @@ class ContextEncoder(nn.Module):
             raise ValueError(f"encoder would keep {k} layers but the model has {n}")
         self.encoder_type, self.n_kept = encoder_type, k
         # encoder passes hook the decoder and switch its attention: they run alone (see d2l_fast.concurrency)
-        self._lock = model_lock(model)
-        guard_forward(dec, self._lock)
+        guard_forward(dec)
 
     @property
     def model(self):
         return self._model[0]
+
+    @property
+    def _lock(self):
+        return model_lock(decoder_of(self.model))
 
     @property
     def n_features(self) -> int:
