@@ -28,6 +28,11 @@ class _Stop(Exception):
     pass
 
 
+#: attention scores a varlen encoder pass may hold at once, per token of ``token_budget`` (a 8192-token budget
+#: allows 2^24 scores: 64 MiB in fp32); longer chunks are attended in query blocks (:mod:`d2l_fast.varlen`)
+SCORES_PER_BUDGET_TOKEN = 2048
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The inner decoder (``model.model`` for HF causal LMs; PEFT wrappers are unwrapped)."""
     m = model
@@ -158,9 +163,11 @@ class ContextEncoder(nn.Module):
         """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
         ``varlen`` (default: whenever transformers accepts the custom attention): chunks run back to back
-        in packed rows of at most ``token_budget`` tokens, each chunk attending to itself only
-        (:mod:`d2l_fast.varlen`) — no padding anywhere. Otherwise chunks run longest-first in padded
-        micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row), dropped from the output.
+        in packed rows of at most ``token_budget`` tokens (a longer chunk runs alone), each chunk attending to
+        itself only (:mod:`d2l_fast.varlen`) — no padding anywhere — with at most
+        ``SCORES_PER_BUDGET_TOKEN · token_budget`` attention scores held at once. Otherwise chunks run
+        longest-first in padded micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row),
+        dropped from the output.
         With ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, H']``) every
         feature map is transformed on its valid tokens as soon as the encoder produces it, so the
         [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
@@ -204,7 +211,8 @@ class ContextEncoder(nn.Module):
                 ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
                 pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
                 dest = torch.arange(offsets[i], offsets[j], device=dev)
-                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev):
+                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev,
+                                                                      max_scores=SCORES_PER_BUDGET_TOKEN * token_budget):
                     run(range(i, j), make_sink(dest, None), ids, None, pos)
                 i = j
             return state["out"]

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -28,6 +29,25 @@ from .packing import PackedContexts, tokenize_prompt
 from .patching import LoRABinding, find_target_linears, patch_model
 
 logger = logging.getLogger(__name__)
+
+#: Upper bound of the default chunk length (tokens after chat templating): the context window of Gemma-2 and
+#: SmolLM2 and the length the D2L evaluation scripts chunk at. The default is the smaller of this and the base
+#: model's ``max_position_embeddings`` (Qwen3's is 262144: one 262k-token chunk is never a sensible default).
+DEFAULT_MAX_CHUNK_LEN = 8192
+
+
+class LongDocumentWarning(UserWarning):
+    """A document is longer than the encoder's context window: it was chunked, or (chunking off) is encoded whole."""
+
+
+def default_max_chunk_len(base_model) -> int:
+    """``min(max_position_embeddings, DEFAULT_MAX_CHUNK_LEN)`` of ``base_model`` (the latter if it has none)."""
+    mpe = getattr(getattr(base_model, "config", None), "max_position_embeddings", None)
+    try:
+        mpe = int(mpe)
+    except (TypeError, ValueError):
+        return DEFAULT_MAX_CHUNK_LEN
+    return max(1, min(mpe, DEFAULT_MAX_CHUNK_LEN)) if mpe > 0 else DEFAULT_MAX_CHUNK_LEN
 
 
 def _load_base_model(name_or_path, *, dtype=None, device=None, **kwargs):
@@ -56,7 +76,18 @@ def model_fingerprint(spec: D2LSpec, hypernet: nn.Module) -> str:
 
 
 class D2LModel(nn.Module):
-    """Base causal LM + Doc-to-LoRA hypernetwork, with a batched, padding-free API."""
+    """Base causal LM + Doc-to-LoRA hypernetwork, with a batched, padding-free API.
+
+    ``max_chunk_len``: documents longer than this (templated ids) are split into chunks (spec §2). ``None``
+    (default): :func:`default_max_chunk_len` — the base model's ``max_position_embeddings``, at most
+    :data:`DEFAULT_MAX_CHUNK_LEN` (8192) — minus the chat affixes that re-wrap every chunk, so that no chunk
+    exceeds the context window; a document chunked by this default triggers a :class:`LongDocumentWarning`
+    (the reference's ``internalize`` never chunks). ``0`` or a negative value
+    turns chunking off (the reference's behaviour); a chunk longer than ``max_position_embeddings`` then
+    also warns. ``encode_token_budget``: tokens per packed encoder row; it also bounds the attention scores
+    the encoder holds at once (``2048 · encode_token_budget`` elements), so the encoder's working memory does
+    not grow with the square of a long chunk.
+    """
 
     def __init__(self, base_model: nn.Module, hypernet: HyperLoRA, tokenizer=None, *, user_defined_scaling: float = 1.0,
                  max_chunk_len: int | None = None, encode_token_budget: int = 8192):
@@ -67,7 +98,13 @@ class D2LModel(nn.Module):
         self.hypernet = hypernet
         self.tokenizer = tokenizer
         self.user_defined_scaling = float(user_defined_scaling)
-        self.max_chunk_len = max_chunk_len
+        if max_chunk_len is not None and (isinstance(max_chunk_len, bool) or not isinstance(max_chunk_len, int)):
+            raise TypeError(f"max_chunk_len must be an int or None, got {max_chunk_len!r}")
+        if isinstance(encode_token_budget, bool) or not isinstance(encode_token_budget, int) or encode_token_budget < 1:
+            raise ValueError(f"encode_token_budget must be a positive int, got {encode_token_budget!r}")
+        self._default_chunking = max_chunk_len is None
+        self._affix_len: int | None = None
+        self.max_chunk_len = default_max_chunk_len(base_model) if max_chunk_len is None else max_chunk_len
         self.encode_token_budget = encode_token_budget
         self._check_base_matches(base_model, spec)
         base_model.requires_grad_(False)  # only the hypernetwork trains (as in the reference)
@@ -243,16 +280,51 @@ class D2LModel(nn.Module):
     def pack(self, documents, *, max_chunk_len: int | None = None) -> PackedContexts:
         if self.tokenizer is None and any(isinstance(d, str) for d in documents):
             raise ValueError("text documents need a tokenizer; pass tokenizer= or give templated token ids")
+        by_default = max_chunk_len is None and self._default_chunking
         mcl = self.max_chunk_len if max_chunk_len is None else max_chunk_len
-        return PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
-                                             model_name=self.spec.base_model_name_or_path)
+        if by_default:  # re-wrapped chunks grow by the chat affixes: keep them inside the context window
+            mcl = max(1, mcl - self._chunk_affix_len())
+        packed = PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
+                                               model_name=self.spec.base_model_name_or_path)
+        self._warn_long(packed, mcl, by_default=by_default)
+        return packed
+
+    def _chunk_affix_len(self) -> int:
+        if self._affix_len is None:
+            from .packing import context_affixes
+
+            try:
+                pre, suf = context_affixes(self.tokenizer, self.spec.base_model_name_or_path)
+                self._affix_len = len(pre) + len(suf)
+            except (AttributeError, TypeError, ValueError):  # no tokenizer / template: chunks may exceed by the affixes
+                self._affix_len = 0
+        return self._affix_len
+
+    def _warn_long(self, packed: PackedContexts, mcl, *, by_default: bool) -> None:
+        window = getattr(self.base_model.config, "max_position_embeddings", None)
+        lens = packed.lengths
+        if by_default:
+            split = [d for d, n in enumerate(packed.n_chunks) if n > 1]
+            if split:
+                warnings.warn(f"{len(split)} document(s) (#{', #'.join(map(str, split[:5]))}) exceed the default "
+                              f"chunk length {mcl} (the encoder's context window less the chat affixes) and were split into chunks; pass "
+                              f"max_chunk_len= to choose, or max_chunk_len=0 to encode whole (reference behaviour)",
+                              LongDocumentWarning, stacklevel=4)
+        if isinstance(window, int) and window > 0:
+            over = sorted({packed.chunk_to_doc[c] for c, n in enumerate(lens) if n > window})
+            if over:
+                warnings.warn(f"document(s) #{', #'.join(map(str, over[:5]))} have a chunk of {max(lens)} tokens, "
+                              f"beyond the base model's max_position_embeddings={window}: features past the context "
+                              f"window are unreliable; chunk with max_chunk_len<={window}", LongDocumentWarning,
+                              stacklevel=4)
 
     @torch.no_grad()
     def internalize(self, documents, *, max_chunk_len: int | None = None, scalers=None, bias_scaler=None,
                     names=None, docs_per_call: int | None = None, progress: bool | None = None) -> AdapterBatch:
         """Documents (text, or chat-templated id lists) → one adapter each, in ONE packed padding-free pass.
 
-        Long documents are chunked on templated ids (``max_chunk_len``); a document of n chunks gets rank
+        Long documents are chunked on templated ids (``max_chunk_len``; default: the model's, see the class
+        docstring); a document of n chunks gets rank
         (n+1)·r. ``docs_per_call`` bounds memory for very large lists (several packed calls, tqdm progress).
         Nothing is stored on the model: the returned :class:`AdapterBatch` is the state.
         """
@@ -404,4 +476,4 @@ class D2LModel(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 
-__all__ = ["D2LModel", "model_fingerprint"]
+__all__ = ["DEFAULT_MAX_CHUNK_LEN", "D2LModel", "LongDocumentWarning", "default_max_chunk_len", "model_fingerprint"]

@@ -3,6 +3,8 @@ concurrent callers, long documents. Everything runs on tiny random models (see :
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -319,3 +321,71 @@ def test_concurrent_internalize_generate_forward_match_single_threaded():
     assert not any(t.is_alive() for t in threads), "a thread hung (deadlock?)"
     assert not errors, errors[:3]
     assert len(done) == len(jobs)
+
+
+# ------------------------------------------------------------------------------------------------ item 5
+def test_long_documents_are_chunked_at_the_context_window_by_default():
+    from d2l_fast.model import LongDocumentWarning
+
+    W = 96  # a small context window (the tiny llama's chat affixes alone take ~30 tokens)
+    model = build("llama", base_overrides=dict(max_position_embeddings=W), max_chunk_len=None)
+    assert model.max_chunk_len == W
+    short, long = doc(6, 1), doc(300, 2)
+    from d2l_fast.packing import context_affixes
+
+    pre, suf = context_affixes(model.tokenizer)
+    content = W - len(pre) - len(suf)  # chunk length that keeps every re-wrapped chunk inside the window
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # beyond-the-window must not fire: the default stays inside it
+        with pytest.raises(LongDocumentWarning, match=rf"#1\) exceed the default chunk length {content}"):
+            model.pack([short, long])
+    with pytest.warns(LongDocumentWarning, match="exceed the default"):
+        packed = model.pack([short, long])
+    assert packed.n_chunks[0] == 1 and packed.n_chunks[1] >= 4
+    assert max(packed.lengths) <= W
+    with pytest.warns(LongDocumentWarning):
+        by_default = model.internalize([short, long])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit = model.internalize([short, long], max_chunk_len=content)  # the user's choice: no warning
+    assert_same_adapter(by_default, explicit)
+    # chunking off (the reference's behaviour): one chunk past the context window, and a warning that says so
+    with pytest.warns(LongDocumentWarning, match=f"beyond the base model's max_position_embeddings={W}"):
+        whole = model.pack([short, long], max_chunk_len=0)
+    assert whole.n_chunks == [1, 1]
+    off = build("llama", base_overrides=dict(max_position_embeddings=W), max_chunk_len=0)
+    with pytest.warns(LongDocumentWarning, match="beyond"):
+        assert off.pack([long]).n_chunks == [1]
+    with pytest.raises(TypeError, match="max_chunk_len"):
+        build("llama", max_chunk_len=64.5)
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (30.0, None), (None, 24), (30.0, 24)])
+def test_blocked_chunk_attention_equals_whole(softcap, window):
+    from d2l_fast.varlen import _segment_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 100, 16, generator=g), torch.randn(2, 100, 16, generator=g), torch.randn(2, 100, 16,
+                                                                                                      generator=g)
+    whole = _segment_attention(q, k, v, 0.25, softcap, window)
+    blocked = _segment_attention(q, k, v, 0.25, softcap, window, max_scores=4 * 100 * 20)  # 16-20 query rows
+    torch.testing.assert_close(blocked, whole, **BATCHING)
+
+
+def test_encoder_working_memory_is_bounded_by_the_token_budget():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build("llama", max_chunk_len=0)
+    ids = torch.randint(10, 500, (1500,), generator=torch.Generator().manual_seed(0)).tolist()
+    H = model.base_model.config.num_attention_heads
+    whole_scores_mb = H * 1500 * 1500 * 4 / 2**20  # what one [H, t, t] fp32 score matrix would take
+
+    def encode(budget):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.no_grad():
+            feats = model.ctx_encoder.encode_packed([ids], token_budget=budget)
+        return feats, max(e.cpu_memory_usage for e in prof.events()) / 2**20
+
+    small, small_mb = encode(256)
+    assert small_mb < whole_scores_mb / 4, (small_mb, whole_scores_mb)  # largest single allocation of the pass
+    big, _ = encode(8192)
+    torch.testing.assert_close(small, big, **BATCHING)
