@@ -7,7 +7,8 @@ semantics as spec §4, with these deliberate differences (documented in README):
 * ``from_state_dict(..., base_model=...)`` may point at a local folder or an already-loaded model;
 * ``generate(ctx_ids=...)`` always applies the given contexts, also after ``reset()``;
 * ``forward`` accepts ``position_ids`` in padded mode (the reference crashes there);
-* ``internalize`` runs without autograd and re-uses the tokenizer; it optionally chunks.
+* ``internalize`` runs without autograd and re-uses the tokenizer; it chunks documents longer than the
+  encoder's context window by default (``max_chunk_len=0``: never).
 """
 
 from __future__ import annotations
