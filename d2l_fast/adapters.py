@@ -109,7 +109,8 @@ class AdapterBatch:
             used = set(indices)
             bad = [k for k in bad if k in used]
         if bad:
-            label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "") for k in bad[:8])
+            label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
+                              for k in bad[:8])
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
             raise ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
                              f"(it would turn its rows into NaN)")

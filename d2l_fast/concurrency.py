@@ -3,11 +3,11 @@
 A context-encoder pass changes state that every forward of the model reads: it switches the attention
 implementation on the model's config (:mod:`d2l_fast.varlen`) and installs forward hooks on decoder
 layers (:mod:`d2l_fast.encoder`). Adapter bindings are per thread already (:class:`d2l_fast.patching.LoRAContext`).
-So every base model gets one :class:`ModelLock`, kept on its decoder: each forward of the decoder holds it *shared* (any number
-at once, e.g. the decode steps of concurrent ``generate`` calls) and each encoder pass holds it *exclusive*.
-A waiting encoder pass blocks new forwards (no starvation), so a ``generate`` in another thread pauses
-between two decode steps while one packed encoder row runs, then continues. Both holds are reentrant per
-thread: the encoder's own decoder forward passes straight through.
+So every base model gets one :class:`ModelLock`, kept on its decoder: each forward of the decoder holds it
+*shared* (any number at once, e.g. the decode steps of concurrent ``generate`` calls) and each encoder pass
+holds it *exclusive*. A waiting encoder pass blocks new forwards (no starvation), so a ``generate`` in
+another thread pauses between two decode steps while one packed encoder row runs, then continues. Both
+holds are reentrant per thread: the encoder's own decoder forward passes straight through.
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ class ContextEncoder(nn.Module):
                 ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
                 pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
                 dest = torch.arange(offsets[i], offsets[j], device=dev)
-                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev,
-                                                                      max_scores=SCORES_PER_BUDGET_TOKEN * token_budget):
+                max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
+                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
                     run(range(i, j), make_sink(dest, None), ids, None, pos)
                 i = j
             return state["out"]

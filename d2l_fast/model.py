@@ -307,8 +307,9 @@ class D2LModel(nn.Module):
             split = [d for d, n in enumerate(packed.n_chunks) if n > 1]
             if split:
                 warnings.warn(f"{len(split)} document(s) (#{', #'.join(map(str, split[:5]))}) exceed the default "
-                              f"chunk length {mcl} (the encoder's context window less the chat affixes) and were split into chunks; pass "
-                              f"max_chunk_len= to choose, or max_chunk_len=0 to encode whole (reference behaviour)",
+                              f"chunk length {mcl} (the encoder's context window less the chat affixes) and were "
+                              f"split into chunks; pass max_chunk_len= to choose, or max_chunk_len=0 to encode whole "
+                              f"(reference behaviour)",
                               LongDocumentWarning, stacklevel=4)
         if isinstance(window, int) and window > 0:
             over = sorted({packed.chunk_to_doc[c] for c, n in enumerate(lens) if n > window})
