@@ -11,9 +11,36 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
+
+
+def as_index_list(values, what: str = "adapter_index") -> list[int]:
+    """``values`` as a list of Python ints; floats, strings and bools are refused (no silent truncation).
+
+    Accepts a sequence of ints (numpy integers too) or an integer tensor of at most one dimension.
+    """
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of integers, got a string {values!r}")
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool or values.dim() > 1:
+            raise TypeError(f"{what} must be a 1-D integer tensor, got {values.dtype} {tuple(values.shape)}")
+        return [int(v) for v in values.reshape(-1).tolist()]
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of integers, got {type(values).__name__}") from None
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or type(v).__name__ == "bool_":
+            raise TypeError(f"{what}[{i}] must be an integer, got the bool {v!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{what}[{i}] must be an integer, got {type(v).__name__} {v!r}") from None
+    return out
 
 
 @dataclass
@@ -43,6 +70,50 @@ class AdapterBatch:
 
     def __len__(self) -> int:
         return len(self.rank_offsets) - 1
+
+    def nonfinite(self) -> list[int]:
+        """Indices of the adapters holding a NaN or an infinity (in any module or layer).
+
+        The result is cached until a tensor is replaced or modified in place (tensor version counters; inference
+        tensors have none and are scanned on every call).
+        """
+        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
+        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
+        cached = self.__dict__.get("_nonfinite_cache")
+        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
+                a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
+            return list(cached[1])
+        R = self.rank_offsets[-1]
+        bad_rows = None
+        with torch.no_grad():
+            for t in (*self.A.values(), *self.B.values()):
+                for layer in t:  # one layer at a time: the boolean temporaries stay [R, d]
+                    rows = ~torch.isfinite(layer).all(1)
+                    bad_rows = rows if bad_rows is None else bad_rows | rows
+            if bad_rows is None or R == 0:
+                bad = []
+            else:
+                cnt = torch.cat([bad_rows.new_zeros(1, dtype=torch.long), bad_rows.long().cumsum(0)]).cpu()
+                ro = torch.tensor(self.rank_offsets)
+                bad = (cnt[ro[1:]] - cnt[ro[:-1]]).nonzero().flatten().tolist()
+        if key is not None:
+            self.__dict__["_nonfinite_cache"] = (key, bad)
+        return list(bad)
+
+    def check_finite(self, indices=None, *, where: str = "") -> None:
+        """Raise ``ValueError`` naming every adapter (of ``indices``, default all) that holds a NaN or infinity."""
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"adapters{where} have a non-finite alpha ({self.alpha}); it would scale every row")
+        bad = self.nonfinite()
+        if indices is not None:
+            used = set(indices)
+            bad = [k for k in bad if k in used]
+        if bad:
+            label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
+                              for k in bad[:8])
+            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            raise ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
+                             f"(it would turn its rows into NaN)")
 
     @property
     def modules(self) -> list[str]:
@@ -77,7 +148,7 @@ class AdapterBatch:
 
     def select(self, indices) -> "AdapterBatch":
         """A new batch holding adapters ``indices`` (in that order; repeats allowed)."""
-        indices = [int(i) for i in indices]
+        indices = as_index_list(indices, "indices")
         n = len(self)
         for i in indices:
             if not -n <= i < n:
@@ -119,9 +190,11 @@ class AdapterBatch:
         """One adapter that applies several documents at once (ranks concatenated; optional weight per doc on A)."""
         sel = self.select(indices)
         if weights is not None:
-            weights = list(weights)
+            weights = [float(w) for w in weights]
             if len(weights) != len(sel):
                 raise ValueError(f"{len(weights)} weights for {len(sel)} adapters")
+            if not all(math.isfinite(w) for w in weights):
+                raise ValueError(f"compose weights must be finite, got {weights}")
             scale = torch.cat([torch.full((r,), float(w)) for r, w in zip(sel.ranks, weights)]).to(sel.device, sel.dtype)
             sel = AdapterBatch({m: t * scale[None, :, None] for m, t in sel.A.items()}, dict(sel.B),
                                sel.rank_offsets, sel.alpha, sel.model_id)
@@ -183,6 +256,7 @@ class AdapterBatch:
             raise CheckpointError(f"{path}: {e}") from None
         if spec is not None:
             out.check_fits(spec, source=str(path))
+        out.check_finite(where=f" in {path}")
         return out.to(device) if device is not None else out
 
     def check_fits(self, spec, *, source: str = "adapters") -> None:
@@ -297,11 +371,19 @@ def merge_chunk_loras(chunk_loras: dict, n_chunks: list[int], *, bias: dict | No
         c0 += n
         offs.append(len(rows))
     idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    if not math.isfinite(beta):
+        raise ValueError(f"bias_scaler must be finite, got {bias_scaler}")
     sc = None
     if scalers is not None:
         sc = torch.as_tensor(scalers, dtype=torch.float32, device=dev).flatten()
         if sc.numel() not in (1, C):
             raise ValueError(f"scalers must have 1 or n_chunks_total={C} entries, got {sc.numel()}")
+        bad = (~torch.isfinite(sc)).nonzero().flatten().tolist()
+        if bad:
+            chunk_doc = [g for g, n in enumerate(n_chunks) for _ in range(n)]
+            where = "every chunk" if sc.numel() == 1 else ", ".join(
+                f"chunk {c} (document #{chunk_doc[c]})" for c in bad[:8])
+            raise ValueError(f"scalers must be finite: got {sc[bad[0]].item()} for {where}")
         sc = sc.expand(C) if sc.numel() == 1 else sc
     A, B = {}, {}
     for m in mods:
@@ -321,4 +403,4 @@ def merge_chunk_loras(chunk_loras: dict, n_chunks: list[int], *, bias: dict | No
     return AdapterBatch(A, B, offs, alpha, model_id, names)
 
 
-__all__ = ["AdapterBatch", "merge_chunk_loras"]
+__all__ = ["AdapterBatch", "as_index_list", "merge_chunk_loras"]

@@ -7,7 +7,8 @@ semantics as spec §4, with these deliberate differences (documented in README):
 * ``from_state_dict(..., base_model=...)`` may point at a local folder or an already-loaded model;
 * ``generate(ctx_ids=...)`` always applies the given contexts, also after ``reset()``;
 * ``forward`` accepts ``position_ids`` in padded mode (the reference crashes there);
-* ``internalize`` runs without autograd and re-uses the tokenizer; it optionally chunks;
+* ``internalize`` runs without autograd and re-uses the tokenizer; it chunks documents longer than the
+  encoder's context window by default (``max_chunk_len=0``: never);
 * ``internalize(text)`` keeps control-token text in the document (``<start_of_turn>``, ``<|im_start|>``, ...)
   plain; ``split_special_tokens=False`` gives the reference's tokenization.
 """
@@ -20,7 +21,7 @@ import os
 import torch
 from torch import nn
 
-from .adapters import merge_chunk_loras
+from .adapters import as_index_list, merge_chunk_loras
 from .checkpoint import LoadedCheckpoint, load_checkpoint, split_reference_state_dict
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context
@@ -177,7 +178,7 @@ class ModulatedPretrainedModel(nn.Module):
             if n_rows != n_groups:
                 raise ValueError(f"{n_rows} prompt rows for {n_groups} contexts: pass n_queries (rows per context)")
             return list(range(n_groups))
-        nq = [int(x) for x in (n_queries.tolist() if isinstance(n_queries, torch.Tensor) else n_queries)]
+        nq = as_index_list(n_queries, "n_queries")
         if len(nq) != n_groups or sum(nq) != n_rows:
             raise ValueError(f"n_queries={nq} must have one entry per context ({n_groups}) summing to the rows ({n_rows})")
         return [g for g, k in enumerate(nq) for _ in range(k)]

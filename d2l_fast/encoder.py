@@ -19,11 +19,18 @@ import logging
 import torch
 from torch import nn
 
+from .concurrency import guard_forward, model_lock
+
 logger = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
     pass
+
+
+#: attention scores a varlen encoder pass may hold at once, per token of ``token_budget`` (a 8192-token budget
+#: allows 2^24 scores: 64 MiB in fp32); longer chunks are attended in query blocks (:mod:`d2l_fast.varlen`)
+SCORES_PER_BUDGET_TOKEN = 2048
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -74,10 +81,16 @@ class ContextEncoder(nn.Module):
         if not 0 <= k <= n:
             raise ValueError(f"encoder would keep {k} layers but the model has {n}")
         self.encoder_type, self.n_kept = encoder_type, k
+        # encoder passes hook the decoder and switch its attention: they run alone (see d2l_fast.concurrency)
+        guard_forward(dec)
 
     @property
     def model(self):
         return self._model[0]
+
+    @property
+    def _lock(self):
+        return model_lock(decoder_of(self.model))
 
     @property
     def n_features(self) -> int:
@@ -108,21 +121,22 @@ class ContextEncoder(nn.Module):
             emit(dec.norm(hs))
             raise _Stop
 
-        try:
-            if kind == "per_layer_activations":
-                for j in range(k):
-                    handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            if kind == "embed_only" or k == 0:
-                handles.append(dec.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-                if kind != "embed_only":
-                    raise ValueError("an encoder with 0 layers only makes sense as embed_only")
-            else:
-                handles.append(dec.layers[k - 1].register_forward_hook(post_hook, with_kwargs=True))
-            with contextlib.suppress(_Stop):
-                dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with self._lock.exclusive():  # hooks on shared layers: no other thread's forward may run meanwhile
+            try:
+                if kind == "per_layer_activations":
+                    for j in range(k):
+                        handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                if kind == "embed_only" or k == 0:
+                    handles.append(dec.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                    if kind != "embed_only":
+                        raise ValueError("an encoder with 0 layers only makes sense as embed_only")
+                else:
+                    handles.append(dec.layers[k - 1].register_forward_hook(post_hook, with_kwargs=True))
+                with contextlib.suppress(_Stop):
+                    dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
         if kind == "per_layer_activations":
             expected = k + 1
         else:
@@ -150,9 +164,11 @@ class ContextEncoder(nn.Module):
         """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
         ``varlen`` (default: whenever transformers accepts the custom attention): chunks run back to back
-        in packed rows of at most ``token_budget`` tokens, each chunk attending to itself only
-        (:mod:`d2l_fast.varlen`) — no padding anywhere. Otherwise chunks run longest-first in padded
-        micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row), dropped from the output.
+        in packed rows of at most ``token_budget`` tokens (a longer chunk runs alone), each chunk attending to
+        itself only (:mod:`d2l_fast.varlen`) — no padding anywhere — with at most
+        ``SCORES_PER_BUDGET_TOKEN · token_budget`` attention scores held at once. Otherwise chunks run
+        longest-first in padded micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row),
+        dropped from the output.
         With ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, H']``) every
         feature map is transformed on its valid tokens as soon as the encoder produces it, so the
         [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
@@ -196,7 +212,8 @@ class ContextEncoder(nn.Module):
                 ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
                 pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
                 dest = torch.arange(offsets[i], offsets[j], device=dev)
-                with _varlen.packed_attention(self.model, lens[i:j], dev):
+                max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
+                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
                     run(range(i, j), make_sink(dest, None), ids, None, pos)
                 i = j
             return state["out"]

@@ -15,11 +15,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import warnings
 
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch, merge_chunk_loras
+from .adapters import AdapterBatch, as_index_list, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .config import D2LSpec, spec_for_model
 from .encoder import ContextEncoder, decoder_of
@@ -28,6 +29,25 @@ from .packing import PackedContexts, tokenize_prompt
 from .patching import LoRABinding, find_target_linears, patch_model
 
 logger = logging.getLogger(__name__)
+
+#: Upper bound of the default chunk length (tokens after chat templating): the context window of Gemma-2 and
+#: SmolLM2 and the length the D2L evaluation scripts chunk at. The default is the smaller of this and the base
+#: model's ``max_position_embeddings`` (Qwen3's is 262144: one 262k-token chunk is never a sensible default).
+DEFAULT_MAX_CHUNK_LEN = 8192
+
+
+class LongDocumentWarning(UserWarning):
+    """A document is longer than the encoder's context window: it was chunked, or (chunking off) is encoded whole."""
+
+
+def default_max_chunk_len(base_model) -> int:
+    """``min(max_position_embeddings, DEFAULT_MAX_CHUNK_LEN)`` of ``base_model`` (the latter if it has none)."""
+    mpe = getattr(getattr(base_model, "config", None), "max_position_embeddings", None)
+    try:
+        mpe = int(mpe)
+    except (TypeError, ValueError):
+        return DEFAULT_MAX_CHUNK_LEN
+    return max(1, min(mpe, DEFAULT_MAX_CHUNK_LEN)) if mpe > 0 else DEFAULT_MAX_CHUNK_LEN
 
 
 def _load_base_model(name_or_path, *, dtype=None, device=None, **kwargs):
@@ -56,7 +76,18 @@ def model_fingerprint(spec: D2LSpec, hypernet: nn.Module) -> str:
 
 
 class D2LModel(nn.Module):
-    """Base causal LM + Doc-to-LoRA hypernetwork, with a batched, padding-free API."""
+    """Base causal LM + Doc-to-LoRA hypernetwork, with a batched, padding-free API.
+
+    ``max_chunk_len``: documents longer than this (templated ids) are split into chunks (spec §2). ``None``
+    (default): :func:`default_max_chunk_len` — the base model's ``max_position_embeddings``, at most
+    :data:`DEFAULT_MAX_CHUNK_LEN` (8192) — minus the chat affixes that re-wrap every chunk, so that no chunk
+    exceeds the context window; a document chunked by this default triggers a :class:`LongDocumentWarning`
+    (the reference's ``internalize`` never chunks). ``0`` or a negative value
+    turns chunking off (the reference's behaviour); a chunk longer than ``max_position_embeddings`` then
+    also warns. ``encode_token_budget``: tokens per packed encoder row; it also bounds the attention scores
+    the encoder holds at once (``2048 · encode_token_budget`` elements), so the encoder's working memory does
+    not grow with the square of a long chunk.
+    """
 
     def __init__(self, base_model: nn.Module, hypernet: HyperLoRA, tokenizer=None, *, user_defined_scaling: float = 1.0,
                  max_chunk_len: int | None = None, encode_token_budget: int = 8192):
@@ -68,7 +99,13 @@ class D2LModel(nn.Module):
         self.tokenizer = tokenizer
         self._tokenizer_note: str | None = None  # why no tokenizer could be loaded (see tokenizer_required)
         self.user_defined_scaling = float(user_defined_scaling)
-        self.max_chunk_len = max_chunk_len
+        if max_chunk_len is not None and (isinstance(max_chunk_len, bool) or not isinstance(max_chunk_len, int)):
+            raise TypeError(f"max_chunk_len must be an int or None, got {max_chunk_len!r}")
+        if isinstance(encode_token_budget, bool) or not isinstance(encode_token_budget, int) or encode_token_budget < 1:
+            raise ValueError(f"encode_token_budget must be a positive int, got {encode_token_budget!r}")
+        self._default_chunking = max_chunk_len is None
+        self._affix_len: int | None = None
+        self.max_chunk_len = default_max_chunk_len(base_model) if max_chunk_len is None else max_chunk_len
         self.encode_token_budget = encode_token_budget
         self._check_base_matches(base_model, spec)
         base_model.requires_grad_(False)  # only the hypernetwork trains (as in the reference)
@@ -211,10 +248,28 @@ class D2LModel(nn.Module):
     def base_dtype(self):
         return next(self.base_model.parameters()).dtype
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the base model's input embedding: valid token ids are ``0 .. vocab_size - 1``."""
+        return int(self.base_model.get_input_embeddings().weight.shape[0])
+
+    def _check_vocab(self, lo: int, hi: int, where: str) -> None:
+        V = self.vocab_size
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: token id {bad} is outside the vocabulary (size {V}: ids 0..{V - 1})")
+
+    def _check_packed_ids(self, packed: PackedContexts) -> None:
+        for c, chunk in enumerate(packed.chunks):
+            lo, hi = min(chunk), max(chunk)
+            if lo < 0 or hi >= self.vocab_size:
+                self._check_vocab(lo, hi, f"document #{packed.chunk_to_doc[c]} (chunk {c})")
+
     # ----------------------------------------------------------------- context → LoRA
     def chunk_loras(self, packed: PackedContexts, *, intermediates: dict | None = None) -> dict:
         """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
         spec = self.spec
+        self._check_packed_ids(packed)
         hdt = self.hypernet.head.weight.dtype
         # inference streams each encoder layer through the modality projection as it is produced (the
         # [L, T, H] feature stack is never held); training / intermediates keep the plain path for autograd
@@ -258,10 +313,45 @@ class D2LModel(nn.Module):
         or becomes control tokens as in the reference (False); see :func:`d2l_fast.packing.tokenize_context`."""
         if self.tokenizer is None and any(isinstance(d, str) for d in documents):
             raise self.tokenizer_required("internalizing text documents")
+        by_default = max_chunk_len is None and self._default_chunking
         mcl = self.max_chunk_len if max_chunk_len is None else max_chunk_len
-        return PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
-                                             model_name=self.spec.base_model_name_or_path,
-                                             split_special_tokens=split_special_tokens)
+        if by_default:  # re-wrapped chunks grow by the chat affixes: keep them inside the context window
+            mcl = max(1, mcl - self._chunk_affix_len())
+        packed = PackedContexts.from_documents(self.tokenizer, documents, max_chunk_len=mcl,
+                                               model_name=self.spec.base_model_name_or_path,
+                                               split_special_tokens=split_special_tokens)
+        self._warn_long(packed, mcl, by_default=by_default)
+        return packed
+
+    def _chunk_affix_len(self) -> int:
+        if self._affix_len is None:
+            from .packing import context_affixes
+
+            try:
+                pre, suf = context_affixes(self.tokenizer, self.spec.base_model_name_or_path)
+                self._affix_len = len(pre) + len(suf)
+            except (AttributeError, TypeError, ValueError):  # no tokenizer / template: chunks may exceed by the affixes
+                self._affix_len = 0
+        return self._affix_len
+
+    def _warn_long(self, packed: PackedContexts, mcl, *, by_default: bool) -> None:
+        window = getattr(self.base_model.config, "max_position_embeddings", None)
+        lens = packed.lengths
+        if by_default:
+            split = [d for d, n in enumerate(packed.n_chunks) if n > 1]
+            if split:
+                warnings.warn(f"{len(split)} document(s) (#{', #'.join(map(str, split[:5]))}) exceed the default "
+                              f"chunk length {mcl} (the encoder's context window less the chat affixes) and were "
+                              f"split into chunks; pass max_chunk_len= to choose, or max_chunk_len=0 to encode whole "
+                              f"(reference behaviour)",
+                              LongDocumentWarning, stacklevel=4)
+        if isinstance(window, int) and window > 0:
+            over = sorted({packed.chunk_to_doc[c] for c, n in enumerate(lens) if n > window})
+            if over:
+                warnings.warn(f"document(s) #{', #'.join(map(str, over[:5]))} have a chunk of {max(lens)} tokens, "
+                              f"beyond the base model's max_position_embeddings={window}: features past the context "
+                              f"window are unreliable; chunk with max_chunk_len<={window}", LongDocumentWarning,
+                              stacklevel=4)
 
     @torch.no_grad()
     def internalize(self, documents, *, max_chunk_len: int | None = None, scalers=None, bias_scaler=None,
@@ -269,7 +359,8 @@ class D2LModel(nn.Module):
                     split_special_tokens: bool = True) -> AdapterBatch:
         """Documents (text, or chat-templated id lists) → one adapter each, in ONE packed padding-free pass.
 
-        Long documents are chunked on templated ids (``max_chunk_len``); a document of n chunks gets rank
+        Long documents are chunked on templated ids (``max_chunk_len``; default: the model's, see the class
+        docstring); a document of n chunks gets rank
         (n+1)·r. ``docs_per_call`` bounds memory for very large lists (several packed calls, tqdm progress).
         Nothing is stored on the model: the returned :class:`AdapterBatch` is the state.
         ``split_special_tokens`` (default True): text such as ``<start_of_turn>`` in a document stays plain text
@@ -286,8 +377,12 @@ class D2LModel(nn.Module):
             n_sc = len(torch.as_tensor(scalers).flatten())
             if n_sc not in (1, len(packed.chunks)):
                 raise ValueError(f"scalers must have 1 or {len(packed.chunks)} (one per chunk) entries, got {n_sc}")
+        self._check_packed_ids(packed)
         if docs_per_call is None or docs_per_call >= len(documents):
-            return self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler, names=names)
+            out = self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler,
+                             names=names)
+            out.check_finite(where=" (made by internalize from the document of that index)")
+            return out
         from tqdm.auto import tqdm
 
         parts, c0 = [], 0
@@ -303,7 +398,9 @@ class D2LModel(nn.Module):
             parts.append(self.merge(self.chunk_loras(sub), ncs, scalers=sc, bias_scaler=bias_scaler,
                                     names=None if names is None else names[d0:d1]))
             c0 += sum(ncs)
-        return AdapterBatch.concat(parts)
+        out = AdapterBatch.concat(parts)
+        out.check_finite(where=" (made by internalize from the document of that index)")
+        return out
 
     # ----------------------------------------------------------------- binding adapters
     def _prepare_adapters(self, adapters: AdapterBatch) -> AdapterBatch:
@@ -326,11 +423,16 @@ class D2LModel(nn.Module):
         return out
 
     @contextlib.contextmanager
-    def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None):
+    def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None,
+             rows_per_index: int = 1):
         """Within the block, the base model applies adapter ``adapter_index[i]`` (-1 = none) to batch row i.
 
         For a packed single-row input give ``seg_lens`` (tokens per segment) and ``seg_adapter`` instead.
-        ``adapter_index=None`` means row i uses adapter i.
+        ``adapter_index=None`` means row i uses adapter i. ``adapter_index`` needs one entry per row; with
+        ``rows_per_index=k`` a batch of exactly ``k·len(adapter_index)`` rows is also accepted, rows
+        ``i·k .. i·k+k-1`` using ``adapter_index[i]`` (HF ``generate`` expands every prompt row k times for
+        ``num_return_sequences`` / ``num_beams``). Indices must be integers; adapters holding NaN or infinite
+        values are refused here (only those some row uses).
         """
         if adapters is None:
             with self._lora_ctx.bound(None):
@@ -340,7 +442,8 @@ class D2LModel(nn.Module):
         if seg_lens is None and adapter_index is None:
             adapter_index = list(range(len(ad)))
         binding = LoRABinding(ad, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
-                              seg_lens=seg_lens, seg_adapter=seg_adapter)
+                              seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
+        ad.check_finite(binding.used_adapters, where=" (bound for this call)")
         with self._lora_ctx.bound(binding):
             yield binding
 
@@ -352,9 +455,12 @@ class D2LModel(nn.Module):
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            self._check_vocab(int(lo), int(hi), "input_ids")
         if adapters is not None:
             n_rows = input_ids.shape[0]
-            idx = list(range(len(adapters))) if adapter_index is None else list(adapter_index)
+            idx = list(range(len(adapters))) if adapter_index is None else as_index_list(adapter_index)
             if len(idx) != n_rows:
                 raise ValueError(f"{n_rows} prompt rows but {len(idx)} adapter indices "
                                  f"({'one per adapter' if adapter_index is None else 'adapter_index'}); give one per row")
@@ -364,6 +470,9 @@ class D2LModel(nn.Module):
         """Base-model forward with per-row (padded) or per-segment (packed, ``seg_lens``) adapters."""
         if seg_lens is None:
             self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
+        elif isinstance(input_ids, torch.Tensor) and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            self._check_vocab(int(lo), int(hi), "input_ids")
         with self.bind(adapters, adapter_index, seg_lens=seg_lens, seg_adapter=seg_adapter):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -374,7 +483,10 @@ class D2LModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("pad_token_id", getattr(self.tokenizer, "pad_token_id", None) or self.base_model.config.pad_token_id)
-        with self.bind(adapters, adapter_index):
+        gc = kwargs.get("generation_config") or self.base_model.generation_config
+        k = max(int(kwargs.get("num_beams", None) or getattr(gc, "num_beams", 1) or 1),
+                int(kwargs.get("num_return_sequences", None) or getattr(gc, "num_return_sequences", 1) or 1))
+        with self.bind(adapters, adapter_index, rows_per_index=k):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def encode_prompts(self, prompts: list[str], *, system: str | None = None):
@@ -382,6 +494,9 @@ class D2LModel(nn.Module):
             raise self.tokenizer_required("encoding text prompts")
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("expected at least one prompt, got an empty list")
         rows = [tokenize_prompt(self.tokenizer, p, system) for p in prompts]
         n = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -401,4 +516,4 @@ class D2LModel(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 
-__all__ = ["D2LModel", "model_fingerprint"]
+__all__ = ["DEFAULT_MAX_CHUNK_LEN", "D2LModel", "LongDocumentWarning", "default_max_chunk_len", "model_fingerprint"]

@@ -325,7 +325,8 @@ class PackedContexts:
             _check_document(d, i)
         ids = [tokenize_context(tokenizer, d, split_special_tokens=split_special_tokens) if isinstance(d, str) else d
                for d in docs]
-        aff = context_affixes(tokenizer, model_name) if max_chunk_len else None
+        long = max_chunk_len and max_chunk_len > 0 and any(len(i) > max_chunk_len for i in ids)
+        aff = context_affixes(tokenizer, model_name) if long else None  # only needed when something is chunked
         return cls.from_ids(ids, max_chunk_len=max_chunk_len, affixes=aff)
 
     @classmethod

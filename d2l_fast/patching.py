@@ -15,7 +15,7 @@ import threading
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch
+from .adapters import AdapterBatch, as_index_list
 from .encoder import decoder_of
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 
@@ -38,24 +38,36 @@ class LoRABinding:
     """Adapters bound to one batch: which adapter each row (padded [B, S] input) or segment (packed) uses."""
 
     def __init__(self, adapters: AdapterBatch, layer_map: dict[int, int], *, row_adapter=None, seg_lens=None,
-                 seg_adapter=None):
+                 seg_adapter=None, rows_per_index: int = 1):
         self.adapters = adapters
         self.alpha = float(adapters.alpha)
         self.layer_map = layer_map  # base layer index -> adapter layer index
         n = len(adapters)
         if row_adapter is not None and seg_lens is not None:
             raise ValueError("give either row_adapter (padded batch) or seg_lens + seg_adapter (packed), not both")
+        if isinstance(rows_per_index, bool) or not isinstance(rows_per_index, int) or rows_per_index < 1:
+            raise ValueError(f"rows_per_index must be a positive int, got {rows_per_index!r}")
         if seg_lens is not None:
-            seg_lens = [int(x) for x in seg_lens]
-            seg_adapter = [int(x) for x in seg_adapter]
+            if seg_adapter is None:
+                raise ValueError("seg_lens needs seg_adapter (one adapter index per segment)")
+            seg_lens = as_index_list(seg_lens, "seg_lens")
+            seg_adapter = as_index_list(seg_adapter, "seg_adapter")
             if len(seg_lens) != len(seg_adapter):
                 raise ValueError(f"{len(seg_lens)} segment lengths but {len(seg_adapter)} segment adapters")
             self._check_ids(seg_adapter, n)
         elif row_adapter is not None:
-            row_adapter = [int(x) for x in row_adapter]
+            row_adapter = as_index_list(row_adapter, "adapter_index")
             self._check_ids(row_adapter, n)
         self.row_adapter, self.seg_lens, self.seg_adapter = row_adapter, seg_lens, seg_adapter
+        # generate(num_return_sequences / num_beams) expands each prompt row k times; only the caller knows k
+        self.rows_per_index = rows_per_index
         self._metas: dict[tuple, SegmentMeta] = {}
+
+    @property
+    def used_adapters(self) -> list[int]:
+        """Indices of the adapters some row or segment uses."""
+        ids = self.seg_adapter if self.seg_lens is not None else self.row_adapter
+        return sorted({i for i in (ids if ids is not None else [0]) if i >= 0})
 
     @staticmethod
     def _check_ids(ids, n):
@@ -78,10 +90,12 @@ class LoRABinding:
         else:
             rows = self.row_adapter if self.row_adapter is not None else [0] * B
             if len(rows) != B:
-                if B % len(rows):
-                    raise ValueError(f"batch has {B} rows but {len(rows)} row adapters were bound")
-                k = B // len(rows)  # generate(num_return_sequences / num_beams) expands each row k times
-                rows = [a for a in rows for _ in range(k)]
+                k = self.rows_per_index
+                if k == 1 or len(rows) * k != B:
+                    raise ValueError(f"batch has {B} rows but {len(rows)} row adapters were bound"
+                                     + (f" with rows_per_index={k}" if k > 1 else
+                                        "; give one adapter index per row (or rows_per_index= for expanded rows)"))
+                rows = [a for a in rows for _ in range(k)]  # row i of the expanded batch comes from prompt i // k
             meta = SegmentMeta.uniform(B, S, rows, offs, x.device)
         self._metas[key] = meta
         return meta

@@ -7,8 +7,9 @@ padding anywhere and no [T_total, T_total] mask. Model-specific attention detail
 usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
 On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
 
-The switch is made on the model's config for the duration of one encoder pass: do not run the same
-model object from another thread while it internalises (adapter bindings themselves are thread-local).
+The switch is made on the model's config for the duration of one encoder pass; the pass holds the
+model's lock exclusively (:mod:`d2l_fast.concurrency`), so forwards from other threads wait for it
+instead of seeing the switched config.
 """
 
 from __future__ import annotations
@@ -39,9 +40,40 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def _segment_attention(q, k, v, scaling, softcap, window):
-    """q [H, t, d], k/v [KVH, t, d] of one chunk: causal (and sliding-window) attention, fp32 softmax."""
+def _block_attention(q, k, v, offset, scaling, softcap, window):
+    """Queries ``offset .. offset+qb-1`` of a chunk (q [H, qb, d]) against keys 0 .. kb-1 (k/v [KVH, kb, d])."""
+    qb, kb = q.shape[1], k.shape[1]
+    i = torch.arange(qb, device=q.device)[:, None] + offset
+    j = torch.arange(kb, device=q.device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= (i - j) < window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling, enable_gqa=True)
+    rep = q.shape[0] // k.shape[0]
+    if rep > 1:
+        k = k.repeat_interleave(rep, 0)
+        v = v.repeat_interleave(rep, 0)
+    s = torch.tanh((q @ k.transpose(-1, -2)) * scaling / softcap) * softcap
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), -1).to(v.dtype) @ v
+
+
+def _segment_attention(q, k, v, scaling, softcap, window, max_scores=None):
+    """q [H, t, d], k/v [KVH, t, d] of one chunk: causal (and sliding-window) attention, fp32 softmax.
+
+    With ``max_scores``, a chunk whose [H, t, t] score matrix would exceed it is attended in query blocks
+    (each against its causal / windowed keys only), so at most about ``max_scores`` scores exist at once.
+    """
     t = q.shape[1]
+    if max_scores is not None and q.shape[0] * t * t > max_scores:
+        qb = max(16, max_scores // (q.shape[0] * t))
+        out = q.new_empty(q.shape[0], t, v.shape[-1])
+        for a in range(0, t, qb):
+            b = min(t, a + qb)
+            k0 = 0 if window is None else max(0, a - window + 1)
+            out[:, a:b] = _block_attention(q[:, a:b], k[:, k0:b], v[:, k0:b], a - k0, scaling, softcap, window)
+        return out
     if softcap is None and (window is None or t <= window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
     rep = q.shape[0] // k.shape[0]
@@ -63,6 +95,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      softcap=None, **kwargs):
     """HF attention-interface function: query [1, H, T, d], key/value [1, KVH, T, d] → ([1, T, H, d], None)."""
     bounds, cu, max_len = _bounds()
+    max_scores = getattr(_state, "max_scores", None)
     if query.shape[0] != 1:
         raise RuntimeError(f"d2l_varlen expects one packed row, got batch {query.shape[0]}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -74,7 +107,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return out.unsqueeze(0), None
     out = torch.empty_like(query.transpose(1, 2))  # [1, T, H, d]
     for a, b in bounds:
-        o = _segment_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling, softcap, sliding_window)
+        o = _segment_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b], scaling, softcap, sliding_window,
+                               max_scores)
         out[0, a:b] = o.transpose(0, 1)
     return out, None
 
@@ -109,8 +143,11 @@ def _configs(model):
 
 
 @contextlib.contextmanager
-def packed_attention(model, lengths: list[int], device):
-    """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only."""
+def packed_attention(model, lengths: list[int], device, max_scores: int | None = None):
+    """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only.
+
+    ``max_scores``: attention scores held at once per chunk (query-blocked above it; None: no bound).
+    """
     cfgs = _configs(model)
     old = [c._attn_implementation for c in cfgs]
     bounds, s = [], 0
@@ -119,6 +156,7 @@ def packed_attention(model, lengths: list[int], device):
         s += n
     cu = torch.tensor([0] + [b for _, b in bounds], dtype=torch.int32, device=device)
     _state.bounds = (bounds, cu, max(lengths))
+    _state.max_scores = max_scores
     try:
         for c in cfgs:
             c._attn_implementation = NAME
@@ -127,3 +165,4 @@ def packed_attention(model, lengths: list[int], device):
         for c, o in zip(cfgs, old):
             c._attn_implementation = o
         _state.bounds = None
+        _state.max_scores = None

@@ -12,7 +12,12 @@ weight copies; extra memory is O(tokens x rank) plus O(tokens x d) for gathers):
                gathered into ``[n_slots, c, d_in]`` and two ``bmm`` calls do everything. Best for
                decode with many distinct adapters.
 * ``dense``:   one shrink GEMM against the whole used rank span, a mask that zeroes rank columns a
-               token does not own, one expand GEMM. Best when the used rank span is small.
+               token does not own, one expand GEMM. Best when the used rank span is small. The span
+               GEMMs would spread a NaN/inf of one adapter to every token (0 · NaN = NaN), so when the
+               span is not finite (one sum over it) ``dense`` runs as ``grouped`` instead.
+
+Every strategy is row-isolated: a token's result depends only on its own activations and its own
+adapter's rank rows, whatever values other adapters (or other tokens) hold.
 
 :func:`choose_strategy` picks one with an explicit cost model (see README.md).
 Low-precision inputs are upcast to fp32 for the math (CPU bf16/fp16 GEMMs are 6-500x slower).
@@ -164,15 +169,22 @@ def _bmm_plan(meta: SegmentMeta, device: torch.device):
     return meta.cached(("bmm_plan", str(device)), build)
 
 
-def _dense_mask(meta: SegmentMeta, device: torch.device, dtype: torch.dtype):
+def _dense_mask(meta: SegmentMeta, device: torch.device):
+    """(lo, hi, not_owned): bool [n_tokens, hi - lo], True where a token does NOT own the rank column."""
+
     def build():
         lo, hi = _dense_span(meta)
-        mask = torch.zeros(meta.n_tokens, hi - lo, dtype=dtype)
+        not_owned = torch.ones(meta.n_tokens, hi - lo, dtype=torch.bool)
         for t0, t1, rs, rl in meta.runs:
-            mask[t0:t1, rs - lo : rs - lo + rl] = 1
-        return lo, hi, mask.to(device)
+            not_owned[t0:t1, rs - lo : rs - lo + rl] = False
+        return lo, hi, not_owned.to(device)
 
-    return meta.cached(("dense_mask", str(device), dtype), build)
+    return meta.cached(("dense_not_owned", str(device)), build)
+
+
+def _finite(*ts: torch.Tensor) -> bool:
+    """True when every entry is finite: one sum per tensor (a finite sum that overflows only costs the fast path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in ts if t.numel())
 
 
 def _rank_view(W: torch.Tensor, lo: int, r: int, n_slots: int) -> torch.Tensor:
@@ -221,10 +233,14 @@ def _fwd_fp32_(out, x, A, B, meta: SegmentMeta, scale: float, strategy: str):
             y = y.index_select(0, p["pos"])
         out.index_add_(0, p["tok"], y, alpha=scale)
     elif strategy == "dense":
-        lo, hi, mask = _dense_mask(meta, x.device, x.dtype)
-        h = torch.mm(x, A[lo:hi].t())
-        h.mul_(mask)
-        out.addmm_(h, B[lo:hi], alpha=scale)
+        lo, hi, not_owned = _dense_mask(meta, x.device)
+        a, b = A[lo:hi], B[lo:hi]
+        if not _finite(a, b):  # a non-finite entry would reach every token through the span GEMMs
+            _fwd_fp32_(out, x, A, B, meta, scale, "grouped")
+            return
+        h = torch.mm(x, a.t())
+        h.masked_fill_(not_owned, 0.0)  # a fill, not a multiply: a token only ever sees its own rank columns
+        out.addmm_(h, b, alpha=scale)
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
