@@ -73,7 +73,7 @@ def test_distillation_matches_reference(N, H, V, K, chunk, softcap, bias, neg_in
     torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
     for name, g, gr in zip("hwb", _grads(out.loss, h, w, b), _grads(ref, h, w, b)):
         assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("N,H,V,K,chunk,softcap,bias,neg_inf", CASES)
@@ -88,7 +88,7 @@ def test_cross_entropy_matches_reference(N, H, V, K, chunk, softcap, bias, neg_i
     torch.testing.assert_close(out.token_loss.double(), ref_tok.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
     for name, g, gr in zip("hwb", _grads(out.loss, h, w, b), _grads(ref, h, w, b)):
-        torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_fp32_against_fp64_reference_and_noncontiguous_hidden():
@@ -203,7 +203,7 @@ def test_packed_qa_loss_matches_reference(objective, average, softcap):
     ref = packed_qa_loss_ref(h, w, labels, cu, nq, **kw)
     torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
     for name, g, gr in zip("hw", _grads(out.loss, h, w), _grads(ref, h, w)):
-        torch.testing.assert_close(g, gr, **F64, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, gr, **F64, msg=lambda m, name=name: f"grad {name}: {m}")
     # the hidden states of positions that predict no answer token get no gradient
     (gh,) = torch.autograd.grad(qa_loss(h, w, labels, cu, nq, chunk_size=4, **kw).loss, h)
     predicting = torch.zeros(T, dtype=torch.bool)

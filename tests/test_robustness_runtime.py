@@ -287,7 +287,7 @@ def test_concurrent_internalize_generate_forward_match_single_threaded():
         want_base = model(ids, mask).logits
 
     jobs = []
-    for rep in range(2):
+    for _rep in range(2):
         for k in range(3):
             jobs += [("internalize", k), ("generate", k), ("forward", k), ("base", k)]
     errors, done = [], []

@@ -108,7 +108,6 @@ def segmented_lora(
     return delta.reshape(*lead, B.shape[1])
 
 
-@torch.no_grad()
 def segmented_lora_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -139,5 +138,9 @@ def segmented_lora_(
         out2 = out if out.dim() == 2 else out.view(-1, out.shape[-1])
     except RuntimeError as e:
         raise ValueError(f"out must be viewable as [T, d_out], got strides {out.stride()}") from e
-    _add_(out2, x2, A, B, meta, float(scale), backend)
+    if torch.is_grad_enabled():  # no autograd here (a decorator would cost microseconds on every decode call)
+        with torch.no_grad():
+            _add_(out2, x2, A, B, meta, float(scale), backend)
+    else:
+        _add_(out2, x2, A, B, meta, float(scale), backend)
     return out
