@@ -71,6 +71,7 @@ def test_quick_report_byte_minimum_and_table(quick_report):
     assert all(ln.split()[-1] == "ok" for ln in table)
 
 
+@pytest.mark.interpreter
 def test_refuses_interpreted_kernels_in_process():
     # this process runs under TRITON_INTERPRET=1 (conftest): capturing here would record interpreter configs
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -86,6 +86,7 @@ CPU_PATHS = textwrap.dedent(
 def _run(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the interpreter needs triton; a user without it never sets it
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU paths (on a GPU machine torch's CUDA init itself looks for triton)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-c", BLOCK_TRITON + code], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)

@@ -110,7 +110,9 @@ def _planted(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seq", [1, 5])  # decode rows and prefill rows
-@pytest.mark.parametrize("strategy", ["runs", "grouped", "bmm", "dense", "triton"])
+@pytest.mark.parametrize("strategy", ["runs", "grouped", "bmm", "dense",
+                                      pytest.param("triton", marks=pytest.mark.interpreter),
+                                      pytest.param("triton-cuda", marks=pytest.mark.gpu)])
 def test_nan_in_one_adapter_stays_in_its_rows(strategy, seq, dtype):
     from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_
     from d2l_fast.kernels.segmented_lora.cpu import segmented_lora_cpu_
@@ -124,7 +126,11 @@ def test_nan_in_one_adapter_stays_in_its_rows(strategy, seq, dtype):
 
     def run(a, b):
         out = y0.clone()
-        if strategy == "triton":
+        if strategy == "triton-cuda":  # the compiled kernels on a GPU
+            out = out.cuda()
+            segmented_lora_(out, x.cuda(), a.cuda(), b.cuda(), meta.to("cuda"), 0.5, backend="triton")
+            out = out.cpu()
+        elif strategy == "triton":
             segmented_lora_(out, x, a, b, meta, 0.5, backend="triton")
         else:
             segmented_lora_cpu_(out, x, a, b, meta, 0.5, strategy=strategy)

@@ -98,9 +98,13 @@ class Launcher:
             try:
                 g3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
                 return ck[g3](*args, *constexprs.values())
-            except Exception:  # noqa: BLE001  (an unexpected Triton API: fall back for good)
+            except Exception:  # noqa: BLE001
+                # Triton's own path decides: if it raises too, the arguments were bad (re-raised below, the fast
+                # path stays on); if it works, this Triton's compiled-kernel API differs: fall back for good
+                out = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
                 self.enabled = False
                 self._compiled.clear()
+                return out
         ck = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         if key is not None and self.enabled and ck is not None and hasattr(ck, "__getitem__"):
             names = list(getattr(self.fn, "arg_names", ()))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import Launcher, cdiv, input_precision, sm_count
+from .._common import Launcher, cdiv, input_precision, interpreting, sm_count
 from .configs import KernelConfig, pick_config
 from .meta import SegmentMeta
 
@@ -156,6 +156,9 @@ def segmented_lora_fwd(
     validate_inputs(x, A, B, meta, out)
     if not meta.runs:
         return out
+    if x.device.type == "cpu" and not interpreting():  # (meta tensors: the compile report captures launches)
+        raise ValueError(f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {x.device} "
+                         "tensors: use backend='torch' or 'auto' on CPU")
     x, A, B = _last_dim_unit(x), _last_dim_unit(A), _last_dim_unit(B)
     plan = launch_plan(meta, x.shape[1], B.shape[1], x.dtype, x.device, config)
     if plan.cfg.variant == "decode" and meta.max_seqlen > 1:  # only reachable with an explicit config
