@@ -95,6 +95,12 @@ def pick_config(
     # fused recomputes the shrink for every output tile: worth one launch less only when that recompute is
     # small (few output tiles, or few tokens) and the rank is small (a rank-1032 shrink is as big as the expand)
     fused = max_rank <= 64 and (n_out_tiles <= 2 or n_tokens <= 128)
+    if not fused and not interpret:
+        # few row tiles (e.g. 8 beams of one long document: 1 tile) leave the expand grid at cdiv(d_out, 128)
+        # programs, each streaming its slice of a large B: narrower output blocks until the grid covers the SMs
+        row_tiles = max(1, -(-n_tokens // block_m))
+        while block_n > 32 and row_tiles * -(-d_out // block_n) < n_sms:
+            block_n //= 2
     # a 64x128 fp32 accumulator plus the h tile needs 8 warps to stay in registers
     num_warps = 8 if (not interpret and block_m * block_n >= 8192) else 4
     split = 1
