@@ -477,7 +477,7 @@ def build_peft(adapters, spec, base):
     """A separate base copy with adapter k as PEFT LoRA 'doc{k}' on every target module (real PEFT)."""
     from peft import LoraConfig, get_peft_model
 
-    from d2l_fast.patching import find_target_linears
+    from d2l_fast.hf import find_target_linears
     from d2l_fast.zoo import load_smollm2
 
     base2, _ = load_smollm2()

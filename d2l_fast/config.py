@@ -499,61 +499,6 @@ def default_lora_alpha(r: int) -> float:
     return 2.0 * float(r) ** 1.5
 
 
-def spec_for_model(
-    model,
-    *,
-    base_model_name_or_path: str | None = None,
-    target_modules=("down_proj",),
-    lora_r: int = 8,
-    latent_size: int = 512,
-    n_latent_queries: int = 8,
-    num_blocks: int = 9,
-    num_self_attn_per_block: int = 0,
-    n_heads: int = 16,
-    head_dim: int = 128,
-    n_kv_heads: int = 4,
-    encoder_type: str = "per_layer_activations",
-    encoder_layer_idx: int | None = None,
-    **overrides,
-) -> D2LSpec:
-    """A D2LSpec for a fresh hypernetwork over an already-loaded HF causal LM (the main config by default)."""
-    from .patching import find_target_linears
-
-    cfg = model.config
-    n_layers = int(cfg.num_hidden_layers)
-    tm = tuple(sorted(target_modules))
-    linears = find_target_linears(model, tm)
-    d_in, d_out = {}, {}
-    for m in tm:
-        lin = linears[(0, m)]
-        d_in[m], d_out[m] = int(lin.in_features), int(lin.out_features)
-    if encoder_type == "early_exit" and encoder_layer_idx is None:
-        encoder_layer_idx = max(1, n_layers // 4)
-    spec = D2LSpec(
-        base_model_name_or_path=base_model_name_or_path or getattr(cfg, "_name_or_path", "") or cfg.model_type,
-        num_layers=n_layers,
-        layer_indices=tuple(range(n_layers)),
-        target_modules=tm,
-        d_in=d_in,
-        d_out=d_out,
-        feature_size=int(cfg.hidden_size),
-        latent_size=latent_size,
-        lora_r=lora_r,
-        lora_alpha=overrides.pop("lora_alpha", default_lora_alpha(lora_r)),
-        n_latent_queries=n_latent_queries,
-        num_blocks=num_blocks,
-        num_self_attn_per_block=num_self_attn_per_block,
-        n_heads=n_heads,
-        head_dim=head_dim,
-        n_kv_heads=n_kv_heads,
-        encoder_type=encoder_type,
-        encoder_layer_idx=encoder_layer_idx,
-        **overrides,
-    )
-    spec.validate()
-    return spec
-
-
 __all__ = [
     "AggregatorConfig",
     "CtxEncoderArguments",
@@ -564,5 +509,4 @@ __all__ = [
     "PeftType",
     "TaskType",
     "default_lora_alpha",
-    "spec_for_model",
 ]

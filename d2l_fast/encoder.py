@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .concurrency import guard_forward, model_lock
+from .hf import decoder_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +32,6 @@ class _Stop(Exception):
 #: attention scores a varlen encoder pass may hold at once, per token of ``token_budget`` (a 8192-token budget
 #: allows 2^24 scores: 64 MiB in fp32); longer chunks are attended in query blocks (:mod:`d2l_fast.varlen`)
 SCORES_PER_BUDGET_TOKEN = 2048
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The inner decoder (``model.model`` for HF causal LMs; PEFT wrappers are unwrapped)."""
-    m = model
-    for attr in ("base_model",):
-        if hasattr(m, "peft_config") and hasattr(m, attr):  # PeftModel -> LoraModel -> HF model
-            m = getattr(m, attr)
-            m = getattr(m, "model", m)
-    if hasattr(m, "get_decoder"):
-        try:
-            dec = m.get_decoder()
-            if dec is not None and hasattr(dec, "layers"):
-                return dec
-        except (AttributeError, NotImplementedError):
-            pass
-    if hasattr(m, "model") and hasattr(m.model, "layers"):
-        return m.model
-    if hasattr(m, "layers"):
-        return m
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers")
 
 
 class ContextEncoder(nn.Module):
@@ -242,4 +222,4 @@ class ContextEncoder(nn.Module):
         return state["out"]
 
 
-__all__ = ["ContextEncoder", "decoder_of"]
+__all__ = ["ContextEncoder"]
