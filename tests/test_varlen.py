@@ -5,9 +5,9 @@ import torch
 
 from d2l_fast import varlen
 from d2l_fast.encoder import ContextEncoder
-from d2l_fast.zoo import tiny_model
 
 from ._numerics import BATCHING
+from ._tiny import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "qwen3", "mistral"])
