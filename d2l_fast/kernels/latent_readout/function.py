@@ -6,7 +6,8 @@ import math
 import torch
 
 from .configs import ReadoutProblem, choose_mode, interpreting, pick_cpu_chunk
-from .cpu import (
+from .launch import SUPPORTED_DTYPES, latent_readout_triton_fwd
+from .torch_impl import (
     _GROUP_ELEMS,
     compute_rstd,
     make_chunk_plan,
@@ -15,7 +16,6 @@ from .cpu import (
     readout_torch,
     segment_groups,
 )
-from .launch import SUPPORTED_DTYPES, latent_readout_triton_fwd
 
 __all__ = ["LatentReadoutFunction", "latent_readout", "resolve_mode"]
 
@@ -27,7 +27,7 @@ class LatentReadoutFunction(torch.autograd.Function):
     """Fused latent cross-attention readout with a recompute backward.
 
     Forward runs the chosen form (absorbed or plain) on the chosen backend and saves only the inputs.
-    Backward recomputes the forward with the differentiable torch implementation (`cpu.py`, same form,
+    Backward recomputes the forward with the differentiable torch implementation (`torch_impl.py`, same form,
     fp32) one segment group at a time under `enable_grad`, and calls `torch.autograd.grad` for
     q, ctx, k_weight, v_weight, ctx_norm_weight (and ctx_rstd when the caller passed it).
     Why recompute in torch: it is exact for both forms, costs one extra forward, stores nothing
