@@ -289,7 +289,7 @@ def _rel_err(x, ref) -> float:
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def smol():
-    from d2l_fast.zoo import load_smollm2
+    from d2l_fast.demo import load_smollm2
 
     t = time.perf_counter()
     base, tok = load_smollm2()
@@ -477,8 +477,8 @@ def build_peft(adapters, spec, base):
     """A separate base copy with adapter k as PEFT LoRA 'doc{k}' on every target module (real PEFT)."""
     from peft import LoraConfig, get_peft_model
 
-    from d2l_fast.patching import find_target_linears
-    from d2l_fast.zoo import load_smollm2
+    from d2l_fast.demo import load_smollm2
+    from d2l_fast.hf import find_target_linears
 
     base2, _ = load_smollm2()
     ro, alpha = adapters.rank_offsets, float(adapters.alpha)
@@ -591,7 +591,7 @@ def _mem_worker(case: str, provider: str) -> None:
     import resource
 
     from d2l_fast import D2LModel
-    from d2l_fast.zoo import load_smollm2
+    from d2l_fast.demo import load_smollm2
 
     base, tok = load_smollm2()
     model = D2LModel.from_base(base, tok, seed=0, **({} if case == CASE_A_MAIN else SMALL_CFG))

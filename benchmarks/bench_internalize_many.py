@@ -41,7 +41,7 @@ def _docs(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def smol_model():
     from d2l_fast import D2LModel
-    from d2l_fast.zoo import load_smollm2
+    from d2l_fast.demo import load_smollm2
 
     base, tok = load_smollm2()
     with torch.no_grad():  # library initialisation outside the timing

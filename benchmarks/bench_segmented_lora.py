@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref
-from d2l_fast.kernels.segmented_lora.cpu import choose_strategy
+from d2l_fast.kernels.segmented_lora.torch_impl import choose_strategy
 
 from shapes import LoraCase, lora_cases  # noqa: E402  (benchmarks/ is on sys.path via rootdir conftest)
 

@@ -10,7 +10,8 @@ import logging
 from .adapters import AdapterBatch, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .compat import ModulatedPretrainedModel, combine_lora
-from .config import D2LSpec, spec_for_model
+from .config import D2LSpec
+from .hf import spec_for_model
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt

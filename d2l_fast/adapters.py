@@ -211,11 +211,6 @@ class AdapterBatch:
             pb[g, :, : e - s] = b[:, s:e]
         return pa, pb
 
-    def delta_weight(self, index: int, module: str, layer: int) -> torch.Tensor:
-        """ΔW = alpha · Bᵀ A for one adapter, module and layer ([d_out, d_in])."""
-        s, e = self.rank_offsets[index], self.rank_offsets[index + 1]
-        return self.alpha * self.B[module][layer, s:e].t().float() @ self.A[module][layer, s:e].float()
-
     def save(self, path) -> None:
         """safetensors with the ragged tensors; metadata holds offsets, alpha, model id and names."""
         from safetensors.torch import save_file

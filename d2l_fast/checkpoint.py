@@ -30,15 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import (
+from .config import D2LSpec
+from .reference_format import (
     AggregatorConfig,
     CtxEncoderArguments,
-    D2LSpec,
     HypernetConfig,
     LoraConfig,
     LoraRuntimeConfig,
     PeftType,
     TaskType,
+    spec_from_reference,
+    spec_to_reference,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,9 +66,13 @@ _REFERENCE_GLOBALS = {
     "peft.utils.peft_types.TaskType": TaskType,
     "builtins.set": set,
 }
-# What d2l_fast itself pickles: ``save_reference_checkpoint`` and ``torch.save(ModulatedPretrainedModel.state_dict())``.
-_REFERENCE_GLOBALS.update({f"d2l_fast.config.{c.__name__}": c for c in (
-    HypernetConfig, AggregatorConfig, CtxEncoderArguments, LoraConfig, LoraRuntimeConfig, PeftType, TaskType)})
+# What d2l_fast itself pickles: ``save_reference_checkpoint`` and ``torch.save(ModulatedPretrainedModel.state_dict())``
+# write the classes of d2l_fast.reference_format; files written before they moved there name d2l_fast.config.
+_OWN_CLASSES = (HypernetConfig, AggregatorConfig, CtxEncoderArguments, LoraConfig, LoraRuntimeConfig, PeftType,
+                TaskType)
+for _module in ("d2l_fast.reference_format", "d2l_fast.config"):
+    _REFERENCE_GLOBALS.update({f"{_module}.{c.__name__}": c for c in _OWN_CLASSES})
+del _module
 
 MAX_CONFIG_BYTES = 1 << 20  # d2l_config.json
 _MAX_WALK = 100_000  # objects visited when checking the tensors nested in a loaded pickle
@@ -104,7 +110,7 @@ class LoadedCheckpoint:
         """The dict shape the reference's ``from_state_dict`` expects (tensors + the three metadata keys)."""
         hc, ce = (self.hypernet_config, self.ctx_encoder_args)
         if hc is None or ce is None:
-            hc, ce = self.spec.to_reference()
+            hc, ce = spec_to_reference(self.spec)
         sd = dict(self.state_dict)
         sd["base_model_name_or_path"] = self.spec.base_model_name_or_path
         sd["hypernet_config"] = hc
@@ -267,7 +273,7 @@ def split_reference_state_dict(sd: dict, *, source: str = "<dict>", copy: bool =
         k = k.replace("_orig_mod.", "")
         tensors[k] = v.detach().to("cpu")
     try:
-        spec = D2LSpec.from_reference(base, hc, ce)
+        spec = spec_from_reference(base, hc, ce)
     except RecursionError:
         raise CheckpointError(f"{source}: malformed hypernet_config / ctx_encoder_args (nested too deeply)") from None
     except (ValueError, AttributeError, TypeError, KeyError, IndexError, RuntimeError, OverflowError) as e:
@@ -390,7 +396,8 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
 def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
     """Write a ``pytorch_model.bin`` in the reference's layout (for tools that expect it).
 
-    Note the pickled config classes are d2l_fast's, so the reference itself needs an alias to read it.
+    Note the pickled config classes are d2l_fast's (``d2l_fast.reference_format.*``), so the reference itself needs
+    an alias to read it.
     """
     path = pathlib.Path(path)
     torch.save(ckpt.to_reference_state_dict(), path)

@@ -16,7 +16,6 @@ import os
 import pathlib
 import sys
 import time
-from importlib import resources
 
 
 class CLIError(Exception):
@@ -24,83 +23,18 @@ class CLIError(Exception):
 
 
 def _demo(args) -> int:
-    import torch
+    from .demo import run_demo
 
-    from . import D2LModel
-    from .zoo import load_smollm2
-
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    docs = json.loads(resources.files("d2l_fast").joinpath("data/demo_docs.json").read_text())[: args.n_docs]
-    t = {}
-    t0 = time.perf_counter()
-    base, tok = load_smollm2()
-    t["load SmolLM2-135M-Instruct"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model = D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale,
-                               max_chunk_len=args.max_chunk_len)
-    n_params = sum(p.numel() for p in model.hypernet.parameters())
-    t["build hypernetwork"] = time.perf_counter() - t0
-    print(f"hypernetwork: {n_params / 1e6:.1f} M parameters, UNTRAINED (seeded random init, seed={args.seed}): "
-          "its adapters are random, so answers come from the base model's own knowledge; "
-          "no trained D2L checkpoint for SmolLM2 ships yet.")
-    t0 = time.perf_counter()
-    packed = model.pack([d["text"] for d in docs])
-    adapters = model.internalize([d["text"] for d in docs], names=[d["title"] for d in docs])
-    t["internalize"] = time.perf_counter() - t0
-    print(f"internalized {len(docs)} documents in ONE packed call: {packed.total_tokens} context tokens, "
-          f"{len(packed.chunks)} chunks (max_chunk_len={args.max_chunk_len}), adapter ranks {adapters.ranks}")
-    questions = [d["question"] for d in docs]
-    t0 = time.perf_counter()
-    answers = model.generate_text(questions, adapters, adapter_index=list(range(len(docs))),
-                                  max_new_tokens=args.max_new_tokens)
-    t["generate (batched, one adapter per row)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    base_answers = model.generate_text(questions, None, max_new_tokens=args.max_new_tokens)
-    t["generate (same batch, base model)"] = time.perf_counter() - t0
-    for d, a, b in zip(docs, answers, base_answers):
-        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}\n  base model:   {b}\n"
-              f"  reference answer: {d['answer']}")
-    n_diff = sum(a != b for a, b in zip(answers, base_answers))
-    print(f"\n{n_diff}/{len(docs)} answers differ from the base model's "
-          f"(random adapters, init scale {args.init_scale})")
-    print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
-    for k, v in t.items():
-        print(f"  {k:<42s} {v:7.2f} s")
-    return 0
+    return run_demo(n_docs=args.n_docs, max_new_tokens=args.max_new_tokens, max_chunk_len=args.max_chunk_len,
+                    seed=args.seed, init_scale=args.init_scale, threads=args.threads)
 
 
 def _profile(args) -> int:
-    """torch.profiler over internalize + batched generate on SmolLM2; prints the top operators per stage."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from .demo import run_profile
 
-    from . import D2LModel
-    from .zoo import load_smollm2
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    docs = json.loads(resources.files("d2l_fast").joinpath("data/demo_docs.json").read_text())[: args.n_docs]
-    base, tok = load_smollm2()
-    model = D2LModel.from_base(base, tok, seed=0, init_scaler_B=2.0, max_chunk_len=args.max_chunk_len,
-                               latent_size=args.latent_size, num_blocks=args.num_blocks)
-    texts = [d["text"] for d in docs]
-    model.internalize(texts[:1])  # warm-up
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts, record_shapes=False) as p1:
-        adapters = model.internalize(texts)
-    ids, mask = model.encode_prompts([d["question"] for d in docs])
-    with profile(activities=acts) as p2:
-        model.generate(ids, mask, adapters=adapters, max_new_tokens=args.max_new_tokens, do_sample=False)
-    for name, p in (("internalize", p1), ("generate", p2)):
-        print(f"\n== {name} ==")
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-        if args.trace:
-            path = f"{args.trace}.{name}.json"
-            p.export_chrome_trace(path)
-            print(f"chrome trace: {path}")
-    return 0
+    return run_profile(n_docs=args.n_docs, max_new_tokens=args.max_new_tokens, max_chunk_len=args.max_chunk_len,
+                       latent_size=args.latent_size, num_blocks=args.num_blocks, rows=args.rows,
+                       threads=args.threads, trace=args.trace)
 
 
 def _info(args) -> int:

@@ -6,9 +6,10 @@ entering each layer, a forward hook on the last kept layer applies the final nor
 forward. No weights are duplicated and the remaining layers never run. LoRA patches on the base model
 are inactive while encoding (no adapter is bound), as in the reference's separate encoder copy.
 
-Chunks are encoded without padding waste: sorted by length and run in micro-batches of similar
-length (right-padded with an attention mask; padded positions are dropped), and the valid tokens
-are scattered into one packed buffer. Outputs are therefore padding-free and layer-major.
+Chunks are encoded without padding waste: packed back to back into rows of a token budget, each chunk
+attending to itself only (:mod:`d2l_fast.varlen`), or, where transformers cannot take that attention, sorted
+by length and run in right-padded micro-batches of similar length (padded positions are dropped). The valid
+tokens are scattered into one packed buffer: outputs are padding-free and layer-major.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .concurrency import guard_forward, model_lock
+from .hf import decoder_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +33,6 @@ class _Stop(Exception):
 #: attention scores a varlen encoder pass may hold at once, per token of ``token_budget`` (a 8192-token budget
 #: allows 2^24 scores: 64 MiB in fp32); longer chunks are attended in query blocks (:mod:`d2l_fast.varlen`)
 SCORES_PER_BUDGET_TOKEN = 2048
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The inner decoder (``model.model`` for HF causal LMs; PEFT wrappers are unwrapped)."""
-    m = model
-    for attr in ("base_model",):
-        if hasattr(m, "peft_config") and hasattr(m, attr):  # PeftModel -> LoraModel -> HF model
-            m = getattr(m, attr)
-            m = getattr(m, "model", m)
-    if hasattr(m, "get_decoder"):
-        try:
-            dec = m.get_decoder()
-            if dec is not None and hasattr(dec, "layers"):
-                return dec
-        except (AttributeError, NotImplementedError):
-            pass
-    if hasattr(m, "model") and hasattr(m.model, "layers"):
-        return m.model
-    if hasattr(m, "layers"):
-        return m
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers")
 
 
 class ContextEncoder(nn.Module):
@@ -100,25 +81,17 @@ class ContextEncoder(nn.Module):
         """Run the truncated decoder; feature maps are returned, or handed to ``sink(j, hs)`` as they appear."""
         dec = decoder_of(self.model)
         k, kind = self.n_kept, self.encoder_type
-        states: list[torch.Tensor] = []
+        capture = _Capture(sink)
         handles = []
-        count = [0]
-
-        def emit(hs):
-            if sink is None or kind != "per_layer_activations":
-                states.append(hs)
-            else:
-                sink(count[0], hs)
-            count[0] += 1
 
         def pre_hook(mod, args, kwargs):
-            emit(args[0] if args else kwargs["hidden_states"])
+            capture.emit(args[0] if args else kwargs["hidden_states"])
             if kind == "embed_only":
                 raise _Stop
 
         def post_hook(mod, args, kwargs, out):
             hs = out[0] if isinstance(out, (tuple, list)) else out
-            emit(dec.norm(hs))
+            capture.emit(dec.norm(hs))
             raise _Stop
 
         with self._lock.exclusive():  # hooks on shared layers: no other thread's forward may run meanwhile
@@ -137,18 +110,9 @@ class ContextEncoder(nn.Module):
             finally:
                 for h in handles:
                     h.remove()
-        if kind == "per_layer_activations":
-            expected = k + 1
-        else:
-            states = states[-1:]
-            expected = 1
-        got = count[0] if kind == "per_layer_activations" else len(states)
-        if got != expected:
-            raise RuntimeError(f"context encoder captured {got} feature maps, expected {expected}")
-        if sink is not None and kind != "per_layer_activations":
-            sink(0, states[0])
-            return []
-        return states
+        if capture.count != self.n_features:
+            raise RuntimeError(f"context encoder captured {capture.count} feature maps, expected {self.n_features}")
+        return capture.maps
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, position_ids=None):
@@ -175,71 +139,129 @@ class ContextEncoder(nn.Module):
         """
         from . import varlen as _varlen
 
-        dev = next(self.model.parameters()).device
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
+        out = _PackedOutput(self.n_features, offsets[-1], dtype, transform)
         use_varlen = _varlen.register() if varlen is None else (varlen and _varlen.register())
-        state = {"out": None}
-
-        def make_sink(dest, mask):
-            def sink(j, hs):
-                valid = hs.reshape(-1, hs.shape[-1]) if mask is None else hs[mask]  # [n_valid, H], (row, pos) order
-                if dtype is not None:
-                    valid = valid.to(dtype)
-                y = transform(valid) if transform is not None else valid
-                if state["out"] is None:
-                    state["out"] = y.new_empty(self.n_features, offsets[-1], y.shape[-1])
-                state["out"][j].index_copy_(0, dest, y)
-
-            return sink
-
-        def run(idx, sink, ids, mask, pos):
-            states = self._run(ids, mask, pos, sink=sink)
-            for j, hs in enumerate(states):  # encoder types without streaming return their single map
-                sink(j, hs)
-
         if use_varlen:
-            i = 0
-            while i < len(chunks):  # consecutive chunks, one packed row per token budget
-                j, n = i + 1, lens[i]
-                while j < len(chunks) and n + lens[j] <= token_budget:
-                    n += lens[j]
-                    j += 1
-                ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
-                pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
-                dest = torch.arange(offsets[i], offsets[j], device=dev)
-                max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
-                with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
-                    run(range(i, j), make_sink(dest, None), ids, None, pos)
-                i = j
-            return state["out"]
+            self._encode_varlen(chunks, offsets, token_budget, out)
+        else:
+            self._encode_padded(chunks, offsets, token_budget, max_pad_ratio, out)
+        return out.buffer
 
-        order = sorted(range(len(chunks)), key=lambda i: -lens[i])
-        i = 0
-        while i < len(order):
-            longest = lens[order[i]]
-            cap = max(1, token_budget // max(1, longest))
-            nb = 1  # similar lengths only: padding stays below max_pad_ratio of the real tokens of each row
-            while nb < cap and i + nb < len(order) and lens[order[i + nb]] * max_pad_ratio >= longest:
-                nb += 1
-            idx = order[i : i + nb]
+    def _encode_pass(self, out: _PackedOutput, dest, input_ids, attention_mask=None, position_ids=None, valid=None):
+        """One truncated forward whose feature maps (their ``valid`` positions, all if None) go to rows ``dest``."""
+        self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid))
+
+    def _encode_varlen(self, chunks, offsets, token_budget: int, out: _PackedOutput) -> None:
+        """Consecutive chunks packed into rows of at most ``token_budget`` tokens, each chunk attending to itself."""
+        from . import varlen as _varlen
+
+        dev = next(self.model.parameters()).device
+        lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
+        for i, j in _budget_rows(lens, token_budget):
+            ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
+            pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
+            dest = torch.arange(offsets[i], offsets[j], device=dev)
+            with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
+                self._encode_pass(out, dest, ids, position_ids=pos)
+
+    def _encode_padded(self, chunks, offsets, token_budget: int, max_pad_ratio: float, out: _PackedOutput) -> None:
+        """Right-padded micro-batches of similar lengths (longest first); padded positions are dropped."""
+        dev = next(self.model.parameters()).device
+        lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        for idx in _padded_batches(lens, token_budget, max_pad_ratio):
+            longest = lens[idx[0]]
             ids = torch.zeros(len(idx), longest, dtype=torch.long)
             mask = torch.zeros(len(idx), longest, dtype=torch.bool)
-            dest = []
             for row, ci in enumerate(idx):
                 ids[row, : lens[ci]] = torch.as_tensor(chunks[ci], dtype=torch.long)
                 mask[row, : lens[ci]] = True
-                dest.append(torch.arange(offsets[ci], offsets[ci + 1]))
-            dest = torch.cat(dest).to(dev)
+            dest = torch.cat([torch.arange(offsets[ci], offsets[ci + 1]) for ci in idx]).to(dev)
             ids, mask = ids.to(dev), mask.to(dev)
-            single = len(idx) == 1
-            run(idx, make_sink(dest, None if single else mask), ids, None if single else mask.long(), None)
-            i += nb
-        return state["out"]
+            if len(idx) == 1:  # a single row has no padding: no mask
+                self._encode_pass(out, dest, ids)
+            else:
+                self._encode_pass(out, dest, ids, attention_mask=mask.long(), valid=mask)
 
 
-__all__ = ["ContextEncoder", "decoder_of"]
+def _budget_rows(lens: list[int], token_budget: int) -> list[tuple[int, int]]:
+    """``[(i, j), ...]``: chunks ``i..j-1`` share one packed row of at most ``token_budget`` tokens (consecutive
+    chunks; a chunk longer than the budget gets a row of its own)."""
+    rows, i = [], 0
+    while i < len(lens):
+        j, n = i + 1, lens[i]
+        while j < len(lens) and n + lens[j] <= token_budget:
+            n += lens[j]
+            j += 1
+        rows.append((i, j))
+        i = j
+    return rows
+
+
+def _padded_batches(lens: list[int], token_budget: int, max_pad_ratio: float) -> list[list[int]]:
+    """Chunk indices grouped longest-first into padded micro-batches: at most ``token_budget // longest`` rows (at
+    least one), each row at least ``longest / max_pad_ratio`` tokens long."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    batches, i = [], 0
+    while i < len(order):
+        longest = lens[order[i]]
+        cap = max(1, token_budget // max(1, longest))
+        nb = 1
+        while nb < cap and i + nb < len(order) and lens[order[i + nb]] * max_pad_ratio >= longest:
+            nb += 1
+        batches.append(order[i : i + nb])
+        i += nb
+    return batches
+
+
+class _Capture:
+    """The feature maps of one truncated forward: kept in ``maps``, or handed to ``sink(j, hs)`` as they appear."""
+
+    def __init__(self, sink=None):
+        self.sink = sink
+        self.maps: list[torch.Tensor] = []
+        self.count = 0
+
+    def emit(self, hs: torch.Tensor) -> None:
+        if self.sink is None:
+            self.maps.append(hs)
+        else:
+            self.sink(self.count, hs)
+        self.count += 1
+
+
+class _PackedOutput:
+    """The packed buffer ``[n_features, n_tokens, H']`` that encoder passes write their valid tokens into.
+
+    Allocated at the first write, with the width and dtype of ``transform``'s output (of the hidden states cast
+    to ``dtype`` without a transform).
+    """
+
+    def __init__(self, n_features: int, n_tokens: int, dtype=None, transform=None):
+        self.n_features, self.n_tokens = n_features, n_tokens
+        self.dtype, self.transform = dtype, transform
+        self.buffer: torch.Tensor | None = None
+
+    def sink(self, dest: torch.Tensor, valid: torch.Tensor | None):
+        """``sink(j, hs)`` writing the ``valid`` positions (all if None) of feature map j, hs ``[rows, S, H]``, to
+        the packed rows ``dest`` (row-major order of the valid positions)."""
+
+        def write(j: int, hs: torch.Tensor) -> None:
+            x = hs.reshape(-1, hs.shape[-1]) if valid is None else hs[valid]
+            if self.dtype is not None:
+                x = x.to(self.dtype)
+            y = self.transform(x) if self.transform is not None else x
+            if self.buffer is None:
+                self.buffer = y.new_empty(self.n_features, self.n_tokens, y.shape[-1])
+            self.buffer[j].index_copy_(0, dest, y)
+
+        return write
+
+
+__all__ = ["ContextEncoder"]

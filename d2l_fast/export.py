@@ -230,21 +230,14 @@ def _check_target(folder: Path, overwrite: bool) -> None:
 def _module_tree(spec: D2LSpec, tree):
     if isinstance(tree, nn.Module):
         return tree
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .hf import base_model_skeleton
 
-    src = str(tree) if tree is not None else spec.base_model_name_or_path
-    try:
-        cfg = AutoConfig.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the base model config from {src!r} to find the module paths: {e}; "
-                         "pass base_model= (CLI: --base-model) a local HF model folder") from e
-    with torch.device("meta"):  # module names and shapes only; no weights are allocated or read
-        return AutoModelForCausalLM.from_config(cfg)
+    return base_model_skeleton(tree if tree is not None else spec.base_model_name_or_path)
 
 
 def _module_paths(spec: D2LSpec, model: nn.Module) -> dict[tuple[int, str], str]:
     """{(adapter layer i, module): qualified name of that Linear in the base causal LM}."""
-    from .patching import find_target_linears
+    from .hf import find_target_linears
 
     try:
         lins = find_target_linears(model, spec.target_modules)
@@ -273,7 +266,7 @@ def _peft_targets(spec: D2LSpec, model: nn.Module, paths) -> tuple[list[str] | s
     when only some decoder layers are adapted. If a module name also occurs outside the decoder layers (e.g. a
     vision tower), PEFT would wrap those too, so the exact module paths are given as one regex instead.
     """
-    from .patching import find_target_linears
+    from .hf import find_target_linears
 
     decoder = {id(mod) for mod in find_target_linears(model, spec.target_modules).values()}
     suffix_hits = [mod for name, mod in model.named_modules()

@@ -22,11 +22,12 @@ from torch import nn
 
 from .adapters import AdapterBatch, as_index_list, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
-from .config import D2LSpec, spec_for_model
-from .encoder import ContextEncoder, decoder_of
+from .config import D2LSpec
+from .encoder import ContextEncoder
+from .hf import check_base_model, load_base_model, spec_for_model
 from .hypernet import HyperLoRA
 from .packing import PackedContexts, tokenize_prompt
-from .patching import LoRABinding, find_target_linears, patch_model
+from .patching import LoRABinding, patch_model
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ def default_max_chunk_len(base_model) -> int:
     except (TypeError, ValueError):
         return DEFAULT_MAX_CHUNK_LEN
     return max(1, min(mpe, DEFAULT_MAX_CHUNK_LEN)) if mpe > 0 else DEFAULT_MAX_CHUNK_LEN
-
-
-def _load_base_model(name_or_path, *, dtype=None, device=None, **kwargs):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(str(name_or_path))
-    attn = kwargs.pop("attn_implementation", None)
-    if attn is None:
-        attn = "eager" if cfg.model_type in ("gemma2",) else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or torch.float32,
-                                                 attn_implementation=attn, **kwargs)
-    if device is not None:
-        model.to(device)
-    return model.eval()
 
 
 def model_fingerprint(spec: D2LSpec, hypernet: nn.Module) -> str:
@@ -107,7 +94,7 @@ class D2LModel(nn.Module):
         self._affix_len: int | None = None
         self.max_chunk_len = default_max_chunk_len(base_model) if max_chunk_len is None else max_chunk_len
         self.encode_token_budget = encode_token_budget
-        self._check_base_matches(base_model, spec)
+        check_base_model(base_model, spec)
         base_model.requires_grad_(False)  # only the hypernetwork trains (as in the reference)
         if spec.quantize_ctx_encoder:
             logger.warning("this checkpoint was trained on a 4-bit NF4 context encoder; d2l_fast encodes with the "
@@ -124,25 +111,6 @@ class D2LModel(nn.Module):
         self._cast_cache: tuple | None = None
 
     # ----------------------------------------------------------------- construction
-    @staticmethod
-    def _check_base_matches(base_model, spec: D2LSpec):
-        cfg = base_model.config
-        n_layers = len(decoder_of(base_model).layers)
-        if max(spec.layer_indices) >= n_layers:
-            raise CheckpointError(f"checkpoint targets layers {list(spec.layer_indices)} but the base model has {n_layers}")
-        if int(cfg.hidden_size) != spec.feature_size:
-            raise CheckpointError(f"checkpoint expects context features of size {spec.feature_size} (hidden size of "
-                                  f"{spec.base_model_name_or_path!r}), the base model has hidden_size={cfg.hidden_size}")
-        try:
-            lins = find_target_linears(base_model, spec.target_modules)
-        except ValueError as e:
-            raise CheckpointError(f"base model does not have the checkpoint's target modules: {e}") from e
-        for m in spec.target_modules:
-            lin = lins[(spec.layer_indices[0], m)]
-            if (lin.in_features, lin.out_features) != (spec.d_in[m], spec.d_out[m]):
-                raise CheckpointError(f"{m}: checkpoint expects {spec.d_in[m]}→{spec.d_out[m]}, base model has "
-                                      f"{lin.in_features}→{lin.out_features} (wrong base model?)")
-
     @classmethod
     def from_checkpoint(cls, checkpoint, base_model=None, tokenizer=None, *, subfolder=None, dtype=None, device=None,
                         base_model_kwargs: dict | None = None, hypernet_dtype=torch.float32, strict_base_name=False,
@@ -180,7 +148,7 @@ class D2LModel(nn.Module):
                         device = v
                     else:
                         dtype = v
-            model = _load_base_model(src, dtype=dtype, device=device, **bmk)
+            model = load_base_model(src, dtype=dtype, device=device, **bmk)
             if strict_base_name and str(src) != spec.base_model_name_or_path:
                 raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {src!r}")
         tokenizer_note = None
@@ -195,7 +163,7 @@ class D2LModel(nn.Module):
             tokenizer = get_tokenizer(tokenizer, model_name=spec.base_model_name_or_path)
         elif tokenizer is None:
             tokenizer_note = "base_model was an already-loaded model and no tokenizer= was given"
-        cls._check_base_matches(model, spec)
+        check_base_model(model, spec)
         ckpt.validate()  # names/shapes checked on the meta device before the hypernetwork is allocated
         hypernet = HyperLoRA(spec)
         missing, unexpected = hypernet.load_state_dict(ckpt.state_dict, strict=False)

@@ -16,22 +16,8 @@ import torch
 from torch import nn
 
 from .adapters import AdapterBatch, as_index_list
-from .encoder import decoder_of
+from .hf import find_target_linears
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
-
-
-def find_target_linears(model: nn.Module, modules) -> dict[tuple[int, str], nn.Linear]:
-    """{(layer_index, module_name): Linear} for every decoder layer of ``model``."""
-    dec = decoder_of(model)
-    out = {}
-    for i, layer in enumerate(dec.layers):
-        for m in modules:
-            found = [mod for name, mod in layer.named_modules()
-                     if name.rsplit(".", 1)[-1] == m and isinstance(mod, nn.Linear)]
-            if len(found) != 1:
-                raise ValueError(f"layer {i}: expected exactly one Linear named {m!r}, found {len(found)}")
-            out[(i, m)] = found[0]
-    return out
 
 
 class LoRABinding:
@@ -171,4 +157,4 @@ def unpatch_model(model: nn.Module) -> None:
         del model._d2l_lora_context
 
 
-__all__ = ["LoRABinding", "LoRAContext", "find_target_linears", "patch_model", "unpatch_model"]
+__all__ = ["LoRABinding", "LoRAContext", "patch_model", "unpatch_model"]

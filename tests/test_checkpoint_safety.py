@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from d2l_fast import AdapterBatch, CheckpointError, D2LModel, load_checkpoint, save_checkpoint
-from d2l_fast.config import HypernetConfig
+from d2l_fast.checkpoint import save_reference_checkpoint
+from d2l_fast.reference_format import HypernetConfig
 
 BIG = 1 << 26  # bytes: no tensor this large may be created while a bad file is being refused
 
@@ -49,6 +50,9 @@ _REF_NAMES = {
 }
 
 
+OWN_MODULE = b"d2l_fast.reference_format"  # where d2l_fast's stand-ins for the reference's config classes live
+
+
 def _rewrite_zip(path, fn=lambda name, data: data, compression=zipfile.ZIP_STORED):
     with zipfile.ZipFile(path) as z:
         entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
@@ -61,7 +65,7 @@ def _as_reference_pickle(name, data):
     """Rename d2l_fast's config classes to the reference's dotted names, as the released files pickle them."""
     if name.endswith("data.pkl"):
         for cls, mod in _REF_NAMES.items():
-            data = data.replace(b"cd2l_fast.config\n" + cls + b"\n", b"c" + mod + b"\n" + cls + b"\n")
+            data = data.replace(b"c" + OWN_MODULE + b"\n" + cls + b"\n", b"c" + mod + b"\n" + cls + b"\n")
     return data
 
 
@@ -306,4 +310,22 @@ def test_adapter_shapes_checked_at_load_and_bind(golden_dir, tmp_path):
 
 def test_hypernet_config_class_is_plain():
     # guards the helper above: the classes d2l_fast pickles are the ones it renames
-    assert HypernetConfig.__module__ == "d2l_fast.config"
+    assert HypernetConfig.__module__ == OWN_MODULE.decode()
+
+
+def test_reference_layout_written_before_the_config_classes_moved(golden_dir, tmp_path):
+    # files d2l_fast wrote in the reference layout while its stand-in classes lived in d2l_fast.config still load
+    ck = load_checkpoint(golden_dir / "pytorch_model.bin")
+    path = save_reference_checkpoint(ck, tmp_path / "pytorch_model.bin")
+
+    def old_names(name, data):
+        if not name.endswith("data.pkl"):
+            return data
+        assert b"c" + OWN_MODULE + b"\nHypernetConfig\n" in data
+        return data.replace(b"c" + OWN_MODULE + b"\n", b"cd2l_fast.config\n")
+
+    _rewrite_zip(path, old_names)
+    assert b"d2l_fast.config\nHypernetConfig" in zipfile.ZipFile(path).read("pytorch_model/data.pkl")
+    again = load_checkpoint(path)
+    assert again.spec == ck.spec
+    assert all(torch.equal(again.state_dict[k], v) for k, v in ck.state_dict.items())

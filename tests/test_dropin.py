@@ -12,7 +12,8 @@ import d2l_fast
 from d2l_fast import D2LModel, ModulatedPretrainedModel, get_tokenizer, load_checkpoint
 from d2l_fast.checkpoint import save_reference_checkpoint
 from d2l_fast.packing import PACKAGED_TEMPLATES, context_affixes, render_context, tokenize_context, tokenize_prompt
-from d2l_fast.zoo import tiny_tokenizer
+
+from ._tiny import tiny_tokenizer
 
 BASE_FILES = ("config.json", "generation_config.json", "model.safetensors")
 

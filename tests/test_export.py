@@ -11,9 +11,9 @@ from safetensors import safe_open
 from d2l_fast import D2LModel, spec_for_model
 from d2l_fast.cli import main
 from d2l_fast.export import export_peft
-from d2l_fast.zoo import tiny_model, tiny_tokenizer
 
 from ._numerics import PEFT_EXPORT
+from ._tiny import tiny_model, tiny_tokenizer
 
 peft = pytest.importorskip("peft")
 

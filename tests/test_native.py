@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from d2l_fast import AdapterBatch, D2LModel, PackedContexts
-from d2l_fast.zoo import tiny_pair
 
 from ._numerics import BATCHING
+from ._tiny import tiny_pair
 
 ARCHS = ["gemma2", "llama", "qwen3", "mistral"]
 

@@ -37,7 +37,7 @@ CPU_PATHS = textwrap.dedent(
     from d2l_fast import D2LModel, SegmentMeta, segmented_lora
     from d2l_fast.kernels.latent_readout import latent_readout, latent_readout_ref
     from d2l_fast.kernels.segmented_lora import segmented_lora_ref
-    from d2l_fast.zoo import tiny_pair
+    from tests._tiny import tiny_pair
 
     assert "triton" not in sys.modules, "triton was imported"
     try:

@@ -5,7 +5,8 @@ import torch
 
 from d2l_fast import PackedContexts
 from d2l_fast.packing import KNOWN_AFFIXES, compact_chat_template, context_affixes, split_ids
-from d2l_fast.zoo import tiny_tokenizer
+
+from ._tiny import tiny_tokenizer
 
 P, S = [1, 2], [8, 9]
 

@@ -1,5 +1,5 @@
 """Runtime robustness (issue 7, items 0, 3, 4, 5): internalisation at scale, row isolation and input checks,
-concurrent callers, long documents. Everything runs on tiny random models (see :mod:`d2l_fast.zoo`)."""
+concurrent callers, long documents. Everything runs on tiny random models (see tests/_tiny.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from d2l_fast import D2LModel
 from d2l_fast.hypernet.perceiver import SwiGLU
-from d2l_fast.zoo import tiny_pair
 
 from ._numerics import BATCHING
+from ._tiny import tiny_pair
 
 WORDS = ("the river keeper wrote a date on the slate while the fox watched boats at dusk and the council met "
          "to discuss the roof lanterns and clocks of the old mill town near the water").split()
@@ -25,7 +25,7 @@ def doc(n_words: int, seed: int) -> str:
 
 
 def build(arch="llama", seed=0, base_overrides=None, **kw):
-    from d2l_fast.zoo import tiny_model, tiny_tokenizer
+    from ._tiny import tiny_model, tiny_tokenizer
 
     base, tok = (tiny_model(arch, seed=seed, **base_overrides), tiny_tokenizer(arch)) if base_overrides else \
         tiny_pair(arch, seed=seed)
@@ -115,7 +115,7 @@ def _planted(dtype):
                                       pytest.param("triton-cuda", marks=pytest.mark.gpu)])
 def test_nan_in_one_adapter_stays_in_its_rows(strategy, seq, dtype):
     from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_
-    from d2l_fast.kernels.segmented_lora.cpu import segmented_lora_cpu_
+    from d2l_fast.kernels.segmented_lora.torch_impl import segmented_lora_cpu_
 
     offs = [0, 4, 8, 12, 16]
     rows = [0, 1, -1, 2, 0, 1, 2, -1]  # adapter 3 sits inside the used rank span but no row uses it

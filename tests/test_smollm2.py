@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model():
-    from d2l_fast.zoo import load_smollm2
+    from d2l_fast.demo import load_smollm2
 
     base, tok = load_smollm2()
     # a small hypernetwork (the main config is 157 M parameters; this keeps the test quick)

@@ -3,7 +3,8 @@
 import torch
 
 from d2l_fast import D2LModel
-from d2l_fast.zoo import tiny_pair
+
+from ._tiny import tiny_pair
 
 
 def test_hypernet_gradients_packed_equal_padded():

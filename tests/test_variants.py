@@ -7,9 +7,9 @@ import torch
 
 from d2l_fast import D2LModel
 from d2l_fast.encoder import ContextEncoder
-from d2l_fast.zoo import tiny_pair
 
 from ._numerics import BATCHING
+from ._tiny import tiny_pair
 
 DOCS = ["The fox lived under the old mill.", "The council met on Monday " * 12, "Boats at dusk."]
 

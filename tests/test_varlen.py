@@ -5,9 +5,9 @@ import torch
 
 from d2l_fast import varlen
 from d2l_fast.encoder import ContextEncoder
-from d2l_fast.zoo import tiny_model
 
 from ._numerics import BATCHING
+from ._tiny import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "qwen3", "mistral"])
@@ -27,3 +27,13 @@ def test_varlen_equals_padded(arch):
     assert model.config._attn_implementation == before  # restored after the pass
     with pytest.raises(RuntimeError, match="outside"):
         varlen.varlen_attention(None, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), None)
+
+
+def test_encoder_row_planning():
+    from d2l_fast.encoder import _budget_rows, _padded_batches
+
+    # varlen: consecutive chunks per row of at most the budget; a longer chunk gets a row of its own
+    assert _budget_rows([3, 3, 3, 10, 2, 1], 6) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    # padded: longest first, at most budget // longest rows, rows within max_pad_ratio of the longest
+    assert _padded_batches([4, 10, 9, 2, 8], 20, 1.25) == [[1, 2], [4], [0], [3]]
+    assert _padded_batches([4, 10, 9, 2, 8], 20, 5.0) == [[1, 2], [4, 0], [3]]

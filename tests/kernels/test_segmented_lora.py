@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_, segmented_lora_ref
-from d2l_fast.kernels.segmented_lora import cpu as seg_cpu
 from d2l_fast.kernels.segmented_lora import kernel as seg_kernel
+from d2l_fast.kernels.segmented_lora import torch_impl as seg_torch
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_bwd, segmented_lora_fwd
 
@@ -251,7 +251,7 @@ def test_decode_variant_is_picked_and_correct():
     assert_close("delta(decode)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), fp32_tol(124))
 
 
-@pytest.mark.parametrize("strategy", seg_cpu.STRATEGIES)
+@pytest.mark.parametrize("strategy", seg_torch.STRATEGIES)
 @pytest.mark.parametrize(
     "setup",
     [
@@ -264,12 +264,12 @@ def test_decode_variant_is_picked_and_correct():
 def test_cpu_strategies(setup, strategy):
     lens, ad, ranks = setup
     meta, x, A, B = make_problem(lens, ad, ranks, 40, 24)
-    costs = seg_cpu.estimate_costs(meta, 40, 24)
+    costs = seg_torch.estimate_costs(meta, 40, 24)
     if costs[strategy] == float("inf"):
         pytest.skip(f"{strategy} does not apply to this layout")
     out = torch.randn(x.shape[0], 24)
     base = out.clone()
-    seg_cpu.segmented_lora_cpu_(out, x, A, B, meta, 0.5, strategy=strategy)
+    seg_torch.segmented_lora_cpu_(out, x, A, B, meta, 0.5, strategy=strategy)
     ref = base.double() + ref_of(x.double(), A.double(), B.double(), meta, 0.5)
     assert_close(f"out({strategy})", out, ref, fp32_tol(40 + 24))
 
@@ -277,9 +277,9 @@ def test_cpu_strategies(setup, strategy):
 def test_cpu_strategy_choice():
     """The cost rule picks bmm for many distinct equal-rank decode adapters and runs for long prefill."""
     decode = SegmentMeta.uniform(64, 1, list(range(64)), [16 * i for i in range(65)])
-    assert seg_cpu.choose_strategy(decode, 9216, 2304) == "bmm"
+    assert seg_torch.choose_strategy(decode, 9216, 2304) == "bmm"
     prefill = SegmentMeta.from_lengths([256] * 16, list(range(16)), [0] + [16 * (i + 1) for i in range(16)])
-    assert seg_cpu.choose_strategy(prefill, 9216, 2304) in ("runs", "grouped")
+    assert seg_torch.choose_strategy(prefill, 9216, 2304) in ("runs", "grouped")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

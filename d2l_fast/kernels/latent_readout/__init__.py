@@ -1,8 +1,8 @@
 """Fused latent cross-attention readout (one Perceiver cross-attention layer over a packed context)."""
 from .configs import ReadoutProblem, choose_mode, readout_macs
-from .cpu import compute_rstd
 from .function import LatentReadoutFunction, latent_readout
 from .reference import latent_readout_ref, rms_normalize_ref
+from .torch_impl import compute_rstd
 
 __all__ = [
     "latent_readout",

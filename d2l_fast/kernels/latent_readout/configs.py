@@ -5,10 +5,11 @@ SM count of an already-chosen CUDA device (see README.md, "Choosing the form").
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .._common import interpreting
 
 __all__ = [
     "ReadoutProblem",
@@ -58,10 +59,6 @@ def choose_mode(p: ReadoutProblem) -> str:
     """"absorbed" when its MAC count is lower than the plain form's, else "plain"."""
     macs = readout_macs(p)
     return "absorbed" if macs["absorbed"] <= macs["plain"] else "plain"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

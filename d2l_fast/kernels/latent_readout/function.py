@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 
 from .configs import ReadoutProblem, choose_mode, interpreting, pick_cpu_chunk
-from .cpu import (
+from .launch import SUPPORTED_DTYPES, latent_readout_triton_fwd
+from .torch_impl import (
     _GROUP_ELEMS,
     compute_rstd,
     make_chunk_plan,
@@ -15,7 +17,6 @@ from .cpu import (
     readout_torch,
     segment_groups,
 )
-from .launch import SUPPORTED_DTYPES, latent_readout_triton_fwd
 
 __all__ = ["LatentReadoutFunction", "latent_readout", "resolve_mode"]
 
@@ -27,7 +28,7 @@ class LatentReadoutFunction(torch.autograd.Function):
     """Fused latent cross-attention readout with a recompute backward.
 
     Forward runs the chosen form (absorbed or plain) on the chosen backend and saves only the inputs.
-    Backward recomputes the forward with the differentiable torch implementation (`cpu.py`, same form,
+    Backward recomputes the forward with the differentiable torch implementation (`torch_impl.py`, same form,
     fp32) one segment group at a time under `enable_grad`, and calls `torch.autograd.grad` for
     q, ctx, k_weight, v_weight, ctx_norm_weight (and ctx_rstd when the caller passed it).
     Why recompute in torch: it is exact for both forms, costs one extra forward, stores nothing
@@ -71,50 +72,66 @@ class LatentReadoutFunction(torch.autograd.Function):
         chunk = pick_cpu_chunk(cu_cpu[1:] - cu_cpu[:-1], rows)
         grad_out = grad_out.float()
 
-        def zeros(x, need):
-            return torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
-
-        inputs = (q, context, k_weight, v_weight, norm_weight)
-        dq, dctx, dwk, dwv, dw = (zeros(x, needs[i]) for i, x in zip((0, 1, 3, 4, 5), inputs))
-        drstd = zeros(rstd_in, needs[6]) if rstd_in is not None else None
-        wk_l = k_weight.detach().requires_grad_(needs[3])
-        wv_l = v_weight.detach().requires_grad_(needs[4])
-        w_l = norm_weight.detach().requires_grad_(needs[5])
+        # gradients by input name; the forward's inputs are (q, context, cu_seqlens, k_weight, v_weight,
+        # norm_weight, rstd_in, meta); ctx_rstd only has a gradient when the caller passed it
+        inputs = _ReadoutGrads(q, context, k_weight, v_weight, norm_weight, rstd_in)
+        want = _ReadoutGrads(q=needs[0], context=needs[1], k_weight=needs[3], v_weight=needs[4],
+                             norm_weight=needs[5], rstd=rstd_in is not None and needs[6])
+        acc = _ReadoutGrads(*(torch.zeros(x.shape, dtype=torch.float32, device=x.device) if w else None
+                              for x, w in zip(inputs, want)))
+        wanted = [name for name in _ReadoutGrads._fields if getattr(want, name)]
+        wk_l = k_weight.detach().requires_grad_(want.k_weight)
+        wv_l = v_weight.detach().requires_grad_(want.v_weight)
+        w_l = norm_weight.detach().requires_grad_(want.norm_weight)
         for s0, s1 in segment_groups(cu, max(1, _GROUP_ELEMS // max(width, 1))):
             t0, t1 = cu[s0], cu[s1]
             with torch.enable_grad():
-                q_g = q[s0:s1].detach().requires_grad_(needs[0])
-                c_g = context[t0:t1].detach().requires_grad_(needs[1])
-                if rstd_in is not None:
-                    r_g = rstd_in[t0:t1].detach().requires_grad_(needs[6])
-                else:
-                    r_g = compute_rstd(c_g, eps)
+                q_g = q[s0:s1].detach().requires_grad_(want.q)
+                c_g = context[t0:t1].detach().requires_grad_(want.context)
+                r_g = rstd_in[t0:t1].detach().requires_grad_(want.rstd) if rstd_in is not None \
+                    else compute_rstd(c_g, eps)
                 plan = make_chunk_plan(cu_cpu[s0 : s1 + 1] - t0, chunk, context.device)
                 out = fn(q_g, c_g, plan, wk_l, wv_l, w_l, r_g, n_kv_heads=n_kv_heads, scale=scale)
-                slots = [(q_g, dq), (c_g, dctx), (wk_l, dwk), (wv_l, dwv), (w_l, dw)]
-                if rstd_in is not None:
-                    slots.append((r_g, drstd))
-                slots = [(x, acc, i) for i, (x, acc) in enumerate(slots) if x.requires_grad]
-                if not slots or not out.requires_grad:
+                if not wanted or not out.requires_grad:
                     continue
-                grads = torch.autograd.grad(out, [x for x, _, _ in slots], grad_out[s0:s1], allow_unused=True)
-            for (_, acc, i), g in zip(slots, grads):
+                leaves = _ReadoutGrads(q_g, c_g, wk_l, wv_l, w_l, r_g if rstd_in is not None else None)
+                grads = torch.autograd.grad(out, [getattr(leaves, name) for name in wanted], grad_out[s0:s1],
+                                            allow_unused=True)
+            for name, g in zip(wanted, grads):
                 if g is None:
                     continue
-                if i == 0:
-                    acc[s0:s1] += g
-                elif i in (1, 5):
-                    acc[t0:t1] += g
-                else:
-                    acc += g
+                full, rows = getattr(acc, name), getattr(_GRAD_ROWS, name)
+                if rows == "segments":
+                    full[s0:s1] += g
+                elif rows == "tokens":
+                    full[t0:t1] += g
+                else:  # weights: summed over the segment groups in a fixed order
+                    full += g
 
         def cast(g, x):
             return None if g is None else g.to(x.dtype)
 
         return (
-            cast(dq, q), cast(dctx, context), None, cast(dwk, k_weight), cast(dwv, v_weight),
-            cast(dw, norm_weight), cast(drstd, rstd_in) if rstd_in is not None else None, None,
+            cast(acc.q, q), cast(acc.context, context), None, cast(acc.k_weight, k_weight),
+            cast(acc.v_weight, v_weight), cast(acc.norm_weight, norm_weight), cast(acc.rstd, rstd_in), None,
         )  # fmt: skip
+
+
+class _ReadoutGrads(NamedTuple):
+    """One value per differentiable input of the readout (the backward's inputs, wants, leaves and gradients)."""
+
+    q: Any
+    context: Any
+    k_weight: Any
+    v_weight: Any
+    norm_weight: Any
+    rstd: Any
+
+
+# the part of an input's full gradient that one segment group's gradient fills: the group's segments (rows of q),
+# its tokens (rows of context / rstd), or all of it (weights, shared by every group)
+_GRAD_ROWS = _ReadoutGrads(q="segments", context="tokens", k_weight="all", v_weight="all", norm_weight="all",
+                           rstd="tokens")
 
 
 def resolve_mode(mode: str, q: torch.Tensor, ctx: torch.Tensor, n_kv_heads: int) -> str:

@@ -84,7 +84,7 @@ def latent_readout_triton_fwd(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight
     batched matmuls; the kernel streams the raw context once with the rstd applied per token.
     plain: K/V projections are one torch GEMM (group-major layout); the kernel runs the GQA attention.
     """
-    from .cpu import _absorb_output, _absorb_queries
+    from .torch_impl import _absorb_output, _absorb_queries
 
     if not (q.is_cuda or interpreting()):
         raise RuntimeError("the Triton backend needs CUDA tensors or TRITON_INTERPRET=1")

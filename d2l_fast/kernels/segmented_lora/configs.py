@@ -7,15 +7,11 @@ no first-call tuning stall, the same choice on every run. All block dims used by
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+from .._common import interpreting
+
 __all__ = ["KernelConfig", "pick_config", "interpreting"]
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

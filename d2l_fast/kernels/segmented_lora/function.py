@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu
+from . import torch_impl
 from .launch import segmented_lora_bwd, segmented_lora_fwd, validate_inputs
 from .meta import SegmentMeta
 from .reference import segmented_lora_ref
@@ -33,7 +33,7 @@ def _add_(out2, x2, A, B, meta, scale, backend):
         segmented_lora_fwd(out2, x2, A, B, meta, scale)
     elif backend == "torch":
         validate_inputs(x2, A, B, meta, out2)
-        cpu.segmented_lora_cpu_(out2, x2, A, B, meta, scale)
+        torch_impl.segmented_lora_cpu_(out2, x2, A, B, meta, scale)
     else:
         validate_inputs(x2, A, B, meta, out2)
         out2.add_(
@@ -62,7 +62,7 @@ class SegmentedLoRAFunction(torch.autograd.Function):
         if ctx.backend == "triton":
             dx, dA, dB = segmented_lora_bwd(dy, x, A, B, ctx.meta, ctx.scale, needs)
         else:
-            dx, dA, dB = cpu.segmented_lora_cpu_bwd(dy, x, A, B, ctx.meta, ctx.scale, needs)
+            dx, dA, dB = torch_impl.segmented_lora_cpu_bwd(dy, x, A, B, ctx.meta, ctx.scale, needs)
         return dx, dA, dB, None, None, None
 
 
@@ -87,7 +87,7 @@ def segmented_lora(
         meta: :class:`SegmentMeta` of the batch (``meta.n_tokens == T``).
         scale: LoRA scaling (``alpha / r`` in PEFT terms; one scale per call).
         backend: ``"auto"`` (CUDA: Triton, CPU: torch path), ``"triton"`` (also runs under
-            ``TRITON_INTERPRET=1`` on CPU tensors), ``"torch"`` (cpu.py), ``"reference"``.
+            ``TRITON_INTERPRET=1`` on CPU tensors), ``"torch"`` (torch_impl.py), ``"reference"``.
 
     x, A and B must share one dtype (fp32, fp16 or bf16); accumulation is fp32.
 

@@ -1,4 +1,4 @@
-"""Fast torch path for the segmented multi-LoRA op (what runs on CPU).
+"""Fast torch path for the segmented multi-LoRA op: runs on any device; what runs on CPU.
 
 Four strategies, all built from BLAS calls on views or on gathered *token* rows (never per-token
 weight copies; extra memory is O(tokens x rank) plus O(tokens x d) for gathers):

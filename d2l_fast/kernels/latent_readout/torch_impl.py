@@ -1,4 +1,4 @@
-"""Torch implementation of the readout: the CPU fast path, and the recompute used by the backward.
+"""Torch implementation of the readout (any device): the CPU fast path, and the recompute used by the backward.
 
 No Python loop over tokens or segments: every segment is cut into key chunks of `chunk` tokens
 (`configs.pick_cpu_chunk`), all chunks are attended with one batched matmul, and the chunk partials
