@@ -62,7 +62,8 @@ class AdapterBatch:
         for m in self.A:
             a, b = self.A[m], self.B[m]
             if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
-                raise ValueError(f"module {m}: expected A [L, R, d_in] and B [L, R, d_out], got {tuple(a.shape)} / {tuple(b.shape)}")
+                raise ValueError(f"module {m}: expected A [L, R, d_in] and B [L, R, d_out], got {tuple(a.shape)} / "
+                                 f"{tuple(b.shape)}")
             if a.shape[1] != ro[-1]:
                 raise ValueError(f"module {m}: A has {a.shape[1]} rank rows but rank_offsets ends at {ro[-1]}")
         if self.names is not None and len(self.names) != len(self):
@@ -162,7 +163,8 @@ class AdapterBatch:
             offs.append(offs[-1] + ro[i + 1] - ro[i])
         names = [self.names[i] for i in indices] if self.names else None
         return AdapterBatch({m: t.index_select(1, idx) for m, t in self.A.items()},
-                            {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id, names)
+                            {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id,
+                            names)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -195,13 +197,15 @@ class AdapterBatch:
                 raise ValueError(f"{len(weights)} weights for {len(sel)} adapters")
             if not all(math.isfinite(w) for w in weights):
                 raise ValueError(f"compose weights must be finite, got {weights}")
-            scale = torch.cat([torch.full((r,), float(w)) for r, w in zip(sel.ranks, weights)]).to(sel.device, sel.dtype)
+            scale = torch.cat([torch.full((r,), float(w)) for r, w in zip(sel.ranks, weights)])
+            scale = scale.to(sel.device, sel.dtype)
             sel = AdapterBatch({m: t * scale[None, :, None] for m, t in sel.A.items()}, dict(sel.B),
                                sel.rank_offsets, sel.alpha, sel.model_id)
         return AdapterBatch(sel.A, sel.B, [0, sel.rank_offsets[-1]], sel.alpha, sel.model_id)
 
     def to_padded(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's padded layout for one module: A [G, L, R_max, d_in], B [G, L, R_max, d_out], zero rows after."""
+        """The reference's padded layout for one module: A [G, L, R_max, d_in], B [G, L, R_max, d_out], zero rows
+        after."""
         a, b = self.A[module], self.B[module]
         G, L, rmax = len(self), a.shape[0], max(self.ranks, default=0)
         pa = a.new_zeros(G, L, rmax, a.shape[2])

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 def combine_lora(generated_loras: dict, n_ctx_chunks, lora_bias: dict | None = None, scalers=None, bias_scaler=None,
                  *, alpha: float = 1.0) -> dict:
-    """The reference's ``combine_lora``: per-chunk LoRAs → padded {m: {A: [G, L, R_max, d_in], B: [G, L, R_max, d_out]}}.
+    """The reference's ``combine_lora``: per-chunk LoRAs → padded
+    {m: {A: [G, L, R_max, d_in], B: [G, L, R_max, d_out]}}.
 
     Group g holds its chunks' rows, then β·bias rows, then zero rows up to R_max = (max n + 1)·r.
     The native API keeps the ragged :class:`AdapterBatch` instead (see :func:`merge_chunk_loras`).
@@ -66,8 +67,9 @@ class ModulatedPretrainedModel(nn.Module):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_state_dict(cls, state_dict, train: bool = True, base_model_kwargs: dict | None = None,
-                        use_flash_attn: bool = True, *, base_model=None, tokenizer=None, use_sequence_packing: bool = True,
-                        user_defined_scaling: float = 1.0, max_chunk_len: int | None = None, **kwargs):
+                        use_flash_attn: bool = True, *, base_model=None, tokenizer=None,
+                        use_sequence_packing: bool = True, user_defined_scaling: float = 1.0,
+                        max_chunk_len: int | None = None, **kwargs):
         """Like the reference, but ``state_dict`` is not mutated, and ``base_model`` may be a folder or a loaded model.
 
         ``state_dict``: the reference's dict (e.g. ``torch.load`` of its ``pytorch_model.bin``), what
@@ -87,8 +89,9 @@ class ModulatedPretrainedModel(nn.Module):
         else:
             raise TypeError(f"from_state_dict expects a state dict, a LoadedCheckpoint or a path, got "
                             f"{type(state_dict).__name__}")
-        d2l = D2LModel.from_checkpoint(ckpt, base_model=base_model, tokenizer=tokenizer, base_model_kwargs=base_model_kwargs,
-                                       user_defined_scaling=user_defined_scaling, max_chunk_len=max_chunk_len, **kwargs)
+        d2l = D2LModel.from_checkpoint(ckpt, base_model=base_model, tokenizer=tokenizer,
+                                       base_model_kwargs=base_model_kwargs, user_defined_scaling=user_defined_scaling,
+                                       max_chunk_len=max_chunk_len, **kwargs)
         model = cls(d2l, use_sequence_packing=use_sequence_packing)
         return model.train(train)
 
@@ -180,7 +183,8 @@ class ModulatedPretrainedModel(nn.Module):
             return list(range(n_groups))
         nq = as_index_list(n_queries, "n_queries")
         if len(nq) != n_groups or sum(nq) != n_rows:
-            raise ValueError(f"n_queries={nq} must have one entry per context ({n_groups}) summing to the rows ({n_rows})")
+            raise ValueError(f"n_queries={nq} must have one entry per context ({n_groups}) summing to the rows "
+                             f"({n_rows})")
         return [g for g, k in enumerate(nq) for _ in range(k)]
 
     def _adapters_for(self, ctx_ids, ctx_attn_mask, ctx_position_ids, n_ctx_chunks, scalers, bias_scaler):
@@ -231,8 +235,8 @@ class ModulatedPretrainedModel(nn.Module):
             seg_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
             seg_adapter = self._row_adapter(G, n_queries, len(seg_lens))
             base_kwargs.setdefault("use_cache", False)
-            out = self.d2l.forward(input_ids, attention_mask, adapters=adapters, seg_lens=seg_lens, seg_adapter=seg_adapter,
-                                   **base_kwargs)
+            out = self.d2l.forward(input_ids, attention_mask, adapters=adapters, seg_lens=seg_lens,
+                                   seg_adapter=seg_adapter, **base_kwargs)
         else:
             rows = self._row_adapter(G, n_queries, input_ids.shape[0])
             out = self.d2l.forward(input_ids, attention_mask, adapters=adapters, adapter_index=rows, **base_kwargs)

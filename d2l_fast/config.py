@@ -242,7 +242,8 @@ class D2LSpec:
             if m not in self.d_in or m not in self.d_out:
                 raise ValueError(f"feature sizes missing for module {m!r}: d_in={self.d_in}, d_out={self.d_out}")
         if len(self.layer_indices) != self.num_layers:
-            raise ValueError(f"layer_indices has {len(self.layer_indices)} entries, expected num_layers={self.num_layers}")
+            raise ValueError(f"layer_indices has {len(self.layer_indices)} entries, expected "
+                             f"num_layers={self.num_layers}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 

@@ -184,7 +184,8 @@ class D2LModel(nn.Module):
         With the reference init (scaler_B = 0) every adapter is zero and the model equals the base model;
         ``init_scaler_B`` gives the generated part a visible random effect (useful for demos and tests).
         """
-        ctor_kwargs = {k: spec_kwargs.pop(k) for k in ("user_defined_scaling", "max_chunk_len", "encode_token_budget") if k in spec_kwargs}
+        ctor_kwargs = {k: spec_kwargs.pop(k) for k in ("user_defined_scaling", "max_chunk_len", "encode_token_budget")
+                       if k in spec_kwargs}
         spec = spec or spec_for_model(base_model, **spec_kwargs)
         g = torch.random.fork_rng()
         with g:
@@ -199,7 +200,8 @@ class D2LModel(nn.Module):
         return cls(base_model, hypernet, tokenizer, **ctor_kwargs)
 
     def state_dict_for_checkpoint(self) -> LoadedCheckpoint:
-        return LoadedCheckpoint(spec=self.spec, state_dict={k: v.detach().cpu().float() for k, v in self.hypernet.state_dict().items()})
+        return LoadedCheckpoint(spec=self.spec, state_dict={k: v.detach().cpu().float()
+                                                            for k, v in self.hypernet.state_dict().items()})
 
     def save_pretrained(self, folder):
         """Pickle-free hypernetwork checkpoint (``d2l_config.json`` + ``hypernet.safetensors``)."""
@@ -265,8 +267,9 @@ class D2LModel(nn.Module):
         return loras
 
     def merge(self, chunk_loras: dict, n_chunks, *, scalers=None, bias_scaler=None, names=None) -> AdapterBatch:
-        return merge_chunk_loras(chunk_loras, list(n_chunks), bias=self.hypernet.bias_lora(), alpha=self.spec.lora_alpha,
-                                 model_id=self.model_id, scalers=scalers, bias_scaler=bias_scaler, names=names)
+        return merge_chunk_loras(chunk_loras, list(n_chunks), bias=self.hypernet.bias_lora(),
+                                 alpha=self.spec.lora_alpha, model_id=self.model_id, scalers=scalers,
+                                 bias_scaler=bias_scaler, names=names)
 
     def tokenizer_required(self, what: str) -> ValueError:
         """The error for a text call on a model built without a tokenizer: what is missing and how to pass one."""
@@ -375,7 +378,8 @@ class D2LModel(nn.Module):
         if not isinstance(adapters, AdapterBatch):
             raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
         if adapters.model_id != self.model_id:
-            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is {self.model_id!r}")
+            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is "
+                             f"{self.model_id!r}")
         if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
             raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
                              f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
@@ -422,7 +426,8 @@ class D2LModel(nn.Module):
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.numel():
             lo, hi = torch.aminmax(input_ids)
             self._check_vocab(int(lo), int(hi), "input_ids")
@@ -431,7 +436,8 @@ class D2LModel(nn.Module):
             idx = list(range(len(adapters))) if adapter_index is None else as_index_list(adapter_index)
             if len(idx) != n_rows:
                 raise ValueError(f"{n_rows} prompt rows but {len(idx)} adapter indices "
-                                 f"({'one per adapter' if adapter_index is None else 'adapter_index'}); give one per row")
+                                 f"({'one per adapter' if adapter_index is None else 'adapter_index'}); "
+                                 "give one per row")
 
     def forward(self, input_ids=None, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None,
                 seg_lens=None, seg_adapter=None, **kwargs):
@@ -445,12 +451,14 @@ class D2LModel(nn.Module):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None,
+                 **kwargs):
         """HF ``generate`` where row i uses adapter ``adapter_index[i]`` (-1: base model) — one batched call."""
         self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs.setdefault("pad_token_id", getattr(self.tokenizer, "pad_token_id", None) or self.base_model.config.pad_token_id)
+        kwargs.setdefault("pad_token_id",
+                          getattr(self.tokenizer, "pad_token_id", None) or self.base_model.config.pad_token_id)
         gc = kwargs.get("generation_config") or self.base_model.generation_config
         k = max(int(kwargs.get("num_beams", None) or getattr(gc, "num_beams", 1) or 1),
                 int(kwargs.get("num_return_sequences", None) or getattr(gc, "num_return_sequences", 1) or 1))
@@ -480,7 +488,8 @@ class D2LModel(nn.Module):
         """Questions (text) → answers (text), row i with adapter ``adapter_index[i]``; greedy by default."""
         ids, mask = self.encode_prompts(prompts, system=system)
         kwargs.setdefault("do_sample", False)
-        out = self.generate(ids, mask, adapters=adapters, adapter_index=adapter_index, max_new_tokens=max_new_tokens, **kwargs)
+        out = self.generate(ids, mask, adapters=adapters, adapter_index=adapter_index, max_new_tokens=max_new_tokens,
+                            **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 

@@ -16,7 +16,8 @@ import torch
 KNOWN_AFFIXES: dict[str, tuple[list[int], list[int]]] = {
     "google/gemma-2-2b-it": ([2, 106, 1645, 110], [107, 108, 106, 2516, 108]),
     "mistralai/Mistral-7B-Instruct-v0.2": ([1, 733, 16289, 28793, 28705, 13, 13], [733, 28748, 16289, 28793]),
-    "Qwen/Qwen3-4B-Instruct-2507": ([151644, 8948, 198, 151645, 198, 151644, 872, 198], [151645, 198, 151644, 77091, 198]),
+    "Qwen/Qwen3-4B-Instruct-2507": ([151644, 8948, 198, 151645, 198, 151644, 872, 198],
+                                    [151645, 198, 151644, 77091, 198]),
 }
 
 _SENTINEL = "\u2063D2LDOC\u2063"
@@ -134,7 +135,8 @@ def _check_document(doc, i=None):
         return
     if isinstance(doc, torch.Tensor):
         if doc.dim() != 1 or doc.numel() == 0 or doc.is_floating_point():
-            raise ValueError(f"document{where}: expected a non-empty 1-D integer tensor, got {doc.dtype} {tuple(doc.shape)}")
+            raise ValueError(f"document{where}: expected a non-empty 1-D integer tensor, got {doc.dtype} "
+                             f"{tuple(doc.shape)}")
         return
     raise TypeError(f"document{where} must be a str, a list of token ids or a 1-D tensor, got {type(doc).__name__}")
 
@@ -204,7 +206,8 @@ def tokenize_prompt(tokenizer, question: str, system: str | None = None) -> list
     """A question as the reference's README renders it: ``[user: question]`` + generation prompt."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be non-empty text, got {question!r}")
-    msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": question}]
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    msgs = msgs + [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -340,7 +343,8 @@ class PackedContexts:
         if ctx_position_ids is not None:
             pos = ctx_position_ids.detach().cpu()
             if pos.shape != ids.shape or ids.shape[0] != 1:
-                raise ValueError(f"packed ctx_ids/ctx_position_ids must both be [1, T], got {tuple(ids.shape)} / {tuple(pos.shape)}")
+                raise ValueError(f"packed ctx_ids/ctx_position_ids must both be [1, T], got {tuple(ids.shape)} / "
+                                 f"{tuple(pos.shape)}")
             starts = (pos[0] == 0).nonzero().flatten().tolist()
             if not starts or starts[0] != 0:
                 raise ValueError("ctx_position_ids must start at 0 and restart at 0 for every chunk")
@@ -355,7 +359,10 @@ class PackedContexts:
             raise ValueError("ctx_attn_mask or ctx_position_ids is required with ctx_ids")
         if any(len(c) == 0 for c in chunks):
             raise ValueError("a context row has no valid tokens")
-        n = [1] * len(chunks) if n_ctx_chunks is None else [int(x) for x in (n_ctx_chunks.tolist() if isinstance(n_ctx_chunks, torch.Tensor) else n_ctx_chunks)]
+        if n_ctx_chunks is None:
+            n = [1] * len(chunks)
+        else:
+            n = [int(x) for x in (n_ctx_chunks.tolist() if isinstance(n_ctx_chunks, torch.Tensor) else n_ctx_chunks)]
         return cls(chunks=chunks, n_chunks=n)
 
 

@@ -13,6 +13,10 @@ Golden parity (../shared/golden, produced by the reference in fp32 on CPU with e
   the logit tolerance.
 """
 
+import math
+
+import torch
+
 GOLDEN_LORA = dict(atol=2e-5, rtol=1e-4)
 GOLDEN_LOGITS = dict(atol=1e-4, rtol=0)
 # Packed vs padded vs one-at-a-time internalisation inside d2l_fast (same kernels, different batching).
@@ -23,3 +27,86 @@ BATCHING = dict(atol=2e-5, rtol=1e-4)
 # softcap → ~1e-5). The tests also require the adapter to move logits by > 1e-2, 500× this tolerance; a wrong
 # transpose, scaling (alpha vs alpha/r), layer or module mapping moves them by about that effect.
 PEFT_EXPORT = dict(atol=2e-5, rtol=1e-5)
+
+# ------------------------------------------------------------------------------------------ runtime and training
+# Batched generate (left-padded rows, one adapter per row) vs each row alone, fp32: the same arithmetic on other
+# shapes (padding changes BLAS blocking); greedy tokens are compared exactly next to it.
+BATCHED_LOGITS = dict(atol=1e-4, rtol=0)
+# The same on the real SmolLM2-135M (30 layers, |logit| up to ~30): more rounding accumulates through depth.
+SMOLLM2_BATCHED_LOGITS = dict(atol=2e-3, rtol=0)
+# Hypernetwork gradients of the packed (segmented) vs the padded LoRA path, fp32.
+PACKED_VS_PADDED_GRAD = dict(atol=1e-5, rtol=1e-3)
+# AdapterBatch.to(a 16-bit dtype) vs the fp32 original: bf16/fp16 rounding of O(1) values.
+HALF_ROUNDTRIP = dict(atol=1e-2, rtol=0)
+# combine_lora with per-chunk scalers and a bias scaler vs the golden: fp32 products in another order.
+GOLDEN_COMBINE_SCALED = dict(atol=1e-7, rtol=1e-6)
+# Smoke checks of the CPU paths with triton hidden (the exact checks are the kernel tests above).
+NO_TRITON_SMOKE = dict(atol=1e-4, rtol=1e-4)
+# Losses: fp64 implementations vs fp64 references (same sums, other order); fp32 vs fp64 references; the fp32
+# token losses the chunked loss stores; Liger's fused CE (CUDA) vs ours, loss and gradient.
+LOSS_F64 = dict(atol=1e-10, rtol=1e-10)
+LOSS_F32 = dict(atol=1e-5, rtol=1e-5)
+LOSS_STORED_F32 = dict(atol=1e-6, rtol=1e-6)
+LIGER_LOSS = dict(atol=1e-4, rtol=1e-4)
+LIGER_GRAD = dict(atol=1e-5, rtol=1e-3)
+
+# ------------------------------------------------------------------------------------------ kernels
+# Segmented LoRA, fp32 against an fp64 reference: atol = rtol = 2e-6 per unit of sqrt(reduction length) (inputs
+# are scaled so every output is O(1); 2e-7 per sqrt(k) is the expected fp32 rounding, ×10 margin).
+SEG_FP32_PER_SQRT_K = 2e-7 * 10
+# Segmented LoRA, fp16/bf16 against an fp32 reference: within 2x the error of the same computation done by torch
+# in that dtype (FlashAttention's rule), plus a small floor.
+LOWP_ERR_RATIO = 2.0
+LOWP_ERR_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Latent readout against the fp64 reference: fp32 runs on fp32 inputs; fp16/bf16 runs on the same low-precision
+# inputs, the error budget being the rounding of the output and of the normalized context (the absorbed form never
+# rounds it, the reference does; see d2l_fast/kernels/latent_readout/README.md).
+READOUT = {
+    torch.float32: dict(atol=2e-5, rtol=2e-4, rms=1e-5),
+    torch.float16: dict(atol=4e-3, rtol=1e-2, rms=2e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=5e-2, rms=1.5e-2),
+}
+READOUT_GRAD = dict(atol=1e-4, rtol=1e-3, rms=1e-5)  # fp32 gradients vs fp64 autograd through the reference
+# GPU kernels at the real model shapes against fp64, by precision (tf32/ieee: fp32 inputs with or without TF32
+# tensor cores): relative RMS error and largest error relative to the largest reference value.
+CUDA_KERNEL = {
+    "bf16": dict(rms=1.6e-2, rel_max=6e-2),
+    "fp16": dict(rms=2e-3, rel_max=8e-3),
+    "tf32": dict(rms=2e-3, rel_max=8e-3),
+    "ieee": dict(rms=1e-5, rel_max=1e-4),
+}
+
+
+def seg_fp32(reduce_dim: int) -> dict:
+    """Segmented-LoRA fp32 tolerance for a reduction over ``reduce_dim`` terms (see SEG_FP32_PER_SQRT_K)."""
+    tol = SEG_FP32_PER_SQRT_K * math.sqrt(reduce_dim)
+    return dict(atol=tol, rtol=tol)
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, *, atol: float | None = None, rtol: float = 0.0,
+                 rms: float | None = None, rel_max: float | None = None) -> None:
+    """``got`` against ``ref`` in fp64 under every rule given: elementwise ``|got - ref| <= atol + rtol·|ref|``
+    (a NaN fails); relative RMS error ``‖got - ref‖ / ‖ref‖ <= rms``; largest error relative to the largest
+    reference value ``max|got - ref| / max|ref| <= rel_max``. The AssertionError names the worst element."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference shape {tuple(ref.shape)}")
+    err = (got - ref).abs()
+    ratio = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item() if err.numel() else 0.0
+    problems = []
+    if atol is not None:
+        bound = atol + rtol * ref.abs()
+        ok = err <= bound
+        if not bool(ok.all()):
+            i = int(torch.argmax(torch.where(ok, torch.full_like(err, -1.0), (err - bound).nan_to_num(float("inf")))))
+            idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
+            problems.append(f"max abs err {err.max().item():.3e} at {idx} (got {got[idx].item():.6g}, ref "
+                            f"{ref[idx].item():.6g}; allowed atol={atol:.2e}, rtol={rtol:.2e})")
+    if rms is not None and not ratio <= rms:
+        problems.append(f"relative RMS error {ratio:.3e} > {rms:.1e}")
+    if rel_max is not None:
+        rel = (err.max() / ref.abs().max().clamp_min(1e-30)).item() if err.numel() else 0.0
+        if not rel <= rel_max:
+            problems.append(f"max error relative to max|ref| {rel:.3e} > {rel_max:.1e}")
+    if problems:
+        raise AssertionError(f"{name}: " + "; ".join(problems) + f" (relative RMS error {ratio:.3e})")

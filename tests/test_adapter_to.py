@@ -5,6 +5,8 @@ import torch
 
 from d2l_fast import AdapterBatch
 
+from ._numerics import HALF_ROUNDTRIP
+
 
 @pytest.fixture
 def batch():
@@ -17,8 +19,8 @@ def batch():
 def _same_values(x: AdapterBatch, y: AdapterBatch):
     assert x.rank_offsets == y.rank_offsets and x.alpha == y.alpha and x.model_id == y.model_id and x.names == y.names
     for m in y.modules:
-        torch.testing.assert_close(x.A[m].double(), y.A[m].double(), rtol=0, atol=1e-2)
-        torch.testing.assert_close(x.B[m].double(), y.B[m].double(), rtol=0, atol=1e-2)
+        torch.testing.assert_close(x.A[m].double(), y.A[m].double(), **HALF_ROUNDTRIP)
+        torch.testing.assert_close(x.B[m].double(), y.B[m].double(), **HALF_ROUNDTRIP)
 
 
 FORMS = [

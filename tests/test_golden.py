@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import d2l_fast
 from d2l_fast import ModulatedPretrainedModel, combine_lora, load_checkpoint
 
-from ._numerics import GOLDEN_LOGITS, GOLDEN_LORA
+from ._numerics import GOLDEN_COMBINE_SCALED, GOLDEN_LOGITS, GOLDEN_LORA
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,8 @@ def test_case4_combine(model, cases):
     close(out["down_proj"]["B"], cases["case4.combined_bias.down_proj.B"], dict(atol=0, rtol=0))
     out = model.combine_lora(per_chunk, torch.tensor([2, 1]), bias, scalers=torch.tensor([0.5, -1.5, 2.0]),
                              bias_scaler=-0.7)
-    close(out["down_proj"]["A"], cases["case4.combined_scaled.down_proj.A"], dict(atol=1e-7, rtol=1e-6))
-    close(out["down_proj"]["B"], cases["case4.combined_scaled.down_proj.B"], dict(atol=1e-7, rtol=1e-6))
+    close(out["down_proj"]["A"], cases["case4.combined_scaled.down_proj.A"], GOLDEN_COMBINE_SCALED)
+    close(out["down_proj"]["B"], cases["case4.combined_scaled.down_proj.B"], GOLDEN_COMBINE_SCALED)
 
 
 def _valid(logits, mask):

@@ -27,8 +27,9 @@ from d2l_fast.training.reference import (
     per_context_average_ref,
 )
 
-F64 = dict(atol=1e-10, rtol=1e-10)
-F32 = dict(atol=1e-5, rtol=1e-5)
+from ._numerics import LIGER_GRAD, LIGER_LOSS, LOSS_F32, LOSS_F64, LOSS_STORED_F32
+
+F64, F32 = LOSS_F64, LOSS_F32
 
 
 def _teacher(N, K, V, gen, *, neg_inf=False):
@@ -69,8 +70,8 @@ def test_distillation_matches_reference(N, H, V, K, chunk, softcap, bias, neg_in
     ref_tok = distillation_token_loss_ref(h, w, lp, idx, bias=b, softcap=softcap)
     ref = (ref_tok * tw.double()).sum()
     assert out.n_tokens == N and torch.isfinite(out.loss)
-    torch.testing.assert_close(out.token_loss.double(), ref_tok.detach(), atol=1e-6, rtol=1e-6)  # stored as fp32
-    torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.token_loss.double(), ref_tok.detach(), **LOSS_STORED_F32)  # stored as fp32
+    torch.testing.assert_close(out.loss.double(), ref.detach(), **LOSS_STORED_F32)
     for name, g, gr in zip("hwb", _grads(out.loss, h, w, b), _grads(ref, h, w, b)):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
@@ -85,8 +86,8 @@ def test_cross_entropy_matches_reference(N, H, V, K, chunk, softcap, bias, neg_i
     out = cross_entropy_loss(h, w, tgt, tw, bias=b, softcap=softcap, chunk_size=chunk)
     ref_tok = cross_entropy_token_loss_ref(h, w, tgt, bias=b, softcap=softcap)
     ref = (ref_tok * tw.double()).sum()
-    torch.testing.assert_close(out.token_loss.double(), ref_tok.detach(), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.token_loss.double(), ref_tok.detach(), **LOSS_STORED_F32)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), **LOSS_STORED_F32)
     for name, g, gr in zip("hwb", _grads(out.loss, h, w, b), _grads(ref, h, w, b)):
         torch.testing.assert_close(g, gr.to(g.dtype), **F64, msg=lambda m, name=name: f"grad {name}: {m}")
 
@@ -201,7 +202,7 @@ def test_packed_qa_loss_matches_reference(objective, average, softcap):
     kw = dict(objective=objective, teacher_logprobs=lp, teacher_indices=idx, average=average, softcap=softcap, **win)
     out = qa_loss(h, w, labels, cu, nq, chunk_size=4, **kw)
     ref = packed_qa_loss_ref(h, w, labels, cu, nq, **kw)
-    torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), **LOSS_STORED_F32)
     for name, g, gr in zip("hw", _grads(out.loss, h, w), _grads(ref, h, w)):
         torch.testing.assert_close(g, gr, **F64, msg=lambda m, name=name: f"grad {name}: {m}")
     # the hidden states of positions that predict no answer token get no gradient
@@ -330,6 +331,6 @@ def test_liger_cross_entropy_matches_chunked_on_cuda():
     liger = cross_entropy_loss(h, w, tgt, tw, use_liger=True)
     ours = cross_entropy_loss(h, w, tgt, tw, use_liger=False)
     assert liger.token_loss is None
-    torch.testing.assert_close(liger.loss, ours.loss, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(liger.loss, ours.loss, **LIGER_LOSS)
     torch.testing.assert_close(torch.autograd.grad(liger.loss, h)[0], torch.autograd.grad(ours.loss, h)[0],
-                               atol=1e-5, rtol=1e-3)
+                               **LIGER_GRAD)

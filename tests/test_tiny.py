@@ -93,30 +93,6 @@ def test_tiny_model_seeding_and_overrides():
         tiny_tokenizer("gpt2")
 
 
-@pytest.mark.parametrize(
-    "arch, overrides",
-    [(a, {}) for a in TINY_ARCHS] + [("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 8})],
-    ids=lambda x: x if isinstance(x, str) else ("window8" if x else "default"),
-)
-def test_tiny_batched_left_padded_generate_matches_single(arch, overrides):
-    model, tok = tiny_model(arch, **overrides), tiny_tokenizer(arch)
-    docs = ["A fox.", DOC, "The market opens at seven."]
-    prompts = [tok.apply_chat_template(_ctx_messages(d), tokenize=False, add_generation_prompt=True) for d in docs]
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-
-    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert tok.padding_side == "left"
-    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"] == 0).any()
-    with torch.no_grad():
-        out = model.generate(**batch, **kw)
-    new_batched = out[:, batch["input_ids"].shape[1]:]
-    for i, p in enumerate(prompts):
-        single = tok(p, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            one = model.generate(**single, **kw)
-        assert torch.equal(one[0, single["input_ids"].shape[1]:], new_batched[i]), (arch, i)
-
-
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_tokenizer_chat_template(arch):
     tok = tiny_tokenizer(arch)
@@ -154,22 +130,6 @@ def test_tiny_tokenizer_special_layout_and_cache():
     again = tiny_tokenizer("gemma2")
     assert _tiny._tiny_tokenizer_json.cache_info().hits == hits + 1, "the trained tokenizer is cached in-process"
     assert again is not tok and again.get_vocab() == tok.get_vocab()
-
-
-@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
-def test_tiny_pair_save_and_reload(arch, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model, tok = tiny_pair(arch, seed=5)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    model2 = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=model.config._attn_implementation)
-    tok2 = AutoTokenizer.from_pretrained(tmp_path)
-    assert tok2.padding_side == "left" and tok2.pad_token == tok.pad_token
-    assert _render_ids(tok2, _ctx_messages(DOC)) == _render_ids(tok, _ctx_messages(DOC))
-    ids = tok([DOC], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(model2(**ids).logits, model(**ids).logits, rtol=0, atol=0)
 
 
 def test_tiny_gemma2_template_is_the_reference_template(golden_dir):

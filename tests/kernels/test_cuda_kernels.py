@@ -20,16 +20,12 @@ from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora, segment
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_bwd, segmented_lora_fwd
 
+from .._numerics import CUDA_KERNEL, assert_close
+
 pytestmark = pytest.mark.gpu
 
-BOUNDS = {  # precision: (rel_rms, rel_max)
-    "bf16": (1.6e-2, 6e-2),
-    "fp16": (2e-3, 8e-3),
-    "tf32": (2e-3, 8e-3),
-    "ieee": (1e-5, 1e-4),
-}
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "ieee": torch.float32}
-PRECISIONS = list(BOUNDS)
+PRECISIONS = list(CUDA_KERNEL)
 
 # (d_in, d_out) of each model's LoRA target (down_proj) and of its q_proj-like square layer
 SHAPES = {
@@ -54,15 +50,8 @@ def fp32_precision(prec: str):
 
 
 def check(name: str, got: torch.Tensor, ref: torch.Tensor, prec: str) -> None:
-    got, ref = got.double().cpu(), ref.double().cpu()
     assert torch.isfinite(got).all(), f"{name}: non-finite output"
-    err = got - ref
-    rel_rms = (err.norm() / ref.norm().clamp_min(1e-30)).item()
-    rel_max = (err.abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-    b_rms, b_max = BOUNDS[prec]
-    assert rel_rms <= b_rms and rel_max <= b_max, (
-        f"{name} [{prec}]: rel_rms {rel_rms:.2e} (bound {b_rms:.0e}), rel_max {rel_max:.2e} (bound {b_max:.0e})"
-    )
+    assert_close(f"{name} [{prec}]", got, ref, **CUDA_KERNEL[prec])
 
 
 def lora_problem(lens, seg_adapter, ranks, d_in, d_out, prec, seed=0):

@@ -14,15 +14,7 @@ from d2l_fast.kernels.latent_readout import (
 )
 from d2l_fast.kernels.latent_readout import kernel as readout_kernel
 
-# tolerances, in one place. fp32 runs are compared with the fp64 reference; fp16 runs with the fp64
-# reference evaluated on the same fp16 inputs: the error budget is the fp16 rounding of the output and
-# of the normalized context (the absorbed form never rounds it, the reference does; see README.md).
-TOL = {
-    torch.float32: dict(atol=2e-5, rtol=2e-4, rms=1e-5),
-    torch.float16: dict(atol=4e-3, rtol=1e-2, rms=2e-3),
-    torch.bfloat16: dict(atol=3e-2, rtol=5e-2, rms=1.5e-2),
-}
-GRAD_TOL = dict(atol=1e-4, rtol=1e-3, rms=1e-5)  # fp32 gradients vs fp64 autograd through the reference
+from .._numerics import READOUT, READOUT_GRAD, assert_close
 
 PATHS = [
     pytest.param("torch", "absorbed", id="torch-absorbed"),
@@ -30,20 +22,6 @@ PATHS = [
     pytest.param("triton", "absorbed", id="triton-absorbed", marks=pytest.mark.interpreter),
     pytest.param("triton", "plain", id="triton-plain", marks=pytest.mark.interpreter),
 ]
-
-
-def assert_close(name, got, ref, atol, rtol, rms):
-    got, ref = got.double(), ref.double()
-    err = (got - ref).abs()
-    bound = atol + rtol * ref.abs()
-    ratio = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-    if not bool((err <= bound).all()) or ratio > rms:
-        idx = int(torch.argmax(err - bound))
-        raise AssertionError(
-            f"{name}: max abs err {err.max().item():.3e} at flat index {idx} "
-            f"(got {got.flatten()[idx].item():.6g}, ref {ref.flatten()[idx].item():.6g}), "
-            f"relative RMS error {ratio:.3e} (allowed atol={atol}, rtol={rtol}, rms={rms})"
-        )
 
 
 def make_problem(lens, n_q=3, H=4, n_kv=2, hd=24, D=40, dtype=torch.float32, seed=0, device="cpu"):
@@ -112,7 +90,7 @@ def test_readout_forward(case, backend, mode, dtype):
     p = make_problem(dtype=dtype, **case)
     out = run_op(p, backend=backend, mode=mode)
     assert out.dtype == dtype and out.shape == p["q"].shape
-    assert_close("out", out, ref64(p), **TOL[dtype])
+    assert_close("out", out, ref64(p), **READOUT[dtype])
     lens = case["lens"]
     for s, n in enumerate(lens):
         if n == 0:
@@ -151,7 +129,7 @@ def test_readout_padded_vs_packed(backend, mode):
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
     out = latent_readout(q, ctx, cu, int(lengths.max()), wk, wv, w, n_kv_heads=n_kv, backend=backend, mode=mode)
-    assert_close("packed-vs-padded", out, dense, **TOL[torch.float32])
+    assert_close("packed-vs-padded", out, dense, **READOUT[torch.float32])
 
 
 @pytest.mark.parametrize("use_rstd", [False, True], ids=["rstd-internal", "rstd-given"])
@@ -179,7 +157,7 @@ def test_readout_backward(backend, mode, use_rstd):
     )  # fmt: skip
     out.backward(grad_out)
     for n in names:
-        assert_close(f"d{n}", leaves[n].grad, ref_leaves[n].grad, **GRAD_TOL)
+        assert_close(f"d{n}", leaves[n].grad, ref_leaves[n].grad, **READOUT_GRAD)
     # deterministic: a second backward gives bit-identical gradients
     first = {n: leaves[n].grad.clone() for n in names}
     for n in names:
@@ -214,7 +192,7 @@ def test_readout_backward_multichunk():
             leaves["ctx_norm_weight"], n_kv_heads=1, mode=mode, backend="torch",
         ).backward(grad_out)  # fmt: skip
         for n in names:
-            assert_close(f"{mode} d{n}", leaves[n].grad, ref_leaves[n].grad, **GRAD_TOL)
+            assert_close(f"{mode} d{n}", leaves[n].grad, ref_leaves[n].grad, **READOUT_GRAD)
 
 
 @pytest.mark.interpreter
@@ -223,14 +201,14 @@ def test_readout_ctx_rstd_and_noncontiguous():
     ref = ref64(p)
     rstd = compute_rstd(p["ctx"], 1e-6)
     for mode in ("absorbed", "plain"):
-        assert_close("ctx_rstd", run_op(p, mode=mode, ctx_rstd=rstd), ref, **TOL[torch.float32])
+        assert_close("ctx_rstd", run_op(p, mode=mode, ctx_rstd=rstd), ref, **READOUT[torch.float32])
     # a non-contiguous context view (every other row of a wider buffer, strided columns)
     wide = torch.zeros(p["ctx"].shape[0], 2 * p["ctx"].shape[1])
     wide[:, ::2] = p["ctx"]
     p2 = dict(p, ctx=wide[:, ::2])
     assert not p2["ctx"].is_contiguous()
     for backend, mode in (("torch", "absorbed"), ("torch", "plain"), ("triton", "absorbed")):
-        assert_close("noncontig", run_op(p2, backend=backend, mode=mode), ref, **TOL[torch.float32])
+        assert_close("noncontig", run_op(p2, backend=backend, mode=mode), ref, **READOUT[torch.float32])
 
 
 @pytest.mark.interpreter
@@ -241,7 +219,7 @@ def test_readout_softmax_scale():
         n_kv_heads=p["n_kv_heads"], softmax_scale=0.3,
     )  # fmt: skip
     for backend, mode in (("torch", "absorbed"), ("triton", "plain")):
-        assert_close("scale", run_op(p, backend=backend, mode=mode, softmax_scale=0.3), ref, **TOL[torch.float32])
+        assert_close("scale", run_op(p, backend=backend, mode=mode, softmax_scale=0.3), ref, **READOUT[torch.float32])
 
 
 def test_auto_mode_cost_model():
@@ -287,4 +265,4 @@ def test_readout_gpu(mode, dtype):
         p = make_problem(lens, n_q=8, H=16, n_kv=4, hd=128, D=512, dtype=dtype, device="cuda")
         out = run_op(p, backend="triton", mode=mode)
         ref = _ref_lowp(p) if dtype != torch.float32 else run_ref(p).double()
-        assert_close(f"gpu {dtype} {mode}", out.cpu(), ref.cpu(), **TOL[dtype])
+        assert_close(f"gpu {dtype} {mode}", out.cpu(), ref.cpu(), **READOUT[dtype])

@@ -14,34 +14,10 @@ from d2l_fast.kernels.segmented_lora import torch_impl as seg_torch
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_bwd, segmented_lora_fwd
 
-# ------------------------------------------------------------------------------------------ tolerances
-# fp32 runs against an fp64 reference: atol/rtol per unit of sqrt(reduction length) (inputs are scaled so
-# every output is O(1)). fp16 runs against an fp32 reference and must stay within 2x the error of the same
-# computation done by torch in fp16 (FlashAttention's rule), plus a small floor.
-FP32_TOL_PER_SQRT_K = 2e-7
-LOWP_ERR_RATIO = 2.0
-LOWP_ERR_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from .._numerics import LOWP_ERR_FLOOR, LOWP_ERR_RATIO, assert_close, seg_fp32
 
 # the Triton backend on CPU tensors needs the interpreter; test_cuda_kernels.py runs it on a GPU
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "torch"]
-
-
-def assert_close(name, got, ref, tol):
-    got, ref = got.double(), ref.double()
-    err = (got - ref).abs()
-    bound = tol * (1 + ref.abs())
-    if (err > bound).any():
-        i = int(torch.argmax(err - bound))
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
-        rms = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-        raise AssertionError(
-            f"{name}: max abs err {err.max().item():.3e} at {idx} (got {got[idx].item():.6g}, "
-            f"ref {ref[idx].item():.6g}, tol {tol:.2e}); relative RMS err {rms:.3e}"
-        )
-
-
-def fp32_tol(reduce_dim: int) -> float:
-    return FP32_TOL_PER_SQRT_K * math.sqrt(reduce_dim) * 10
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -116,7 +92,7 @@ def test_decode_rows_sharing_an_adapter_use_run_tiles():
     x, A, B = torch.randn(10, 72, generator=g), torch.randn(40, 72, generator=g) / 9, torch.randn(40, 40, generator=g)
     out = torch.zeros(10, 40)
     segmented_lora_fwd(out, x, A, B, meta, 0.5)
-    assert_close("delta(beams)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), fp32_tol(112))
+    assert_close("delta(beams)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), **seg_fp32(112))
 
 
 def test_meta_worked_example():
@@ -154,7 +130,7 @@ def test_forward_fp32(case, backend):
     ref = ref_of(x.double(), A.double(), B.double(), meta, 0.5)
     got = segmented_lora(x, A, B, meta, 0.5, backend=backend)
     assert got.dtype == x.dtype and got.shape == ref.shape
-    assert_close("delta", got, ref, fp32_tol(x.shape[1] + meta.max_rank))
+    assert_close("delta", got, ref, **seg_fp32(x.shape[1] + meta.max_rank))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +162,7 @@ def test_noncontiguous_x(backend):
     ref = ref_of(x.double(), A.double(), B.double(), meta, 1.5)
     for xin in (xv, xt):
         got = segmented_lora(xin, A, B, meta, 1.5, backend=backend)
-        assert_close("delta(non-contiguous x)", got, ref, fp32_tol(x.shape[1] + meta.max_rank))
+        assert_close("delta(non-contiguous x)", got, ref, **seg_fp32(x.shape[1] + meta.max_rank))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,7 +173,7 @@ def test_inplace_adds_into_out(backend):
     ret = segmented_lora_(out, x, A, B, meta, 2.0, backend=backend)
     assert ret is out
     ref = base.double() + ref_of(x.double(), A.double(), B.double(), meta, 2.0)
-    assert_close("out", out, ref, fp32_tol(x.shape[1] + meta.max_rank))
+    assert_close("out", out, ref, **seg_fp32(x.shape[1] + meta.max_rank))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -215,10 +191,10 @@ def test_uniform_hf_layout(backend, seq_len):
     out = base.clone()
     segmented_lora_(out, x, A, B, meta, 0.25, backend=backend)
     ref = ref_of(x.reshape(-1, d_in).double(), A.double(), B.double(), meta, 0.25).reshape(rows, seq_len, d_out)
-    assert_close("out", out, base.double() + ref, fp32_tol(d_in + 24))
+    assert_close("out", out, base.double() + ref, **seg_fp32(d_in + 24))
     delta = segmented_lora(x, A, B, meta, 0.25, backend=backend)
     assert delta.shape == (rows, seq_len, d_out)
-    assert_close("delta", delta, ref, fp32_tol(d_in + 24))
+    assert_close("delta", delta, ref, **seg_fp32(d_in + 24))
 
 
 @pytest.mark.interpreter
@@ -237,7 +213,7 @@ def test_triton_variants(cfg):
     out = torch.zeros(x.shape[0], B.shape[1])
     segmented_lora_fwd(out, x, A, B, meta, 0.5, cfg)
     ref = ref_of(x.double(), A.double(), B.double(), meta, 0.5)
-    assert_close(f"delta({cfg.variant})", out, ref, fp32_tol(x.shape[1] + meta.max_rank))
+    assert_close(f"delta({cfg.variant})", out, ref, **seg_fp32(x.shape[1] + meta.max_rank))
 
 
 @pytest.mark.interpreter
@@ -248,7 +224,7 @@ def test_decode_variant_is_picked_and_correct():
     x, A, B = torch.randn(5, 100, generator=g), torch.randn(24, 100, generator=g) / 10, torch.randn(24, 40, generator=g)
     out = torch.zeros(5, 40)
     segmented_lora_fwd(out, x, A, B, meta, 0.5)
-    assert_close("delta(decode)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), fp32_tol(124))
+    assert_close("delta(decode)", out, ref_of(x.double(), A.double(), B.double(), meta, 0.5), **seg_fp32(124))
 
 
 @pytest.mark.parametrize("strategy", seg_torch.STRATEGIES)
@@ -271,7 +247,7 @@ def test_cpu_strategies(setup, strategy):
     base = out.clone()
     seg_torch.segmented_lora_cpu_(out, x, A, B, meta, 0.5, strategy=strategy)
     ref = base.double() + ref_of(x.double(), A.double(), B.double(), meta, 0.5)
-    assert_close(f"out({strategy})", out, ref, fp32_tol(40 + 24))
+    assert_close(f"out({strategy})", out, ref, **seg_fp32(40 + 24))
 
 
 def test_cpu_strategy_choice():
@@ -293,9 +269,9 @@ def test_backward_fp32(case, backend):
     xx, AA, BB = (t.clone().requires_grad_() for t in (x, A, B))
     segmented_lora(xx, AA, BB, meta, 0.75, backend=backend).backward(dy.float())
     k = x.shape[1] + B.shape[1] + meta.max_rank + meta.max_seqlen
-    assert_close("dx", xx.grad, xr.grad, fp32_tol(k))
-    assert_close("dA", AA.grad, Ar.grad, fp32_tol(k))
-    assert_close("dB", BB.grad, Br.grad, fp32_tol(k))
+    assert_close("dx", xx.grad, xr.grad, **seg_fp32(k))
+    assert_close("dA", AA.grad, Ar.grad, **seg_fp32(k))
+    assert_close("dB", BB.grad, Br.grad, **seg_fp32(k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -306,7 +282,7 @@ def test_backward_partial_and_sum_grad(backend):
     segmented_lora(xx, A, B, meta, 1.0, backend=backend).sum().backward()
     xr = x.double().requires_grad_()
     ref_of(xr, A.double(), B.double(), meta, 1.0).sum().backward()
-    assert_close("dx", xx.grad, xr.grad, fp32_tol(200))
+    assert_close("dx", xx.grad, xr.grad, **seg_fp32(200))
 
 
 @pytest.mark.interpreter
