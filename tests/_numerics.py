@@ -77,6 +77,11 @@ CUDA_KERNEL = {
 }
 
 
+# The kernels as torch.library custom ops vs the functional API: the same kernels on both sides (only the
+# summation order of a recomputed backward may differ), fp32.
+OPS = dict(atol=1e-5, rtol=1e-5)
+
+
 def seg_fp32(reduce_dim: int) -> dict:
     """Segmented-LoRA fp32 tolerance for a reduction over ``reduce_dim`` terms (see SEG_FP32_PER_SQRT_K)."""
     tol = SEG_FP32_PER_SQRT_K * math.sqrt(reduce_dim)

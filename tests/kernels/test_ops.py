@@ -12,15 +12,12 @@ from d2l_fast.kernels.latent_readout import latent_readout
 from d2l_fast.kernels.ops import latent_readout_op, segmented_lora_op, segmented_lora_op_
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora
 
+from .._numerics import OPS as OPS_TOL
+from .._numerics import assert_close as assert_close_tensors
 from .test_latent_readout import make_problem as readout_problem
 from .test_segmented_lora import make_problem as lora_problem
 
 LORA = ([5, 0, 1, 17, 3], [0, 1, -1, 2, 0], [8, 16, 24], 40, 24)
-OPS_TOL = dict(atol=1e-5, rtol=1e-5)  # same kernels on both sides; only summation order may differ
-
-
-def assert_close_tensors(name, got, want, **tol):
-    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
 
 
 def _lora_args(meta, x, A, B, backend="torch"):
