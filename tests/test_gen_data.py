@@ -88,7 +88,7 @@ def test_gold_mode_cross_entropy_data(pair, records, tmp_path):
     flat = [(r, qa) for r in records for qa in r["qas"]]
     assert len(got) == len(records) and sum(len(ex.qas) for ex in got) == len(flat)
     qs = [q for ex in got for q in ex.qas]
-    for q, (r, qa) in zip(qs, flat):
+    for q, (_, qa) in zip(qs, flat):
         ans = q.input_ids[q.start : q.end]
         assert ans == gold_answer_ids(tok, qa["question"], qa["answers"][0])
         assert tok.decode(ans, skip_special_tokens=True) == qa["answers"][0]

@@ -33,6 +33,7 @@ into a temporary sibling folder and moved in at the end, so an interrupted run l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -53,6 +54,7 @@ TEACHER_TEMPLATE = (
     "### User input\n{question}"
 )
 GEN_DATA_FILES = ("part-*.parquet", "gen_data.json")
+logger = logging.getLogger(__name__)
 
 
 class OutputExistsError(ValueError):
@@ -223,7 +225,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
         top_k: teacher log-probs kept per answer token (the reference keeps 16).
 
     Returns:
-        the statistics also written to ``gen_data.json``.
+        the statistics also written to ``gen_data.json`` (a context whose answers all failed to stop gets no row;
+        when none stops, only ``gen_data.json`` is written and a warning is logged).
 
     Raises:
         ValueError: bad arguments or records, or an existing non-empty ``out_dir`` without ``overwrite`` — all
@@ -256,8 +259,9 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
         answers = {(d, j): (gold_answer_ids(tokenizer, records[d]["qas"][j]["question"],
                                             records[d]["qas"][j]["answers"][0]), None, None) for d, j in items}
     else:
-        prompts = [list(tokenizer(teacher_prompt_text(tokenizer, records[d]["context"], records[d]["qas"][j]["question"]),
-                                  add_special_tokens=False)["input_ids"]) for d, j in items]
+        texts = [teacher_prompt_text(tokenizer, records[d]["context"], records[d]["qas"][j]["question"])
+                 for d, j in items]
+        prompts = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         gen = teacher_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                                batch_size=batch_size, progress=progress)
         answers = dict(zip(items, gen))
@@ -279,6 +283,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
                 row["logprobs_indices"].append(inds.to(torch.int32).tolist())
         if row["input_ids"]:
             rows.append(row)
+    if not rows:
+        logger.warning("no answer stopped within max_new_tokens=%d: nothing to write but gen_data.json", max_new_tokens)
     kept = sum(len(r["input_ids"]) for r in rows)
     schema = _schema(not gold)
     tmp = staging_dir(out)

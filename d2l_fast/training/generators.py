@@ -60,7 +60,7 @@ TASKS = ("niah", "qa")
 
 
 def _length_fn(tokenizer) -> Callable[[str], int]:
-    if callable(getattr(tokenizer, "__call__", None)) and hasattr(tokenizer, "convert_ids_to_tokens"):
+    if callable(tokenizer) and hasattr(tokenizer, "convert_ids_to_tokens"):
         return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if callable(tokenizer):
         return tokenizer
