@@ -7,11 +7,13 @@ each question WITH the document in its prompt, greedily, in left-padded batches 
     <one-line instruction>
     <blank line> ### Provided information <the document>
     <blank line> ### Instructions <two instruction lines>
-    <blank line> ### User input <the question>
+    <blank line> ### User input  Question: <the question>
 
-(:data:`TEACHER_TEMPLATE`; the wording is d2l_fast's own, the layout the reference's). The stored student sequence
+(:data:`TEACHER_TEMPLATE`; the wording is d2l_fast's own, the layout the reference's; on SmolLM2-135M-Instruct
+this wording gave the most direct answers of the variants tried). The stored student sequence
 drops the document: the chat rendering of ``[user: question]`` with the generation prompt (no system message —
-what the template puts before the user content, then the question, then the assistant header) followed by the
+what the template puts before the user content — a template's default system prompt, such as SmolLM2's, included
+as in the teacher prompt —, then the question, then the assistant header) followed by the
 answer token ids exactly as generated, up to and including the stop token. Only answers that stop (a stop token
 before ``max_new_tokens``) are kept, as in the reference. Stop tokens: the generation config's and tokenizer's
 eos, and the token the chat template closes an assistant turn with.
@@ -46,12 +48,12 @@ import torch
 from ..packing import control_token_ids, tokenize_context, tokenize_prompt
 
 TEACHER_TEMPLATE = (
-    "Answer the user's question using the information given below.\n\n"
+    "You answer questions about the information given below.\n\n"
     "### Provided information\n{context}\n\n"
     "### Instructions\n"
-    "Read the provided information carefully.\n"
-    "Reply to the user input in a clear and concise way, using only what the information says.\n\n"
-    "### User input\n{question}"
+    "Answer the question in the user input using only the provided information.\n"
+    "Give a short and direct answer.\n\n"
+    "### User input\nQuestion: {question}"
 )
 GEN_DATA_FILES = ("part-*.parquet", "gen_data.json")
 logger = logging.getLogger(__name__)
