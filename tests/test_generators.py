@@ -18,7 +18,8 @@ from d2l_fast.training.generators import (
     template_pools,
     write_records,
 )
-from d2l_fast.zoo import tiny_tokenizer
+
+from ._tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
