@@ -455,6 +455,21 @@ def _full_reference_configs(ckpt: LoadedCheckpoint):
     return hc, ce
 
 
+def reference_configs_or_raise(ckpt: LoadedCheckpoint):
+    """The reference config objects for ``ckpt``; :class:`CheckpointError` if they cannot describe its spec (the
+    reference's configs do not store e.g. the perceiver's attention heads, which its code fixes at 16 × 128 with 4
+    KV heads: a hypernetwork with other heads has no reference-layout equivalent)."""
+    hc, ce = _full_reference_configs(ckpt)
+    back = D2LSpec.from_reference(ckpt.spec.base_model_name_or_path, hc, ce)
+    if back != ckpt.spec:
+        a, b = ckpt.spec.to_dict(), back.to_dict()
+        diff = {k: a[k] for k in a if a[k] != b.get(k)}
+        raise CheckpointError(f"the reference's pytorch_model.bin layout cannot describe this hypernetwork: {diff} "
+                              f"would be read back as {({k: b.get(k) for k in diff})} (the reference fixes them); "
+                              "save it with save_checkpoint (pickle-free) instead")
+    return hc, ce
+
+
 def _reference_metadata(spec: D2LSpec) -> dict:
     """The ``_metadata`` a reference ``HyperLoRA.state_dict()`` carries (module prefix → version), in its order:
     d2l_fast's module tree plus the reference's parameter-free ``act_fn`` modules of every gated MLP."""
@@ -492,7 +507,7 @@ def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
     if not isinstance(ckpt, LoadedCheckpoint):
         raise TypeError(f"ckpt must be a LoadedCheckpoint, got {type(ckpt).__name__}")
     ckpt.validate()
-    hc, ce = _full_reference_configs(ckpt)
+    hc, ce = reference_configs_or_raise(ckpt)
     keys = [k for k in ckpt.state_dict if not k.startswith("head.")] + \
         [k for k in ckpt.state_dict if k.startswith("head.")]  # the reference registers the head last
     sd = collections.OrderedDict((k, ckpt.state_dict[k].detach().to("cpu", torch.float32).contiguous()) for k in keys)
@@ -521,6 +536,7 @@ __all__ = [
     "load_checkpoint",
     "load_safetensors_checkpoint",
     "save_checkpoint",
+    "reference_configs_or_raise",
     "save_reference_checkpoint",
     "split_reference_state_dict",
 ]

@@ -29,7 +29,8 @@ Output folder::
       metrics.jsonl              one JSON line per optimizer step (loss, task loss, L1, lr, grad norm, tokens/s)
       checkpoint-<step>/
         d2l_config.json, hypernet.safetensors    pickle-free (``load_checkpoint`` / ``D2LModel.from_checkpoint``)
-        pytorch_model.bin                         the reference's layout (Sakana's ``from_state_dict`` reads it)
+        pytorch_model.bin                         the reference's layout (Sakana's ``from_state_dict`` reads it),
+                                                  when it can describe the hypernetwork (``save_reference_format``)
         trainer_state.pt                          optimizer, scheduler, RNG states, data position (weights_only)
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash while saving leaves every
@@ -134,6 +135,8 @@ class TrainConfig:
     save_total_limit: int = 2  # newest checkpoints kept (0 = all)
     logging_steps: int = 1  # progress-bar refresh period; metrics.jsonl gets every step
     report_to_tensorboard: bool | None = None  # default: if tensorboard is installed
+    save_reference_format: bool | None = None  # also write pytorch_model.bin; default: when the layout can describe
+    # the hypernetwork (the reference fixes the perceiver's heads at 16 × 128, 4 KV heads)
     disable_tqdm: bool = False
 
     # ------------------------------------------------------------------ construction and checks
@@ -223,7 +226,7 @@ class TrainConfig:
         for name in ("resume", "overwrite_output_dir", "use_kl_loss", "use_per_ctx_average_loss", "disable_tqdm"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
-        for name in ("bf16", "report_to_tensorboard"):
+        for name in ("bf16", "report_to_tensorboard", "save_reference_format"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 bad(name, "null, true or false")
         if self.resume and self.overwrite_output_dir:
@@ -576,7 +579,25 @@ class Trainer:
 
         self.decoder = decoder_of(m.base_model)
         self.device = m.device
+        self.save_reference = self._reference_format_ok()
         self._built = True
+
+    def _reference_format_ok(self) -> bool:
+        from ..checkpoint import CheckpointError, LoadedCheckpoint, reference_configs_or_raise
+
+        want = self.cfg.save_reference_format
+        if want is False:
+            return False
+        try:
+            reference_configs_or_raise(LoadedCheckpoint(spec=self.model.spec, state_dict={}))
+        except CheckpointError as e:
+            if want:
+                raise TrainConfigError(f"save_reference_format=true: {e}") from None
+            import logging
+
+            logging.getLogger(__name__).warning("checkpoints are written pickle-free only: %s", e)
+            return False
+        return True
 
     # ------------------------------------------------------------------ one pack
     @contextlib.contextmanager
@@ -646,7 +667,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             ck = self.model.state_dict_for_checkpoint()
             save_checkpoint(ck, tmp)
-            save_reference_checkpoint(ck, tmp / "pytorch_model.bin")
+            if self.save_reference:
+                save_reference_checkpoint(ck, tmp / "pytorch_model.bin")
             state = {
                 "step": step, "epoch": self.stream.epoch, "pack_index": self.stream.index,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
