@@ -337,3 +337,18 @@ def test_weight_decay_exclusions_and_schedule(base_dir, data, tmp_path):
     assert cosine_with_min_lr(10, warmup_steps=10, total_steps=110, min_lr_rate=0.01) == 1.0
     assert abs(cosine_with_min_lr(60, warmup_steps=10, total_steps=110, min_lr_rate=0.01) - 0.505) < 1e-12
     assert cosine_with_min_lr(110, warmup_steps=10, total_steps=110, min_lr_rate=0.01) == pytest.approx(0.01)
+
+
+def test_cross_entropy_per_token_on_gemma2(tmp_path):
+    """NIAH-style objective (CE, no teacher columns) with per-label-token averaging on a soft-capped Gemma-2 base."""
+    base = tmp_path / "gemma"
+    tiny_model("gemma2", seed=0).save_pretrained(base)
+    schema = pa.schema([f for f in SCHEMA if f.name in ("ctx_ids", "input_ids", "response_start_end")])
+    data = _write(tmp_path / "niah.parquet", _rows(3, 1, seed=9), schema)
+    with pytest.raises(DataError, match="logprobs_vals"):  # the distillation objective needs the teacher columns
+        Trainer(_cfg(str(base), data, tmp_path / "kd", max_steps=1))
+    res = Trainer(_cfg(str(base), data, tmp_path / "o", max_steps=2, use_kl_loss=False, use_per_ctx_average_loss=False,
+                       gen_lora_l1_reg_coef=1.5)).train()
+    assert len(res.losses) == 2 and all(np.isfinite(res.losses))
+    m = _metrics(tmp_path / "o")
+    assert m[0]["l1"] > 0 and m[0]["loss"] == pytest.approx(m[0]["task_loss"] + 1.5 * m[0]["l1"], rel=1e-6)
