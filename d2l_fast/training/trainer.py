@@ -151,7 +151,8 @@ class TrainConfig:
             raise TrainConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
-            raise TrainConfigError(f"{source}: unknown field(s) {unknown}; valid fields: {', '.join(cls.field_names())}")
+            raise TrainConfigError(f"{source}: unknown field(s) {unknown}; valid fields: "
+                                   f"{', '.join(cls.field_names())}")
         cfg = cls(**d)
         cfg.validate(source)
         return cfg
@@ -268,9 +269,8 @@ def check_data(paths, *, teacher: bool, vocab_size: int | None = None, rows_per_
         names = set(pf.schema_arrow.names)
         missing = [c for c in need if c not in names]
         if missing:
-            raise DataError(f"{f}: missing column(s) {missing}; expected {need}"
-                            f"{' (use_kl_loss=false reads cross-entropy data without the teacher columns)' if teacher else ''}"
-                            f", found {sorted(names)}")
+            hint = " (use_kl_loss=false reads cross-entropy data without the teacher columns)" if teacher else ""
+            raise DataError(f"{f}: missing column(s) {missing}; expected {need}{hint}, found {sorted(names)}")
         if pf.metadata.num_rows == 0:
             raise DataError(f"{f}: the file holds no rows")
         batch = next(pf.iter_batches(batch_size=rows_per_file, columns=need))
