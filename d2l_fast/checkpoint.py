@@ -393,14 +393,145 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
     return LoadedCheckpoint(spec=spec, state_dict=tensors, source=str(folder)).validate()
 
 
-def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
-    """Write a ``pytorch_model.bin`` in the reference's layout (for tools that expect it).
+# Where the reference's own classes live: ``save_reference_checkpoint`` pickles d2l_fast's config objects under
+# these names, so the file carries exactly the globals of a checkpoint the reference writes (spec §3.2).
+_REFERENCE_WRITE_NAMES = {
+    HypernetConfig: ("ctx_to_lora.modeling.hypernet", "HypernetConfig"),
+    AggregatorConfig: ("ctx_to_lora.modeling.aggregator", "AggregatorConfig"),
+    CtxEncoderArguments: ("ctx_to_lora.configs", "CtxEncoderArguments"),
+    LoraConfig: ("peft.tuners.lora.config", "LoraConfig"),
+    LoraRuntimeConfig: ("peft.tuners.lora.config", "LoraRuntimeConfig"),
+    PeftType: ("peft.utils.peft_types", "PeftType"),
+    TaskType: ("peft.utils.peft_types", "TaskType"),
+}
 
-    Note the pickled config classes are d2l_fast's (``d2l_fast.reference_format.*``), so the reference itself needs
-    an alias to read it.
+# peft 0.15.2's LoraConfig fields, in its order, with the values a default ``get_lora_config`` leaves (the state a
+# reference checkpoint pickles); r / lora_alpha / lora_dropout / target_modules / base model come from the spec.
+_PEFT_LORA_FIELDS = (
+    ("task_type", "CAUSAL_LM"), ("peft_type", PeftType.LORA), ("auto_mapping", None),
+    ("base_model_name_or_path", None), ("revision", None), ("inference_mode", False), ("r", 8),
+    ("target_modules", None), ("exclude_modules", None), ("lora_alpha", 8), ("lora_dropout", 0.0),
+    ("fan_in_fan_out", False), ("bias", "none"), ("use_rslora", False), ("modules_to_save", None),
+    ("init_lora_weights", True), ("layers_to_transform", None), ("layers_pattern", None), ("rank_pattern", {}),
+    ("alpha_pattern", {}), ("megatron_config", None), ("megatron_core", "megatron.core"),
+    ("trainable_token_indices", None), ("loftq_config", {}), ("eva_config", None), ("corda_config", None),
+    ("use_dora", False), ("layer_replication", None), ("runtime_config", None), ("lora_bias", False),
+    ("_custom_modules", None),
+)
+
+
+class _ReferencePickler(pickle._Pickler):
+    """Pure-Python pickler that writes d2l_fast's config classes as the reference's dotted names."""
+
+    def save_global(self, obj, name=None):
+        target = _REFERENCE_WRITE_NAMES.get(obj) if isinstance(obj, type) else None
+        if target is None:
+            return super().save_global(obj, name)
+        module, qualname = target
+        self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("ascii"))
+        self.memoize(obj)
+
+
+def _reference_pickle_module():
+    import types
+
+    mod = types.ModuleType("d2l_fast_reference_pickle")
+    mod.Pickler = _ReferencePickler
+    mod.Unpickler = pickle.Unpickler
+    mod.load = pickle.load
+    mod.dump = pickle.dump
+    return mod
+
+
+def _full_reference_configs(ckpt: LoadedCheckpoint):
+    """``(hypernet_config, ctx_encoder_args)`` with the reference's complete field set: the objects a reference file
+    was loaded with, else rebuilt from the spec with peft's LoraConfig fields and ``layer_indices`` as a tensor."""
+    if ckpt.hypernet_config is not None and ckpt.ctx_encoder_args is not None:
+        return ckpt.hypernet_config, ckpt.ctx_encoder_args
+    hc, ce = spec_to_reference(ckpt.spec)
+    short = vars(hc.lora_config)
+    lc = LoraConfig.__new__(LoraConfig)
+    state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _PEFT_LORA_FIELDS}
+    state.update({k: short[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
+                                        "base_model_name_or_path")})
+    state["runtime_config"] = LoraRuntimeConfig(ephemeral_gpu_offload=False)
+    lc.__setstate__(state)
+    hc.lora_config = lc
+    hc.layer_indices = torch.tensor(list(hc.layer_indices), dtype=torch.long)
+    return hc, ce
+
+
+def reference_configs_or_raise(ckpt: LoadedCheckpoint):
+    """The reference config objects for ``ckpt``; :class:`CheckpointError` if they cannot describe its spec (the
+    reference's configs do not store e.g. the perceiver's attention heads, which its code fixes at 16 × 128 with 4
+    KV heads: a hypernetwork with other heads has no reference-layout equivalent)."""
+    hc, ce = _full_reference_configs(ckpt)
+    back = spec_from_reference(ckpt.spec.base_model_name_or_path, hc, ce)
+    if back != ckpt.spec:
+        a, b = ckpt.spec.to_dict(), back.to_dict()
+        diff = {k: a[k] for k in a if a[k] != b.get(k)}
+        raise CheckpointError(f"the reference's pytorch_model.bin layout cannot describe this hypernetwork: {diff} "
+                              f"would be read back as {({k: b.get(k) for k in diff})} (the reference fixes them); "
+                              "save it with save_checkpoint (pickle-free) instead")
+    return hc, ce
+
+
+def _reference_metadata(spec: D2LSpec) -> dict:
+    """The ``_metadata`` a reference ``HyperLoRA.state_dict()`` carries (module prefix → version), in its order:
+    d2l_fast's module tree plus the reference's parameter-free ``act_fn`` modules of every gated MLP."""
+    with torch.device("meta"):
+        from .hypernet import HyperLoRA
+
+        meta = HyperLoRA(spec).state_dict()._metadata
+    out = {}
+    keys = list(meta)
+    for i, k in enumerate(keys):
+        out[k] = dict(meta[k])
+        nxt = keys[i + 1] if i + 1 < len(keys) else ""
+        for owner in [p for p in (k, k.rsplit(".", 1)[0]) if p.endswith(("mlp", "modality_projection"))]:
+            if k.startswith(owner + ".") and not nxt.startswith(owner + ".") and owner + ".act_fn" not in out:
+                out[owner + ".act_fn"] = {"version": 1}
+    for k in [k for k in out if k == "head" or k.startswith("head.")]:  # registered last by the reference
+        out[k] = out.pop(k)
+    return out
+
+
+def save_reference_checkpoint(ckpt: LoadedCheckpoint, path) -> pathlib.Path:
+    """Write a ``pytorch_model.bin`` in the reference's layout, readable by the reference's own loader.
+
+    The file is what ``torch.save(ModulatedPretrainedModel.state_dict())`` writes (spec §3.1–3.2): a zip archive
+    rooted at ``<file stem>/``, pickle protocol 2, an ``OrderedDict`` (with ``_metadata``) of the fp32 tensors in the
+    reference's key order, then ``base_model_name_or_path``, ``hypernet_config`` and ``ctx_encoder_args``, the configs
+    pickled as ``ctx_to_lora.*`` / ``peft.*`` classes (NEWOBJ + BUILD) — no ``d2l_fast`` global, and neither
+    ``ctx_to_lora`` nor ``peft`` is imported. The write is atomic: a temporary file in the same folder, then
+    ``os.replace``; a failure leaves any previous file at ``path`` untouched.
     """
+    import collections
+    import tempfile
+
     path = pathlib.Path(path)
-    torch.save(ckpt.to_reference_state_dict(), path)
+    if not isinstance(ckpt, LoadedCheckpoint):
+        raise TypeError(f"ckpt must be a LoadedCheckpoint, got {type(ckpt).__name__}")
+    ckpt.validate()
+    hc, ce = reference_configs_or_raise(ckpt)
+    keys = [k for k in ckpt.state_dict if not k.startswith("head.")] + \
+        [k for k in ckpt.state_dict if k.startswith("head.")]  # the reference registers the head last
+    sd = collections.OrderedDict((k, ckpt.state_dict[k].detach().to("cpu", torch.float32).contiguous()) for k in keys)
+    sd._metadata = _reference_metadata(ckpt.spec)
+    sd["base_model_name_or_path"] = ckpt.spec.base_model_name_or_path
+    sd["hypernet_config"] = hc
+    sd["ctx_encoder_args"] = ce
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the archive's root folder is named after the file, so the temporary file keeps the final name in its own folder
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmp_dir / path.name
+        torch.save(sd, tmp, pickle_module=_reference_pickle_module(), pickle_protocol=2)
+        os.replace(tmp, path)
+    finally:
+        for f in tmp_dir.iterdir():
+            f.unlink()
+        tmp_dir.rmdir()
     return path
 
 
@@ -411,6 +542,7 @@ __all__ = [
     "load_checkpoint",
     "load_safetensors_checkpoint",
     "save_checkpoint",
+    "reference_configs_or_raise",
     "save_reference_checkpoint",
     "split_reference_state_dict",
 ]

@@ -286,6 +286,68 @@ def _positive_int(text: str) -> int:
     return v
 
 
+# flags of `d2l-fast train` that differ from --<field-name> (reference / HF names stay available as the long form)
+_TRAIN_ALIASES = {"model_name_or_path": ["--base-model"], "learning_rate": ["--lr"],
+                  "overwrite_output_dir": ["--overwrite"], "init_checkpoint": ["--init-from"]}
+
+
+def _train_args(t) -> None:
+    import dataclasses
+
+    from .training.trainer import TrainConfig
+
+    t.add_argument("--config", help="JSON file of TrainConfig fields; flags given on the command line override it")
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + _TRAIN_ALIASES.get(f.name, [])
+        kind = str(f.type)
+        if f.name in ("resume", "overwrite_output_dir", "disable_tqdm"):
+            t.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
+        elif f.name in ("data", "target_modules"):
+            t.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS)
+        elif kind.startswith("bool"):
+            t.add_argument(*flags, dest=f.name, type=_bool_flag, default=argparse.SUPPRESS, metavar="{true,false}")
+        elif kind.startswith("int"):
+            t.add_argument(*flags, dest=f.name, type=int, default=argparse.SUPPRESS)
+        elif kind.startswith("float"):
+            t.add_argument(*flags, dest=f.name, type=float, default=argparse.SUPPRESS)
+        else:
+            t.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS)
+
+
+def _bool_flag(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _train(args) -> int:
+    import dataclasses
+
+    from .training.trainer import TrainConfig, Trainer, TrainingDivergedError
+
+    d = {}
+    if args.config:
+        path = pathlib.Path(args.config)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CLIError(f"{path}: not a readable JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise CLIError(f"{path}: expected a JSON object of settings, got {type(d).__name__}")
+    d.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    cfg = TrainConfig.from_dict(d, source=args.config or "arguments")
+    try:
+        res = Trainer(cfg).train()
+    except TrainingDivergedError as e:
+        raise CLIError(str(e)) from None
+    last = f"; last checkpoint {res.checkpoint}" if res.checkpoint else ""
+    print(f"trained {res.step} steps; final loss {res.losses[-1] if res.losses else float('nan'):.4f}; "
+          f"metrics {res.metrics_path}{last}")
+    return 0
+
+
 # errors a user can cause with arguments or files; anything else is a bug and keeps its traceback
 _USER_ERRORS = (CLIError, ValueError, OSError)
 
@@ -390,6 +452,12 @@ def main(argv=None) -> int:
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true", help="replace a previous eval output in the folder")
     ev.set_defaults(fn=_eval, loads_models=True)
+    t = sub.add_parser("train", help="train the hypernetwork on the reference's parquet QA data (spec §5)",
+                       description="Train a Doc-to-LoRA hypernetwork: --config cfg.json and/or flags (one per "
+                                   "TrainConfig field). Example: d2l-fast train --data data/ --base-model "
+                                   "HuggingFaceTB/SmolLM2-135M-Instruct --output-dir runs/a --max-steps 1000")
+    _train_args(t)
+    t.set_defaults(fn=_train, loads_models=True)
     # everything after "bench" goes to pytest unchanged (argparse would claim -k, -q, --co, ...)
     k = 0
     while k < len(argv) and argv[k] in ("--traceback", "--progress"):
