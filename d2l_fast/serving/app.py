@@ -9,8 +9,6 @@ Endpoints: ``POST/GET /v1/documents``, ``GET/DELETE /v1/documents/{id}``, ``POST
 body in OpenAI's format with a 4xx/5xx status.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import hmac

@@ -20,6 +20,7 @@ depend on what else is in the batch.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import math
 import queue
@@ -56,8 +57,10 @@ class InternalizeBatcher:
         self.max_tokens = int(max_tokens)
         self._q: queue.Queue[_DocJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._count_lock = threading.Lock()
         self.calls = 0  # packed internalize calls made (tests check that concurrent posts share calls)
         self.call_sizes: list[int] = []
+        self.pending = 0  # documents submitted and not yet finished
 
     def start(self) -> None:
         if self._thread is None:
@@ -74,9 +77,16 @@ class InternalizeBatcher:
         if self._thread is None:
             raise APIError(503, "the server is shutting down", code="unavailable")
         jobs = [_DocJob(t, concurrent.futures.Future()) for t in texts]
+        with self._count_lock:
+            self.pending += len(jobs)
         for j in jobs:
+            j.future.add_done_callback(self._done)
             self._q.put(j)
         return [j.future for j in jobs]
+
+    def _done(self, _future) -> None:
+        with self._count_lock:
+            self.pending -= 1
 
     def _run(self) -> None:
         while True:
@@ -179,6 +189,8 @@ class DecodeEngine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (next(iter(self.eos_ids)) if self.eos_ids else 0))
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self._cv = threading.Condition()
         self._waiting: list[GenRequest] = []
         self._running = False
@@ -288,11 +300,17 @@ class DecodeEngine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.base_model.config)
+        logits = self._forward(rows, ids, mask, pos, cache, logits_to_keep=1)
+        return logits, cache, mask
+
+    def _forward(self, rows, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+        """One batched forward of the base model, row i with the adapter of ``rows[i]``; last-position logits."""
         adapters, index = self._adapters_for(rows)
-        with torch.no_grad():
-            out = self.model.forward(ids, mask, adapters=adapters, adapter_index=index if adapters else None,
-                                     position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values, mask
+        kwargs[self._cache_kw] = cache  # updated in place
+        with torch.no_grad(), self.model.bind(adapters, index if adapters is not None else None):
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                        **kwargs)
+        return out.logits[:, -1, :]
 
     def _admit(self, new: list[GenRequest]) -> None:
         try:
@@ -342,13 +360,9 @@ class DecodeEngine:
         last = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.model.device)
         pos = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
-        adapters, index = self._adapters_for(rows)
-        with torch.no_grad():
-            out = self.model.forward(last, self._mask, adapters=adapters, adapter_index=index if adapters else None,
-                                     position_ids=pos, past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+        logits = self._forward(rows, last, self._mask, pos, self._cache)
         self.steps += 1
-        self._advance(rows, out.logits[:, -1, :], first_row=0)
+        self._advance(rows, logits, first_row=0)
 
     def _advance(self, rows: list[GenRequest], logits: torch.Tensor, *, first_row: int) -> None:
         """Pick each row's next token, stream its text, and drop the rows that finished (from the whole batch)."""
