@@ -197,6 +197,7 @@ class DecodeEngine:
         self._thread: threading.Thread | None = None
         # batch state (engine thread only)
         self._rows: list[GenRequest] = []
+        self._admitting: list[GenRequest] = []  # taken from the queue, being prefilled
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._can_merge: bool | None = None
@@ -204,6 +205,7 @@ class DecodeEngine:
         self.steps = 0
         self.max_rows_seen = 0
         self.joins_mid_batch = 0
+        self.cancelled_rows = 0  # rows dropped because their client went away
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -222,7 +224,7 @@ class DecodeEngine:
             self._thread.join(timeout=60)
             self._thread = None
         err = APIError(503, "the server is shutting down", code="unavailable")
-        for r in self._waiting + self._rows:
+        for r in self._waiting + self._admitting + self._rows:
             r.sink("error", err)
         self._waiting, self._rows = [], []
 
@@ -230,7 +232,7 @@ class DecodeEngine:
         with self._cv:
             if not self._running:
                 raise APIError(503, "the server is shutting down", code="unavailable")
-            if len(self._waiting) + len(self._rows) >= self.max_queue:
+            if self.in_flight >= self.max_queue:
                 raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later",
                                code="queue_full")
             if req.seed is not None:
@@ -241,7 +243,7 @@ class DecodeEngine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting) + len(self._rows)
+        return len(self._waiting) + len(self._admitting) + len(self._rows)
 
     # ------------------------------------------------------------------ main loop
     def _run(self) -> None:
@@ -255,7 +257,7 @@ class DecodeEngine:
                 new = []
                 if room > 0 and (not self._rows or self._can_merge):
                     new, self._waiting = self._waiting[:room], self._waiting[room:]
-            new = [r for r in new if not self._drop_cancelled(r)]
+                    self._admitting = new = [r for r in new if not r.cancelled]
             try:
                 if new:
                     self._admit(new)
@@ -267,9 +269,8 @@ class DecodeEngine:
                 for r in self._rows:
                     r.sink("error", err)
                 self._reset_batch()
-
-    def _drop_cancelled(self, r: GenRequest) -> bool:
-        return r.cancelled
+            finally:
+                self._admitting = []
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
@@ -371,6 +372,7 @@ class DecodeEngine:
         for k, (r, t) in enumerate(zip(rows, toks)):
             if r.cancelled:
                 done.append(first_row + k)
+                self.cancelled_rows += 1
                 continue
             r.out_ids.append(t)
             if t in self.eos_ids:
