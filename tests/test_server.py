@@ -2,6 +2,7 @@
 client and httpx, a tiny random model whose untrained hypernetwork has a visible effect (init_scaler_B)."""
 
 import json
+import pathlib
 import threading
 import time
 
@@ -387,3 +388,49 @@ def test_serve_cli_errors(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     assert main(["serve", "--checkpoint", "c", "--store", str(tmp_path / "f")]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+def test_serve_cli_runs_a_real_server(model, tmp_path):
+    """`d2l-fast serve --checkpoint FOLDER --base-model FOLDER` in a subprocess answers like the in-process model."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model.base_model.save_pretrained(tmp_path / "base")
+    model.tokenizer.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import d2l_fast
+
+    root = str(pathlib.Path(d2l_fast.__file__).resolve().parents[1])  # this checkout's d2l_fast, not an installed one
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p))
+    proc = subprocess.Popen([sys.executable, "-m", "d2l_fast.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
+                             "--base-model", str(tmp_path / "base"), "--port", str(port), "--max-chunk-len", "24",
+                             "--store", str(tmp_path / "store"), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+        def up():
+            if proc.poll() is not None:
+                pytest.fail(f"d2l-fast serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                return c.get("/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, "d2l-fast serve to answer /health")
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        doc = c.post("/v1/documents", json={"text": DOCS[0]}).json()
+        r = c.post("/v1/chat/completions", json={"model": name, "messages": user(QUESTIONS[0]), "max_tokens": 8,
+                                                 "documents": [doc["id"]]})
+        assert r.status_code == 200, r.text
+        want = reference(model, chat_ids(model, user(QUESTIONS[0])), model.internalize([DOCS[0]]), 8)[1]
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert (tmp_path / "store" / f"{doc['id']}.safetensors").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""Errors of the document server, rendered as OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors of the document server as OpenAI error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
 
 from __future__ import annotations
 
