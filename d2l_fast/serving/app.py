@@ -6,7 +6,8 @@
 Endpoints: ``POST/GET /v1/documents``, ``GET/DELETE /v1/documents/{id}``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (OpenAI schema; extra body fields ``documents``, ``document``, ``context_scaling``,
 ``bias_scaling``; ``stream`` as server-sent events), ``GET /v1/models``, ``GET /health``. Every error is a JSON
-body in OpenAI's format with a 4xx/5xx status.
+body in OpenAI's format with a 4xx/5xx status. ``GET /`` is the web demo (one self-contained page, no external
+assets): paste or upload a document, internalize it, chat with it (streamed), compare with the base model.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ import pathlib
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 
@@ -348,7 +350,7 @@ def create_app(model, settings: ServerSettings | None = None, **overrides):
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if settings is None:
@@ -415,6 +417,11 @@ def create_app(model, settings: ServerSettings | None = None, **overrides):
         if not isinstance(body, dict):
             raise bad_request(f"the request body must be a JSON object, got {_typename(body)}")
         return body
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = resources.files("d2l_fast.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
