@@ -266,8 +266,9 @@ class DecodeEngine:
             except Exception as e:  # noqa: BLE001 - a failed batched forward fails its rows, never the server
                 logger.exception("decode step failed")
                 err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
-                for r in self._rows:
-                    r.sink("error", err)
+                for r in {id(r): r for r in self._rows + self._admitting}.values():
+                    if r.finish_reason is None:
+                        r.sink("error", err)
                 self._reset_batch()
             finally:
                 self._admitting = []
