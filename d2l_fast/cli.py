@@ -233,6 +233,66 @@ def _export_peft(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """``d2l-fast serve``: the OpenAI-compatible document server (see :mod:`d2l_fast.serving`)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"the server needs FastAPI and uvicorn ({e}): pip install 'd2l_fast[serve]'") from None
+    from .serving import ServerSettings, create_app, serve
+
+    if args.store is not None:
+        store = pathlib.Path(args.store)
+        if store.exists() and not store.is_dir():
+            raise CLIError(f"--store {args.store!r} is a file; expected a folder (created if missing)")
+        _check_output_parent(store)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("D2L_API_KEY") or None
+    settings = ServerSettings(model_name=args.served_model_name, adapter_memory_mb=args.adapter_memory_mb,
+                              store=args.store, max_batch=args.max_batch, max_queue=args.max_queue,
+                              max_document_tokens=args.max_document_tokens, max_new_tokens=args.max_new_tokens,
+                              max_body_bytes=int(args.max_body_mb * 2**20), api_key=api_key)
+    if args.checkpoint is None:
+        if not args.untrained or args.base_model is None:
+            raise CLIError("give --checkpoint (a trained D2L checkpoint), or --untrained with --base-model for a "
+                           "demo with a seeded random hypernetwork")
+        model = _untrained_model(args)
+    else:
+        if args.untrained:
+            raise CLIError("--untrained and --checkpoint exclude each other")
+        from .checkpoint import load_checkpoint
+
+        model = _load_model(args, load_checkpoint(args.checkpoint, subfolder=args.subfolder))
+    app = create_app(model, settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it",
+                                            args.host)
+    print(f"d2l-fast serve: {app.state.d2l.model_name} on http://{args.host}:{args.port} "
+          f"(OpenAI base_url http://{args.host}:{args.port}/v1)", flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _untrained_model(args):
+    from . import D2LModel
+
+    if args.base_model == "smollm2-135m":
+        from .demo import load_smollm2
+
+        base, tok = load_smollm2()
+    else:
+        from .hf import load_base_model
+        from .packing import get_tokenizer
+
+        _check_base_model(args.base_model, False)
+        base = load_base_model(str(pathlib.Path(args.base_model).expanduser()))
+        tok = get_tokenizer(str(pathlib.Path(args.base_model).expanduser()))
+    logging.getLogger(__name__).warning("serving an UNTRAINED hypernetwork (seed %d, init scale %s): its adapters "
+                                        "are random", args.seed, args.init_scale)
+    return D2LModel.from_base(base, tok, seed=args.seed, init_scaler_B=args.init_scale,
+                              max_chunk_len=args.max_chunk_len)
+
+
 def _bench(args) -> int:
     import importlib.util
     import subprocess
@@ -413,6 +473,28 @@ def main(argv=None) -> int:
     e.add_argument("--subfolder")
     e.add_argument("--overwrite", action="store_true", help="replace existing PEFT folders")
     e.set_defaults(fn=_export_peft, loads_models=True)
+    sv = sub.add_parser("serve", help="OpenAI-compatible document server: documents → adapters, batched chat")
+    sv.add_argument("--checkpoint", help="trained D2L checkpoint: reference pytorch_model.bin or pickle-free folder")
+    sv.add_argument("--base-model", help="local HF folder (default: the one the checkpoint names); with --untrained "
+                    "also 'smollm2-135m'")
+    sv.add_argument("--subfolder")
+    sv.add_argument("--untrained", action="store_true", help="no checkpoint: a seeded random hypernetwork (demo)")
+    sv.add_argument("--seed", type=int, default=0, help="--untrained: hypernetwork seed")
+    sv.add_argument("--init-scale", type=float, default=2.0, help="--untrained: std of the random scaler_B")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", help="model id in /v1/models (default d2l-<base model name>)")
+    sv.add_argument("--store", help="folder: one safetensors file per document, reloaded on restart")
+    sv.add_argument("--adapter-memory-mb", type=float, default=1024.0, help="in-memory adapter budget (LRU)")
+    sv.add_argument("--max-batch", type=_positive_int, default=16, help="rows decoded together")
+    sv.add_argument("--max-queue", type=_positive_int, default=256, help="requests in flight before 429")
+    sv.add_argument("--max-document-tokens", type=_positive_int, default=32768)
+    sv.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="upper bound of max_tokens")
+    sv.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413 beyond)")
+    sv.add_argument("--max-chunk-len", type=_positive_int, default=None)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $D2L_API_KEY if set)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=_serve, loads_models=True)
     cr = sub.add_parser("compile-report", help="compile every Triton kernel for a GPU arch (no GPU needed): "
                         "shared memory, registers, spills, MMA instruction")
     _compile_report_args(cr)

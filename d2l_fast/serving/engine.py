@@ -1,0 +1,457 @@
+"""The server's two workers: packed internalization of queued documents, and continuous batched decoding.
+
+:class:`InternalizeBatcher` collects the documents posted within ``window_s`` (several requests, several
+documents each) and internalizes them in ONE :meth:`D2LModel.internalize` call. If that packed call fails, each
+document is retried alone, so only the document at fault fails.
+
+:class:`DecodeEngine` decodes every running request in one batched forward per step, each row with its own
+adapter (one :class:`~d2l_fast.AdapterBatch` holding the rows' adapters, ``adapter_index`` = row → adapter,
+-1 = base model; the segmented LoRA op applies them in the same forward). The KV cache is a transformers
+``DynamicCache`` over a left-padded batch. Continuous batching: at every step boundary, waiting requests are
+prefilled (one batched forward of their own) and their cache rows are merged into the running batch (left
+padding to the longer history); a finished or cancelled row leaves the batch at once (its cache rows are
+dropped), so neither joining nor leaving waits for the other rows. Models whose cache is not made of plain
+``DynamicLayer`` s (sliding-window layers, e.g. Gemma-2) cannot merge caches: new requests then join when the
+batch has drained (per-batch mode). Greedy decoding gives the tokens of :meth:`D2LModel.generate` for the same
+prompt and adapter; sampling uses one ``torch.Generator`` per request (``seed``), so a seeded request does not
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import AdapterBatch
+from .errors import APIError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- internalize
+@dataclass
+class _DocJob:
+    text: str
+    future: concurrent.futures.Future
+
+
+class InternalizeBatcher:
+    """A queue of documents drained by one thread: every ``window_s`` batch is one packed internalize call.
+
+    ``submit(texts)`` returns one future per text; each resolves to ``(adapter, seconds)`` (a length-1
+    :class:`AdapterBatch`; the wall time of the packed call it was part of) or raises the error of that document.
+    """
+
+    def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16):
+        self.model = model
+        self.window_s = float(window_s)
+        self.max_docs = int(max_docs)
+        self.max_tokens = int(max_tokens)
+        self._q: queue.Queue[_DocJob | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._count_lock = threading.Lock()
+        self.calls = 0  # packed internalize calls made (tests check that concurrent posts share calls)
+        self.call_sizes: list[int] = []
+        self.pending = 0  # documents submitted and not yet finished
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="d2l-internalize", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, texts: list[str]) -> list[concurrent.futures.Future]:
+        if self._thread is None:
+            raise APIError(503, "the server is shutting down", code="unavailable")
+        jobs = [_DocJob(t, concurrent.futures.Future()) for t in texts]
+        with self._count_lock:
+            self.pending += len(jobs)
+        for j in jobs:
+            j.future.add_done_callback(self._done)
+            self._q.put(j)
+        return [j.future for j in jobs]
+
+    def _done(self, _future) -> None:
+        with self._count_lock:
+            self.pending -= 1
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            group, deadline, stop = [first], time.monotonic() + self.window_s, False
+            while len(group) < self.max_docs:
+                try:
+                    j = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if j is None:
+                    stop = True
+                    break
+                group.append(j)
+            self._process(group)
+            if stop:
+                return
+
+    def _process(self, group: list[_DocJob]) -> None:
+        group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        t0 = time.perf_counter()
+        try:
+            ad = self.model.internalize([j.text for j in group])
+        except Exception as e:  # one bad document must not fail the others: retry each alone
+            if len(group) == 1:
+                group[0].future.set_exception(e)
+                return
+            logger.info("packed internalize of %d documents failed (%s); retrying one by one", len(group), e)
+            for j in group:
+                t1 = time.perf_counter()
+                try:
+                    one = self.model.internalize([j.text])
+                except Exception as e1:  # noqa: BLE001 - the error goes to that document's request
+                    j.future.set_exception(e1)
+                else:
+                    self.calls += 1
+                    self.call_sizes.append(1)
+                    j.future.set_result((one, time.perf_counter() - t1))
+            return
+        dt = time.perf_counter() - t0
+        self.calls += 1
+        self.call_sizes.append(len(group))
+        for k, j in enumerate(group):
+            j.future.set_result((ad.select([k]), dt))
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@dataclass
+class GenRequest:
+    """One completion: prompt ids, its adapter (None: base model) and sampling settings.
+
+    ``sink(kind, payload)`` is called from the engine thread: ``("delta", text)`` for streamed text,
+    ``("done", GenRequest)`` once, or ``("error", APIError)`` once. Set ``cancelled`` to drop the row.
+    """
+
+    prompt_ids: list[int]
+    adapter: AdapterBatch | None
+    max_new_tokens: int
+    sink: object
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    # filled by the engine
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    _emitted: int = 0
+    _gen: torch.Generator | None = None
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (not yet safe to send)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class DecodeEngine:
+    """Continuous batched decoding in one thread (see the module docstring)."""
+
+    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_batch = int(max_batch)
+        self.max_queue = int(max_queue)
+        gc = model.base_model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else (next(iter(self.eos_ids)) if self.eos_ids else 0))
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._cv = threading.Condition()
+        self._waiting: list[GenRequest] = []
+        self._running = False
+        self._thread: threading.Thread | None = None
+        # batch state (engine thread only)
+        self._rows: list[GenRequest] = []
+        self._admitting: list[GenRequest] = []  # taken from the queue, being prefilled
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._can_merge: bool | None = None
+        # statistics
+        self.steps = 0
+        self.max_rows_seen = 0
+        self.joins_mid_batch = 0
+        self.cancelled_rows = 0  # rows dropped because their client went away
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None:
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="d2l-decode", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+        err = APIError(503, "the server is shutting down", code="unavailable")
+        for r in self._waiting + self._admitting + self._rows:
+            r.sink("error", err)
+        self._waiting, self._rows = [], []
+
+    def submit(self, req: GenRequest) -> None:
+        with self._cv:
+            if not self._running:
+                raise APIError(503, "the server is shutting down", code="unavailable")
+            if self.in_flight >= self.max_queue:
+                raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later",
+                               code="queue_full")
+            if req.seed is not None:
+                req._gen = torch.Generator(device=self.model.device)
+                req._gen.manual_seed(int(req.seed))
+            self._waiting.append(req)
+            self._cv.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting) + len(self._admitting) + len(self._rows)
+
+    # ------------------------------------------------------------------ main loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._running and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if not self._running:
+                    return
+                room = self.max_batch - len(self._rows)
+                new = []
+                if room > 0 and (not self._rows or self._can_merge):
+                    new, self._waiting = self._waiting[:room], self._waiting[room:]
+                    self._admitting = new = [r for r in new if not r.cancelled]
+            try:
+                if new:
+                    self._admit(new)
+                if self._rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed batched forward fails its rows, never the server
+                logger.exception("decode step failed")
+                err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+                for r in {id(r): r for r in self._rows + self._admitting}.values():
+                    if r.finish_reason is None:
+                        r.sink("error", err)
+                self._reset_batch()
+            finally:
+                self._admitting = []
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+    # ------------------------------------------------------------------ prefill / merge
+    def _adapters_for(self, rows: list[GenRequest]) -> tuple[AdapterBatch | None, list[int]]:
+        parts, index = [], []
+        for r in rows:
+            if r.adapter is None:
+                index.append(-1)
+            else:
+                index.append(len(parts))
+                parts.append(r.adapter)
+        if not parts:
+            return None, index
+        return (parts[0] if len(parts) == 1 else AdapterBatch.concat(parts)), index
+
+    def _prefill(self, rows: list[GenRequest]):
+        from transformers import DynamicCache
+
+        dev = self.model.device
+        n = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, n - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.base_model.config)
+        logits = self._forward(rows, ids, mask, pos, cache, logits_to_keep=1)
+        return logits, cache, mask
+
+    def _forward(self, rows, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+        """One batched forward of the base model, row i with the adapter of ``rows[i]``; last-position logits."""
+        adapters, index = self._adapters_for(rows)
+        kwargs[self._cache_kw] = cache  # updated in place
+        with torch.no_grad(), self.model.bind(adapters, index if adapters is not None else None):
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                        **kwargs)
+        return out.logits[:, -1, :]
+
+    def _admit(self, new: list[GenRequest]) -> None:
+        try:
+            logits, cache, mask = self._prefill(new)
+        except Exception as e:  # noqa: BLE001
+            if len(new) == 1:
+                logger.warning("prefill failed: %s", e)
+                new[0].sink("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                              code="generation_failed"))
+                return
+            for r in new:  # find the request at fault; the others go on
+                self._admit([r])
+            return
+        if self._can_merge is None:
+            from transformers.cache_utils import DynamicLayer
+
+            self._can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
+        if self._rows:
+            self._merge(cache, mask)
+            self.joins_mid_batch += len(new)
+        else:
+            self._cache, self._mask = cache, mask
+        self._rows = self._rows + new
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        self._advance(new, logits, first_row=len(self._rows) - len(new))
+
+    def _merge(self, cache, mask) -> None:
+        """Append the rows of (cache, mask) to the running batch, left-padding the shorter history."""
+        t_old, t_new = self._mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+
+        def lpad(x, k, dim):
+            if k == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = k
+            return torch.cat([x.new_zeros(shape), x], dim)
+
+        for old, add in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([lpad(old.keys, t - t_old, 2), lpad(add.keys, t - t_new, 2)], 0)
+            old.values = torch.cat([lpad(old.values, t - t_old, 2), lpad(add.values, t - t_new, 2)], 0)
+        self._mask = torch.cat([lpad(self._mask, t - t_old, 1), lpad(mask, t - t_new, 1)], 0)
+
+    # ------------------------------------------------------------------ decode
+    def _step(self) -> None:
+        rows = self._rows
+        last = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.model.device)
+        pos = self._mask.sum(-1, keepdim=True)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
+        logits = self._forward(rows, last, self._mask, pos, self._cache)
+        self.steps += 1
+        self._advance(rows, logits, first_row=0)
+
+    def _advance(self, rows: list[GenRequest], logits: torch.Tensor, *, first_row: int) -> None:
+        """Pick each row's next token, stream its text, and drop the rows that finished (from the whole batch)."""
+        toks = self._pick(rows, logits)
+        done = []
+        for k, (r, t) in enumerate(zip(rows, toks)):
+            if r.cancelled:
+                done.append(first_row + k)
+                self.cancelled_rows += 1
+                continue
+            r.out_ids.append(t)
+            if t in self.eos_ids:
+                self._finish(r, "stop", eos=True)
+            elif self._update_text(r):
+                self._finish(r, "stop")
+            elif len(r.out_ids) >= r.max_new_tokens:
+                self._finish(r, "length")
+            if r.finish_reason is not None:
+                done.append(first_row + k)
+        self._drop_rows(done)
+
+    def _pick(self, rows: list[GenRequest], logits: torch.Tensor) -> list[int]:
+        logits = logits.float()
+        toks = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.temperature > 0 and not r.cancelled:
+                toks[i] = _sample(logits[i], r.temperature, r.top_p, r._gen)
+        return toks
+
+    def _update_text(self, r: GenRequest) -> bool:
+        """Decode the row's text, stream the part that is safe to send; True when a stop string appeared."""
+        text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+        hit = -1
+        for s in r.stop:
+            k = text.find(s, max(0, r._emitted - len(s)))
+            if k >= 0 and (hit < 0 or k < hit):
+                hit = k
+        if hit >= 0:
+            r.text = text[:hit]
+            return True
+        r.text = text
+        safe = len(text) - _stop_holdback(text, r.stop)
+        while safe > r._emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for the rest
+            safe -= 1
+        if safe > r._emitted:
+            r.sink("delta", text[r._emitted:safe])
+            r._emitted = safe
+        return False
+
+    def _finish(self, r: GenRequest, reason: str, *, eos: bool = False) -> None:
+        if eos:
+            r.text = self.tokenizer.decode(r.out_ids[:-1], skip_special_tokens=True)
+        r.finish_reason = reason
+        if len(r.text) > r._emitted:
+            r.sink("delta", r.text[r._emitted:])
+            r._emitted = len(r.text)
+        r.sink("done", r)
+
+    def _drop_rows(self, done: list[int]) -> None:
+        if not done:
+            return
+        gone = set(done)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        if not keep:
+            self._reset_batch()
+            return
+        self._rows = [self._rows[i] for i in keep]
+        idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask.index_select(0, idx)
+        lead = int((self._mask.cumsum(1) == 0).sum(1).min())  # columns that are padding in every remaining row
+        if lead and self._can_merge:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self._mask = self._mask[:, lead:]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p  # the smallest prefix whose mass reaches top_p (at least one token)
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+__all__ = ["DecodeEngine", "GenRequest", "InternalizeBatcher"]
