@@ -2,6 +2,7 @@
 
     python benchmarks/train_niah_smollm2.py --out runs/niah_probe --max-steps 600      # ~2 s per step on 2 cores
     python benchmarks/train_niah_smollm2.py --out runs/niah_probe --max-steps 1200 --resume   # continue
+    python benchmarks/train_niah_smollm2.py --out runs/niah_short --bins 10-24 --max-steps 700   # needle-only-ish
 
 Data: NIAH records of spec §5.2 (``d2l_fast.training.generators.generate_niah``), 32–256 tokens, gold answers
 (cross-entropy), fresh numbers per record; held-out: another seed. Hypernetwork: the reference's NIAH choices
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-blocks", type=int, default=2)
     ap.add_argument("--n-latent-queries", type=int, default=None,
                     help="default: layers x lora_r (the reference's NIAH)")
+    ap.add_argument("--bins", default="32-128,128-256", help="token-length bins lo-hi,... (train and held-out)")
     ap.add_argument("--save-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     from d2l_fast.training.generators import generate_niah
     from d2l_fast.training.trainer import TrainConfig, find_checkpoints, train
 
+    bins = tuple(tuple(int(v) for v in b.split("-")) for b in a.bins.split(","))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base, tok = load_smollm2()
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     data_dir = out / "data"
     if not (data_dir / "gen_data.json").exists():
         t = time.time()
-        recs = generate_niah(tok, bins=((32, 128), (128, 256)), n_per_bin=a.n_train_per_bin, seed=0)
+        recs = generate_niah(tok, bins=bins, n_per_bin=a.n_train_per_bin, seed=0)
         stats = generate_data(base, tok, recs, data_dir, gold=True)
         print(f"data: {stats} in {time.time() - t:.0f} s", flush=True)
     lora_r = 8
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         return 1
     step, path = ckpts[-1]
     model = D2LModel.from_checkpoint(str(path), base_model=base, tokenizer=tok)
-    held = generate_niah(tok, bins=((32, 128), (128, 256)), n_per_bin=max(1, a.n_eval // 2), seed=12345)
+    held = generate_niah(tok, bins=bins, n_per_bin=max(1, a.n_eval // len(bins)), seed=12345)
     summary = evaluate(model, held, out / "eval", methods=("base", "d2l"), max_new_tokens=8, overwrite=True,
                        plot=False)
     print(json.dumps({"step": step, "summary": summary}, indent=1, default=str)[:3000])
