@@ -164,6 +164,24 @@ def parse_row(row: dict, *, teacher: bool = True, vocab_size: int | None = None,
     return ContextExample(chunks, qas, source)
 
 
+def open_parquet(f, need, hint: str = ""):
+    """``pyarrow.parquet.ParquetFile(f)`` holding the columns ``need``; a :class:`DataError` naming the file if it
+    is unreadable or lacks a column (``hint`` is appended to that message)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("reading parquet data needs pyarrow: pip install 'd2l_fast[train]'") from e
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise DataError(f"{f}: missing column(s) {missing}; expected {list(need)}{hint}, found {sorted(names)}")
+    return pf
+
+
 def iter_parquet(paths, *, teacher: bool = True, vocab_size: int | None = None,
                  batch_rows: int = 64) -> Iterator[ContextExample]:
     """Stream :class:`ContextExample` s from one or more parquet files of the reference's schema, in order.
@@ -177,23 +195,12 @@ def iter_parquet(paths, *, teacher: bool = True, vocab_size: int | None = None,
     Raises:
         DataError: a missing file or column, an empty folder, or a malformed row (naming file and row index).
     """
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("reading parquet data needs pyarrow: pip install 'd2l_fast[train]'") from e
     if not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive int, got {batch_rows!r}")
     files = resolve_files(paths)
     need = COLUMNS if teacher else COLUMNS[:3]
     for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-            raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in need if c not in names]
-        if missing:
-            raise DataError(f"{f}: missing column(s) {missing}; expected {list(need)}, found {sorted(names)}")
+        pf = open_parquet(f, need)
         row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=list(need)):
             cols = {c: batch.column(c).to_pylist() for c in need}

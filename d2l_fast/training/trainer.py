@@ -253,24 +253,13 @@ def check_data(paths, *, teacher: bool, vocab_size: int | None = None, rows_per_
     Raises:
         DataError: naming the file (and row).
     """
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("reading parquet data needs pyarrow: pip install 'd2l_fast[train]'") from e
-    from .data import COLUMNS
+    from .data import COLUMNS, open_parquet
 
     files = resolve_files(paths)
     need = list(COLUMNS if teacher else COLUMNS[:3])
+    hint = " (use_kl_loss=false reads cross-entropy data without the teacher columns)" if teacher else ""
     for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-            raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in need if c not in names]
-        if missing:
-            hint = " (use_kl_loss=false reads cross-entropy data without the teacher columns)" if teacher else ""
-            raise DataError(f"{f}: missing column(s) {missing}; expected {need}{hint}, found {sorted(names)}")
+        pf = open_parquet(f, need, hint)
         if pf.metadata.num_rows == 0:
             raise DataError(f"{f}: the file holds no rows")
         batch = next(pf.iter_batches(batch_size=rows_per_file, columns=need))
