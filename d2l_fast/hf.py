@@ -117,11 +117,25 @@ def spec_for_model(
     n_kv_heads: int = 4,
     encoder_type: str = "per_layer_activations",
     encoder_layer_idx: int | None = None,
+    layer_indices=None,
     **overrides,
 ) -> D2LSpec:
-    """A D2LSpec for a fresh hypernetwork over an already-loaded HF causal LM (the main config by default)."""
+    """A D2LSpec for a fresh hypernetwork over an already-loaded HF causal LM (the main config by default).
+
+    ``layer_indices``: the base layers that receive a LoRA (default: all of them).
+    """
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)
+    if layer_indices is None:
+        layer_indices = tuple(range(n_layers))
+    else:
+        if isinstance(layer_indices, (str, bytes)) or not hasattr(layer_indices, "__iter__"):
+            raise ValueError(f"layer_indices must be a sequence of layer numbers, got {layer_indices!r}")
+        layer_indices = tuple(layer_indices)
+        bad = [i for i in layer_indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad or not layer_indices:
+            raise ValueError(f"layer_indices must be distinct ints in [0, {n_layers}) (the model has {n_layers} "
+                             f"layers), got {list(layer_indices)[:16]}")
     tm = tuple(sorted(target_modules))
     linears = find_target_linears(model, tm)
     d_in, d_out = {}, {}
@@ -132,8 +146,8 @@ def spec_for_model(
         encoder_layer_idx = max(1, n_layers // 4)
     spec = D2LSpec(
         base_model_name_or_path=base_model_name_or_path or getattr(cfg, "_name_or_path", "") or cfg.model_type,
-        num_layers=n_layers,
-        layer_indices=tuple(range(n_layers)),
+        num_layers=len(layer_indices),
+        layer_indices=layer_indices,
         target_modules=tm,
         d_in=d_in,
         d_out=d_out,
