@@ -136,6 +136,9 @@ def spec_for_model(
         if bad or not layer_indices:
             raise ValueError(f"layer_indices must be distinct ints in [0, {n_layers}) (the model has {n_layers} "
                              f"layers), got {list(layer_indices)[:16]}")
+        if encoder_type == "per_layer_activations" and layer_indices != tuple(range(n_layers)):
+            raise ValueError("layer_indices other than all layers needs encoder_type 'early_exit' or 'embed_only' "
+                             "(the per-layer encoder pairs every base layer's features with that layer's LoRA)")
     tm = tuple(sorted(target_modules))
     linears = find_target_linears(model, tm)
     d_in, d_out = {}, {}

@@ -97,6 +97,23 @@ def test_gold_mode_cross_entropy_data(pair, records, tmp_path):
         assert q.logprobs_vals is None
 
 
+def test_student_system_message(pair, records, tmp_path):
+    """``system=""``: the stored student prompt is the evaluation layout (empty system message), not the template's
+    default; the answer span is unchanged."""
+    m, tok = pair
+    generate_data(m, tok, records[:1], tmp_path / "sys", gold=True, system="")
+    generate_data(m, tok, records[:1], tmp_path / "dflt", gold=True)
+    (q_sys,), (q_dflt,) = ([q for ex in iter_parquet(tmp_path / d, teacher=False) for q in ex.qas][:1]
+                           for d in ("sys", "dflt"))
+    question = records[0]["qas"][0]["question"]
+    assert q_sys.input_ids[: q_sys.start] == tokenize_prompt(tok, question, system="")
+    assert q_dflt.input_ids[: q_dflt.start] == tokenize_prompt(tok, question)
+    assert q_sys.input_ids[: q_sys.start] != q_dflt.input_ids[: q_dflt.start]
+    assert q_sys.input_ids[q_sys.start : q_sys.end] == q_dflt.input_ids[q_dflt.start : q_dflt.end]
+    with pytest.raises(ValueError, match="system must be a string"):
+        generate_data(m, tok, records[:1], tmp_path / "bad", gold=True, system=3)
+
+
 def test_bad_input_before_compute(pair, records, tmp_path):
     m, tok = pair
     out = tmp_path / "o"

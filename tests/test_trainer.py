@@ -353,3 +353,28 @@ def test_cross_entropy_per_token_on_gemma2(tmp_path):
     assert len(res.losses) == 2 and all(np.isfinite(res.losses))
     m = _metrics(tmp_path / "o")
     assert m[0]["l1"] > 0 and m[0]["loss"] == pytest.approx(m[0]["task_loss"] + 1.5 * m[0]["l1"], rel=1e-6)
+
+
+def test_layer_subset_trains_only_those_layers(base_dir, data, tmp_path):
+    """``layer_indices``: LoRAs on a subset of the base layers; the saved spec records it and the checkpoint
+    reloads; bad subsets are refused with the field named."""
+    tr = Trainer(_cfg(base_dir, data, tmp_path / "o", max_steps=2, save_steps=2, layer_indices=[1],
+                      ctx_encoder_type="early_exit"))
+    res = tr.train()
+    assert tr.model.spec.layer_indices == (1,) and tr.model.spec.num_layers == 1
+    assert tr.model.hypernet.head.weight.shape[0] == 1
+    from d2l_fast import D2LModel
+    from d2l_fast.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(res.checkpoint)
+    assert ck.spec.layer_indices == (1,)
+    m2 = D2LModel.from_checkpoint(ck, base_model=tr.model.base_model)
+    assert m2.spec == tr.model.spec
+    for bad in ([], [0, 0], [-1], ["1"], [True]):
+        with pytest.raises(TrainConfigError, match="layer_indices"):
+            _cfg(base_dir, data, tmp_path / "x", layer_indices=bad).validate()
+    with pytest.raises(ValueError, match=r"layer_indices must be distinct ints in \[0, 2\)"):
+        Trainer(_cfg(base_dir, data, tmp_path / "y", max_steps=1, layer_indices=[5],
+                     ctx_encoder_type="early_exit")).train()
+    with pytest.raises(ValueError, match="needs encoder_type 'early_exit'"):
+        Trainer(_cfg(base_dir, data, tmp_path / "z", max_steps=1, layer_indices=[1])).train()

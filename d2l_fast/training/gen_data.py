@@ -217,7 +217,7 @@ def _schema(teacher: bool):
 
 def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: bool = False, top_k: int = 16,
                   max_new_tokens: int = 256, batch_size: int = 8, rows_per_file: int = 1000,
-                  overwrite: bool = False, progress: bool = False) -> dict:
+                  overwrite: bool = False, progress: bool = False, system: str | None = None) -> dict:
     """Write the parquet dataset of ``records`` (validated :mod:`.generators` records) into ``out_dir``.
 
     Args:
@@ -225,6 +225,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
         tokenizer: the base model's chat tokenizer.
         gold: write the gold answers (cross-entropy data) instead of teacher generations.
         top_k: teacher log-probs kept per answer token (the reference keeps 16).
+        system: the student sequence's system message (None: the chat template's default, the reference's layout;
+            ``""``: the empty system message ``d2l-fast eval`` prompts with).
 
     Returns:
         the statistics also written to ``gen_data.json`` (a context whose answers all failed to stop gets no row;
@@ -239,6 +241,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
 
     from .generators import validate_record
 
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"system must be a string or None, got {type(system).__name__}")
     for v, what in ((top_k, "top_k"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size"),
                     (rows_per_file, "rows_per_file")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -256,7 +260,7 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
     t0 = time.perf_counter()
     ctx_ids = [tokenize_context(tokenizer, r["context"]) for r in records]
     items = [(d, j) for d, r in enumerate(records) for j in range(len(r["qas"]))]
-    student = {(d, j): tokenize_prompt(tokenizer, records[d]["qas"][j]["question"]) for d, j in items}
+    student = {(d, j): tokenize_prompt(tokenizer, records[d]["qas"][j]["question"], system=system) for d, j in items}
     if gold:
         answers = {(d, j): (gold_answer_ids(tokenizer, records[d]["qas"][j]["question"],
                                             records[d]["qas"][j]["answers"][0]), None, None) for d, j in items}

@@ -130,6 +130,7 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
     ctx_encoder_type: str = "per_layer_activations"
     layer_idx: int | None = None  # early_exit encoder depth (default: layers // 4)
+    layer_indices: list[int] | None = None  # base layers that get a LoRA (default: all)
     # saving and logging
     save_steps: int = 5000
     save_total_limit: int = 2  # newest checkpoints kept (0 = all)
@@ -235,6 +236,11 @@ class TrainConfig:
         if not isinstance(self.target_modules, list) or not self.target_modules or \
                 not all(isinstance(m, str) and m for m in self.target_modules):
             bad("target_modules", "a non-empty list of module names")
+        if self.layer_indices is not None:
+            li = self.layer_indices
+            if not isinstance(li, list) or not li or len(set(map(repr, li))) != len(li) or \
+                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in li):
+                bad("layer_indices", "null or a non-empty list of distinct non-negative ints")
         from ..config import ENCODER_TYPES
 
         if self.ctx_encoder_type not in ENCODER_TYPES:
@@ -547,7 +553,8 @@ class Trainer:
             else:
                 kw = {k: getattr(c, k) for k in HYPERNET_FIELDS}
                 self.model = D2LModel.from_base(base, seed=c.seed, base_model_name_or_path=c.model_name_or_path,
-                                                encoder_type=c.ctx_encoder_type, encoder_layer_idx=c.layer_idx, **kw)
+                                                encoder_type=c.ctx_encoder_type, encoder_layer_idx=c.layer_idx,
+                                                layer_indices=c.layer_indices, **kw)
         else:
             name = self.model.spec.base_model_name_or_path
             if name != c.model_name_or_path:
