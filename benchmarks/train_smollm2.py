@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("D2L_TRAIN_THREADS", "2")))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--data-only", action="store_true")
+    ap.add_argument("--init-scaler-b", type=float, default=0.1,
+                    help="std of the random scaler_B init (the reference's zeros leave the generated LoRA's gradients "
+                         "below Adam's epsilon)")
     ap.add_argument("--checkpoint", help="evaluate this checkpoint (default: the run's newest)")
     ap.add_argument("--eval-bins", type=int, default=2, help="NIAH evaluation bins: the first N of NIAH_EVAL_BINS")
     ap.add_argument("--n-eval-niah-per-bin", type=int, default=50)
@@ -97,13 +101,15 @@ def main(argv=None) -> int:
     lora_r = 8
     if not a.eval_only:
         make_data(base, tok, a, out / "data")
+        if a.data_only:
+            return 0
         cfg = TrainConfig(
             data=[str(out / "data")], model_name_or_path=str(smollm2_path()), output_dir=str(out / "run"),
-            max_steps=a.max_steps, max_packed_inp_len=768, max_packed_ctx_len=3072, use_kl_loss=False,
+            max_steps=a.max_steps, max_packed_inp_len=768, max_packed_ctx_len=3072, max_qas_per_sample=-1, use_kl_loss=False,
             gen_lora_l1_reg_coef=a.l1, learning_rate=a.lr, warmup_steps=30, min_lr=a.lr / 10, seed=0,
             latent_size=a.latent_size, num_blocks=a.num_blocks, n_heads=4, head_dim=32, n_kv_heads=2,
             n_latent_queries=len(layers) * lora_r, lora_r=lora_r, ctx_encoder_type="early_exit",
-            layer_indices=layers, save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
+            layer_indices=layers, init_scaler_B=a.init_scaler_b or None, save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
         )  # fmt: skip
         t = time.time()
         res = train(cfg)

@@ -364,6 +364,8 @@ def _train_args(t) -> None:
             t.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
         elif f.name in ("data", "target_modules"):
             t.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS)
+        elif f.name == "layer_indices":
+            t.add_argument(*flags, dest=f.name, nargs="+", type=int, default=argparse.SUPPRESS)
         elif kind.startswith("bool"):
             t.add_argument(*flags, dest=f.name, type=_bool_flag, default=argparse.SUPPRESS, metavar="{true,false}")
         elif kind.startswith("int"):

@@ -131,6 +131,7 @@ class TrainConfig:
     ctx_encoder_type: str = "per_layer_activations"
     layer_idx: int | None = None  # early_exit encoder depth (default: layers // 4)
     layer_indices: list[int] | None = None  # base layers that get a LoRA (default: all)
+    init_scaler_B: float | None = None  # new runs: scaler_B ~ N(0, this²) instead of the reference's zeros (see README)
     # saving and logging
     save_steps: int = 5000
     save_total_limit: int = 2  # newest checkpoints kept (0 = all)
@@ -245,6 +246,9 @@ class TrainConfig:
 
         if self.ctx_encoder_type not in ENCODER_TYPES:
             bad("ctx_encoder_type", f"one of {list(ENCODER_TYPES)}")
+        v = self.init_scaler_B
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            bad("init_scaler_B", "null or a finite number ≥ 0")
         for name in ("init_checkpoint", "device"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 bad(name, "null or a string")
@@ -554,7 +558,7 @@ class Trainer:
                 kw = {k: getattr(c, k) for k in HYPERNET_FIELDS}
                 self.model = D2LModel.from_base(base, seed=c.seed, base_model_name_or_path=c.model_name_or_path,
                                                 encoder_type=c.ctx_encoder_type, encoder_layer_idx=c.layer_idx,
-                                                layer_indices=c.layer_indices, **kw)
+                                                layer_indices=c.layer_indices, init_scaler_B=c.init_scaler_B, **kw)
         else:
             name = self.model.spec.base_model_name_or_path
             if name != c.model_name_or_path:
