@@ -2,7 +2,8 @@
 
 Native API: :class:`D2LModel` (``internalize`` many documents in one packed pass → :class:`AdapterBatch`;
 ``generate`` with a different adapter per row). Drop-in API: ``ModulatedPretrainedModel``,
-``combine_lora``, ``get_tokenizer`` with the reference's names and semantics.
+``combine_lora``, ``get_tokenizer`` with the reference's names and semantics. :func:`pretrained` loads a
+hypernetwork bundled in the package (``d2l_fast.zoo``) on its base model, ready to use.
 """
 
 import logging
@@ -15,6 +16,7 @@ from .hf import spec_for_model
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt
+from .zoo import pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -33,6 +35,7 @@ __all__ = [
     "get_tokenizer",
     "load_checkpoint",
     "merge_chunk_loras",
+    "pretrained",
     "save_checkpoint",
     "segmented_lora",
     "segmented_lora_",

