@@ -355,7 +355,7 @@ def test_cross_entropy_per_token_on_gemma2(tmp_path):
     assert m[0]["l1"] > 0 and m[0]["loss"] == pytest.approx(m[0]["task_loss"] + 1.5 * m[0]["l1"], rel=1e-6)
 
 
-def test_layer_subset_trains_only_those_layers(base_dir, data, tmp_path):
+def test_layer_subset_and_scaler_init(base_dir, data, tmp_path):
     """``layer_indices``: LoRAs on a subset of the base layers; the saved spec records it and the checkpoint
     reloads; bad subsets are refused with the field named."""
     tr = Trainer(_cfg(base_dir, data, tmp_path / "o", max_steps=2, save_steps=2, layer_indices=[1],
@@ -376,5 +376,10 @@ def test_layer_subset_trains_only_those_layers(base_dir, data, tmp_path):
     with pytest.raises(ValueError, match=r"layer_indices must be distinct ints in \[0, 2\)"):
         Trainer(_cfg(base_dir, data, tmp_path / "y", max_steps=1, layer_indices=[5],
                      ctx_encoder_type="early_exit")).train()
+    tr2 = Trainer(_cfg(base_dir, data, tmp_path / "s", max_steps=1, init_scaler_B=0.5))
+    tr2._build_model()  # a random scaler_B instead of the reference's zeros: the generated part is live at step 1
+    assert all(p.abs().mean() > 0.1 for p in tr2.model.hypernet.scaler_B.values())
+    with pytest.raises(TrainConfigError, match="init_scaler_B"):
+        _cfg(base_dir, data, tmp_path / "x", init_scaler_B=-1.0).validate()
     with pytest.raises(ValueError, match="needs encoder_type 'early_exit'"):
         Trainer(_cfg(base_dir, data, tmp_path / "z", max_steps=1, layer_indices=[1])).train()
