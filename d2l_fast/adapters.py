@@ -203,6 +203,40 @@ class AdapterBatch:
                                sel.rank_offsets, sel.alpha, sel.model_id)
         return AdapterBatch(sel.A, sel.B, [0, sel.rank_offsets[-1]], sel.alpha, sel.model_id)
 
+    def to_peft(self, folder, index: int, *, model=None, spec=None, base_model=None, dtype=None,
+                overwrite: bool = False, max_rank: int | None = None):
+        """Write adapter ``index`` as one standard PEFT LoRA folder; returns its path (a ``pathlib.Path``).
+
+        A shortcut for :func:`d2l_fast.export.export_peft` with one document: give exactly one of ``model=``
+        (the :class:`~d2l_fast.D2LModel` that made these adapters, or its
+        :class:`~d2l_fast.LoadedCheckpoint`) or ``spec=`` (a :class:`~d2l_fast.D2LSpec`; the module paths then come
+        from ``base_model=``: an HF model, a local folder or hub id, default the spec's base model). ``dtype``,
+        ``overwrite`` and ``max_rank`` are those of ``export_peft``. For several documents in one adapter, export
+        ``self.compose(indices, weights)`` with ``index=0``.
+        """
+        from .config import D2LSpec
+        from .export import export_peft
+
+        try:
+            if isinstance(index, bool) or type(index).__name__ == "bool_":
+                raise TypeError
+            index = operator.index(index)  # ints and numpy integers; lists, floats and strings are refused
+        except TypeError:
+            raise TypeError(f"to_peft: index must be one int (the adapter to write), got {index!r:.60} "
+                            f"({type(index).__name__}); for several documents in one folder use "
+                            "compose(indices).to_peft(folder, 0, ...), for one folder each export_peft") from None
+        if (model is None) == (spec is None):
+            raise TypeError("to_peft: give exactly one of model= (the D2LModel or LoadedCheckpoint that made these "
+                            f"adapters) or spec= (a D2LSpec), got model={type(model).__name__}, "
+                            f"spec={type(spec).__name__}")
+        if spec is not None and not isinstance(spec, D2LSpec):
+            raise TypeError(f"to_peft: spec must be a D2LSpec, got {type(spec).__name__}")
+        if model is not None and isinstance(model, D2LSpec):
+            raise TypeError("to_peft: a D2LSpec goes in spec=, not model=")
+        (out,) = export_peft(model if model is not None else spec, self, index, folder, dtype=dtype,
+                             overwrite=overwrite, max_rank=max_rank, base_model=base_model)
+        return out
+
     def to_padded(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's padded layout for one module: A [G, L, R_max, d_in], B [G, L, R_max, d_out], zero rows
         after."""
