@@ -6,8 +6,7 @@ document is retried alone, so only the document at fault fails.
 
 :class:`DecodeEngine` decodes every running request in one batched forward per step, each row with its own
 adapter (one :class:`~d2l_fast.AdapterBatch` holding the rows' adapters, ``adapter_index`` = row → adapter,
--1 = base model; the segmented LoRA op applies them in the same forward; that batch is built when rows join, not
-at every step). The KV cache is a transformers
+-1 = base model; the segmented LoRA op applies them in the same forward). The KV cache is a transformers
 ``DynamicCache`` over a left-padded batch. Continuous batching: at every step boundary, waiting requests are
 prefilled (one batched forward of their own) and their cache rows are merged into the running batch (left
 padding to the longer history); a finished or cancelled row leaves the batch at once (its cache rows are
@@ -15,7 +14,8 @@ dropped), so neither joining nor leaving waits for the other rows. Models whose 
 ``DynamicLayer`` s (sliding-window layers, e.g. Gemma-2) cannot merge caches: new requests then join when the
 batch has drained (per-batch mode). Greedy decoding gives the tokens of :meth:`D2LModel.generate` for the same
 prompt and adapter; sampling uses one ``torch.Generator`` per request (``seed``), so a seeded request does not
-depend on what else is in the batch.
+depend on what else is in the batch. The rows' adapter batch is built when rows join (one concatenation per
+admission), not at every step: a leaving row only gives up its slot.
 """
 
 from __future__ import annotations
