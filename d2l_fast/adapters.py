@@ -76,14 +76,13 @@ class AdapterBatch:
         """Indices of the adapters holding a NaN or an infinity (in any module or layer).
 
         The result is cached until a tensor is replaced or modified in place (tensor version counters; inference
-        tensors have none and are scanned on every call).
+        tensors have none and are scanned on every call). :meth:`select` and :meth:`concat` of scanned batches
+        inherit the result (their rows are copies), so binding a concatenation does not scan it again.
         """
-        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
-        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
-        cached = self.__dict__.get("_nonfinite_cache")
-        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
-                a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
-            return list(cached[1])
+        key = self._nonfinite_key()
+        cached = self._cached_nonfinite(key)
+        if cached is not None:
+            return cached
         R = self.rank_offsets[-1]
         bad_rows = None
         with torch.no_grad():
@@ -100,6 +99,27 @@ class AdapterBatch:
         if key is not None:
             self.__dict__["_nonfinite_cache"] = (key, bad)
         return list(bad)
+
+    def _nonfinite_key(self):
+        """(tensor, version) of every tensor; None when a tensor has no version counter (an inference tensor)."""
+        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
+        return None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]
+
+    def _cached_nonfinite(self, key=None) -> list[int] | None:
+        """The cached result of :meth:`nonfinite` if it still holds for the current tensors, else None."""
+        key = self._nonfinite_key() if key is None else key
+        cached = self.__dict__.get("_nonfinite_cache")
+        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
+                a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
+            return list(cached[1])
+        return None
+
+    def _inherit_nonfinite(self, bad: list[int] | None) -> "AdapterBatch":
+        """Cache ``bad`` as this batch's :meth:`nonfinite` (its rows were copied from batches already scanned)."""
+        key = self._nonfinite_key() if bad is not None else None
+        if key is not None:
+            self.__dict__["_nonfinite_cache"] = (key, list(bad))
+        return self
 
     def check_finite(self, indices=None, *, where: str = "") -> None:
         """Raise ``ValueError`` naming every adapter (of ``indices``, default all) that holds a NaN or infinity."""
@@ -162,9 +182,14 @@ class AdapterBatch:
         for i in indices:
             offs.append(offs[-1] + ro[i + 1] - ro[i])
         names = [self.names[i] for i in indices] if self.names else None
-        return AdapterBatch({m: t.index_select(1, idx) for m, t in self.A.items()},
-                            {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id,
-                            names)
+        bad = self._cached_nonfinite()  # a scanned batch: the copy needs no new scan
+        out = AdapterBatch({m: t.index_select(1, idx) for m, t in self.A.items()},
+                           {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id,
+                           names)
+        if bad is not None:
+            bad = set(bad)
+            bad = [j for j, i in enumerate(indices) if i in bad]
+        return out._inherit_nonfinite(bad)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -184,9 +209,15 @@ class AdapterBatch:
             base = offs[-1]
             offs.extend([base + x for x in b.rank_offsets[1:]])
         names = sum((b.names or [None] * len(b) for b in batches), [])
-        return AdapterBatch({m: torch.cat([b.A[m] for b in batches], 1) for m in first.A},
-                            {m: torch.cat([b.B[m] for b in batches], 1) for m in first.B}, offs, first.alpha,
-                            first.model_id, names if any(n is not None for n in names) else None)
+        known = [b._cached_nonfinite() for b in batches]  # all parts scanned: the concatenation needs no new scan
+        bad, base = [], 0
+        for b, k in zip(batches, known):
+            bad.extend(base + i for i in k or [])
+            base += len(b)
+        out = AdapterBatch({m: torch.cat([b.A[m] for b in batches], 1) for m in first.A},
+                           {m: torch.cat([b.B[m] for b in batches], 1) for m in first.B}, offs, first.alpha,
+                           first.model_id, names if any(n is not None for n in names) else None)
+        return out._inherit_nonfinite(bad if all(k is not None for k in known) else None)
 
     def compose(self, indices, weights=None) -> "AdapterBatch":
         """One adapter that applies several documents at once (ranks concatenated; optional weight per doc on A)."""
@@ -202,6 +233,40 @@ class AdapterBatch:
             sel = AdapterBatch({m: t * scale[None, :, None] for m, t in sel.A.items()}, dict(sel.B),
                                sel.rank_offsets, sel.alpha, sel.model_id)
         return AdapterBatch(sel.A, sel.B, [0, sel.rank_offsets[-1]], sel.alpha, sel.model_id)
+
+    def to_peft(self, folder, index: int, *, model=None, spec=None, base_model=None, dtype=None,
+                overwrite: bool = False, max_rank: int | None = None):
+        """Write adapter ``index`` as one standard PEFT LoRA folder; returns its path (a ``pathlib.Path``).
+
+        A shortcut for :func:`d2l_fast.export.export_peft` with one document: give exactly one of ``model=``
+        (the :class:`~d2l_fast.D2LModel` that made these adapters, or its
+        :class:`~d2l_fast.LoadedCheckpoint`) or ``spec=`` (a :class:`~d2l_fast.D2LSpec`; the module paths then come
+        from ``base_model=``: an HF model, a local folder or hub id, default the spec's base model). ``dtype``,
+        ``overwrite`` and ``max_rank`` are those of ``export_peft``. For several documents in one adapter, export
+        ``self.compose(indices, weights)`` with ``index=0``.
+        """
+        from .config import D2LSpec
+        from .export import export_peft
+
+        try:
+            if isinstance(index, bool) or type(index).__name__ == "bool_":
+                raise TypeError
+            index = operator.index(index)  # ints and numpy integers; lists, floats and strings are refused
+        except TypeError:
+            raise TypeError(f"to_peft: index must be one int (the adapter to write), got {index!r:.60} "
+                            f"({type(index).__name__}); for several documents in one folder use "
+                            "compose(indices).to_peft(folder, 0, ...), for one folder each export_peft") from None
+        if (model is None) == (spec is None):
+            raise TypeError("to_peft: give exactly one of model= (the D2LModel or LoadedCheckpoint that made these "
+                            f"adapters) or spec= (a D2LSpec), got model={type(model).__name__}, "
+                            f"spec={type(spec).__name__}")
+        if spec is not None and not isinstance(spec, D2LSpec):
+            raise TypeError(f"to_peft: spec must be a D2LSpec, got {type(spec).__name__}")
+        if model is not None and isinstance(model, D2LSpec):
+            raise TypeError("to_peft: a D2LSpec goes in spec=, not model=")
+        (out,) = export_peft(model if model is not None else spec, self, index, folder, dtype=dtype,
+                             overwrite=overwrite, max_rank=max_rank, base_model=base_model)
+        return out
 
     def to_padded(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's padded layout for one module: A [G, L, R_max, d_in], B [G, L, R_max, d_out], zero rows

@@ -207,6 +207,45 @@ def test_refusals(setup, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc", "mine"]
 
 
+def test_adapter_batch_to_peft(setup, tmp_path):
+    """AdapterBatch.to_peft: the folder export_peft writes; PEFT reproduces a chunked and a composed document."""
+    arch, model, ad, ids, mask = setup
+    folder = ad.to_peft(tmp_path / "chunked", 0, model=model)  # document 0 has several chunks (see setup)
+    assert folder == tmp_path / "chunked"
+    assert_same_folder(folder, export_peft(model, ad, 0, tmp_path / "lib")[0])
+    want = d2l_logits(model, ids, mask, ad, 0)
+    torch.testing.assert_close(peft_logits(load_peft(arch, folder), ids, mask), want, **PEFT_EXPORT)
+    with torch.no_grad():
+        assert (want - model(ids, mask).logits).abs().max() > 1e-2
+    composed = ad.compose([0, 2], [1.0, 0.5])  # spec + base model instead of the D2LModel: the same files
+    both = composed.to_peft(tmp_path / "both", 0, spec=model.spec, base_model=model.base_model)
+    assert_same_folder(both, export_peft(model, composed, 0, tmp_path / "lib2")[0])
+    want = d2l_logits(model, ids, mask, composed, 0)
+    torch.testing.assert_close(peft_logits(load_peft(arch, both), ids, mask), want, **PEFT_EXPORT)
+    assert (want - d2l_logits(model, ids, mask, ad, 0)).abs().max() > 1e-2  # not just document 0
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        ad.to_peft(folder, 1, model=model)
+    with pytest.raises(IndexError, match="out of range: the adapters hold 3 documents"):
+        ad.to_peft(tmp_path / "x", 3, model=model)
+    for bad in ([0], [0, 1], 1.0, "0", True, None):
+        with pytest.raises(TypeError, match="index must be one int"):
+            ad.to_peft(tmp_path / "x", bad, model=model)
+    with pytest.raises(TypeError, match="exactly one of model= .* or spec="):
+        ad.to_peft(tmp_path / "x", 0)
+    with pytest.raises(TypeError, match="exactly one of model= .* or spec="):
+        ad.to_peft(tmp_path / "x", 0, model=model, spec=model.spec)
+    with pytest.raises(TypeError, match="goes in spec="):
+        ad.to_peft(tmp_path / "x", 0, model=model.spec)
+    with pytest.raises(TypeError, match="spec must be a D2LSpec"):
+        ad.to_peft(tmp_path / "x", 0, spec=model)
+    with pytest.raises(ValueError, match="made by another model"):
+        build(arch, seed=1).internalize(DOCS[:1]).to_peft(tmp_path / "x", 0, model=model)
+    assert snapshot(tmp_path) == before  # nothing written, nothing replaced
+    assert ad.to_peft(folder, 1, model=model, overwrite=True, dtype=torch.bfloat16) == folder
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == ad.ranks[1]
+
+
 def test_cli_export_peft(setup, tmp_path):
     arch, model, ad, _, _ = setup
     model.save_pretrained(tmp_path / "ck")

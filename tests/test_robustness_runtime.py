@@ -210,6 +210,29 @@ def test_non_finite_scalers_and_adapters_are_refused(tiny, tmp_path):
             sb.copy_(keep)
 
 
+def test_select_and_concat_inherit_the_nan_check(tiny, monkeypatch):
+    """select/concat of checked batches need no new scan (the server binds a concatenation at every admission);
+    the inherited result names the right adapters and is dropped when a tensor is written in place."""
+    from d2l_fast import AdapterBatch
+
+    _, _, adapters = tiny
+    bad, clean = _poisoned(adapters, 1), adapters.select([0, 2])
+    unscanned = _poisoned(adapters, 2)
+    assert bad.nonfinite() == [1] and clean.nonfinite() == []
+    isfinite, scans = torch.isfinite, []
+    monkeypatch.setattr(torch, "isfinite", lambda t: scans.append(1) or isfinite(t))
+    cat = AdapterBatch.concat([clean, bad])  # adapters 2..4 are bad's 0..2
+    sel = cat.select([3, 0, 3, 4])
+    assert cat.nonfinite() == [3] and sel.nonfinite() == [0, 2] and not scans
+    with pytest.raises(ValueError, match="adapter #3"):
+        cat.check_finite()
+    mixed = AdapterBatch.concat([clean, unscanned])  # one part never checked: the concatenation is scanned
+    assert mixed.nonfinite() == [4] and scans
+    scans.clear()
+    sel.B["down_proj"][0, sel.rank_offsets[1], 0] = INF  # in place: the inherited result no longer holds
+    assert sel.nonfinite() == [0, 1, 2] and scans
+
+
 def test_adapter_indices_must_be_integers(tiny):
     import numpy as np
 

@@ -214,6 +214,91 @@ def test_concurrent_requests_batched_each_equal_to_its_single_result(server, mod
     engine.max_rows_seen = max(rows0, engine.max_rows_seen)
 
 
+def run_engine(model, jobs, max_batch, on_step=None):
+    """(prompt ids, adapter, max_new_tokens) jobs through a fresh DecodeEngine, submitted while the decoder is held:
+    the first request blocks in its prefill, the others queue up and join it mid-batch."""
+    from d2l_fast.serving import DecodeEngine, GenRequest
+
+    engine, finished, errors = DecodeEngine(model, max_batch=max_batch), threading.Semaphore(0), []
+
+    def sink(kind, payload):
+        if kind == "error":
+            errors.append(payload)
+        if kind != "delta":
+            finished.release()
+
+    step = engine._step
+
+    def traced_step():
+        if on_step:
+            on_step(engine, "before")
+        step()
+        if on_step:
+            on_step(engine, "after")
+
+    engine._step = traced_step
+    reqs = [GenRequest(prompt_ids=p, adapter=a, max_new_tokens=n, sink=sink) for p, a, n in jobs]
+    engine.start()
+    try:
+        with model_lock(decoder_of(model.base_model)).exclusive():
+            engine.submit(reqs[0])
+            wait_until(lambda: engine._admitting, "the first request in its prefill")
+            for r in reqs[1:]:
+                engine.submit(r)
+        for _ in reqs:
+            assert finished.acquire(timeout=120), "the engine did not finish every request"
+    finally:
+        engine.stop()
+    assert not errors, errors
+    return engine, reqs
+
+
+def test_engine_steps_reuse_the_bound_adapters(model, monkeypatch):
+    """A decode step binds the running rows' adapters as they are (no per-step concatenation, also after rows
+    leave); every row still decodes with its own adapter: shared adapters, a base-model row."""
+    from d2l_fast import AdapterBatch
+
+    ads = model.internalize(DOCS[:3])
+    parts = [ads.select([k]) for k in range(3)]
+    adapters, lens = [parts[0], parts[1], None, parts[1], parts[2]], [3, 9, 5, 12, 7]  # rows leave at different steps
+    prompts = [chat_ids(model, user(q)) for q in QUESTIONS]
+    concat, in_step, step_concats = AdapterBatch.concat, [False], []
+
+    def counting_concat(batches):
+        if in_step[0]:
+            step_concats.append(len(batches))
+        return concat(batches)
+
+    monkeypatch.setattr(AdapterBatch, "concat", staticmethod(counting_concat))
+    engine, reqs = run_engine(model, list(zip(prompts, adapters, lens)), max_batch=8,
+                              on_step=lambda eng, when: in_step.__setitem__(0, when == "before"))
+    for r, p, a, n in zip(reqs, prompts, adapters, lens):
+        assert r.out_ids == reference(model, p, a, n)[0] and r.finish_reason == "length"
+    assert engine.max_rows_seen >= 4 and engine.joins_mid_batch >= 1 and engine.steps >= 11
+    assert step_concats == []  # old engine: one concatenation of every row's adapter per step
+
+
+def test_engine_drops_adapters_of_rows_that_left(model):
+    """Rows keep joining a batch that never drains: the bound adapters of rows that left are dropped (at most
+    2 * max_batch adapters stay bound) and every row's tokens stay those of its own adapter."""
+    ads = model.internalize(DOCS)
+    adapters = [ads.select([k % 5]) for k in range(8)]  # 8 distinct objects (3 with equal values)
+    lens = [20, 2, 3, 2, 4, 2, 3, 2]  # row 0 runs while the others join one after the other
+    prompts = [chat_ids(model, user(QUESTIONS[k % 5])) for k in range(8)]
+    seen = []
+
+    def record(eng, when):
+        if when == "before":
+            seen.append((len(eng._ad), len(eng._rows)))
+
+    engine, reqs = run_engine(model, list(zip(prompts, adapters, lens)), max_batch=2, on_step=record)
+    for r, p, a, n in zip(reqs, prompts, adapters, lens):
+        assert r.out_ids == reference(model, p, a, n)[0]
+    assert engine.joins_mid_batch >= 5
+    assert max(n for n, _ in seen) <= 4 and all(n >= rows for n, rows in seen)
+    assert any(b < a for (a, _), (b, _) in zip(seen, seen[1:]))  # a compaction happened
+
+
 def test_sampling_seed_and_stop(server, model):
     kw = dict(model=server.d2l.model_name, messages=user(QUESTIONS[0]), max_tokens=12, temperature=1.5, top_p=0.9)
     a = server.oa.chat.completions.create(seed=7, **kw).choices[0].message.content

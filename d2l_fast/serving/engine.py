@@ -14,7 +14,8 @@ dropped), so neither joining nor leaving waits for the other rows. Models whose 
 ``DynamicLayer`` s (sliding-window layers, e.g. Gemma-2) cannot merge caches: new requests then join when the
 batch has drained (per-batch mode). Greedy decoding gives the tokens of :meth:`D2LModel.generate` for the same
 prompt and adapter; sampling uses one ``torch.Generator`` per request (``seed``), so a seeded request does not
-depend on what else is in the batch.
+depend on what else is in the batch. The rows' adapter batch is built when rows join (one concatenation per
+admission), not at every step: a leaving row only gives up its slot.
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class DecodeEngine:
         self._admitting: list[GenRequest] = []  # taken from the queue, being prefilled
         self._cache = None
         self._mask: torch.Tensor | None = None
+        self._ad: AdapterBatch | None = None  # the running rows' adapters (and maybe of rows that left: _join_adapters)
+        self._slots: list[int] = []  # row i uses adapter _slots[i] of _ad (-1: base model)
         self._can_merge: bool | None = None
         # statistics
         self.steps = 0
@@ -274,22 +277,53 @@ class DecodeEngine:
                 self._admitting = []
 
     def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask, self._ad, self._slots = [], None, None, None, []
 
     # ------------------------------------------------------------------ prefill / merge
     def _adapters_for(self, rows: list[GenRequest]) -> tuple[AdapterBatch | None, list[int]]:
-        parts, index = [], []
+        """The rows' adapters as one batch (an adapter object shared by rows appears once) and row → adapter."""
+        parts, index, seen = [], [], {}
         for r in rows:
             if r.adapter is None:
                 index.append(-1)
-            else:
-                index.append(len(parts))
+                continue
+            if id(r.adapter) not in seen:
+                seen[id(r.adapter)] = len(parts)
                 parts.append(r.adapter)
+            index.append(seen[id(r.adapter)])
         if not parts:
             return None, index
         return (parts[0] if len(parts) == 1 else AdapterBatch.concat(parts)), index
 
-    def _prefill(self, rows: list[GenRequest]):
+    def _join_adapters(self, ad: AdapterBatch | None, index: list[int]) -> None:
+        """Append joining rows' adapters to the running batch's (one concatenation per admission, not per step).
+
+        Rows that leave only drop their slot, so a step binds the same batch as the step before (no copy, and its
+        NaN check stays cached). Adapters of rows that left are dropped once the batch holds more than
+        2 · max_batch adapters.
+        """
+        if ad is None:
+            self._slots = self._slots + index
+            return
+        if self._ad is None:
+            self._ad, off = ad, 0
+        else:
+            off = len(self._ad)
+            self._ad = AdapterBatch.concat([self._ad, ad])
+        self._slots = self._slots + [i + off if i >= 0 else -1 for i in index]
+        if len(self._ad) > 2 * self.max_batch:
+            self._compact_adapters()
+
+    def _compact_adapters(self) -> None:
+        used = sorted({i for i in self._slots if i >= 0})
+        if not used:
+            self._ad = None
+            return
+        new = {old: k for k, old in enumerate(used)}
+        self._ad = self._ad.select(used)
+        self._slots = [new[i] if i >= 0 else -1 for i in self._slots]
+
+    def _prefill(self, rows: list[GenRequest], adapters: AdapterBatch | None, index: list[int]):
         from transformers import DynamicCache
 
         dev = self.model.device
@@ -302,12 +336,12 @@ class DecodeEngine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.base_model.config)
-        logits = self._forward(rows, ids, mask, pos, cache, logits_to_keep=1)
+        logits = self._forward(adapters, index, ids, mask, pos, cache, logits_to_keep=1)
         return logits, cache, mask
 
-    def _forward(self, rows, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
-        """One batched forward of the base model, row i with the adapter of ``rows[i]``; last-position logits."""
-        adapters, index = self._adapters_for(rows)
+    def _forward(self, adapters, index, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+        """One batched forward of the base model, row i with adapter ``index[i]`` of ``adapters`` (-1: none);
+        last-position logits."""
         kwargs[self._cache_kw] = cache  # updated in place
         with torch.no_grad(), self.model.bind(adapters, index if adapters is not None else None):
             out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -316,7 +350,8 @@ class DecodeEngine:
 
     def _admit(self, new: list[GenRequest]) -> None:
         try:
-            logits, cache, mask = self._prefill(new)
+            adapters, index = self._adapters_for(new)
+            logits, cache, mask = self._prefill(new, adapters, index)
         except Exception as e:  # noqa: BLE001
             if len(new) == 1:
                 logger.warning("prefill failed: %s", e)
@@ -336,6 +371,7 @@ class DecodeEngine:
         else:
             self._cache, self._mask = cache, mask
         self._rows = self._rows + new
+        self._join_adapters(adapters, index)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
         self._advance(new, logits, first_row=len(self._rows) - len(new))
 
@@ -362,7 +398,7 @@ class DecodeEngine:
         last = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.model.device)
         pos = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
-        logits = self._forward(rows, last, self._mask, pos, self._cache)
+        logits = self._forward(self._ad, self._slots, last, self._mask, pos, self._cache)
         self.steps += 1
         self._advance(rows, logits, first_row=0)
 
@@ -432,6 +468,7 @@ class DecodeEngine:
             self._reset_batch()
             return
         self._rows = [self._rows[i] for i in keep]
+        self._slots = [self._slots[i] for i in keep]  # the adapters stay bound (see _join_adapters)
         idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         self._cache.batch_select_indices(idx)
         self._mask = self._mask.index_select(0, idx)
