@@ -105,11 +105,12 @@ def main(argv=None) -> int:
             return 0
         cfg = TrainConfig(
             data=[str(out / "data")], model_name_or_path=str(smollm2_path()), output_dir=str(out / "run"),
-            max_steps=a.max_steps, max_packed_inp_len=768, max_packed_ctx_len=3072, max_qas_per_sample=-1, use_kl_loss=False,
-            gen_lora_l1_reg_coef=a.l1, learning_rate=a.lr, warmup_steps=30, min_lr=a.lr / 10, seed=0,
+            max_steps=a.max_steps, max_packed_inp_len=768, max_packed_ctx_len=3072, max_qas_per_sample=-1,
+            use_kl_loss=False, gen_lora_l1_reg_coef=a.l1, learning_rate=a.lr, warmup_steps=30, min_lr=a.lr / 10, seed=0,
             latent_size=a.latent_size, num_blocks=a.num_blocks, n_heads=4, head_dim=32, n_kv_heads=2,
             n_latent_queries=len(layers) * lora_r, lora_r=lora_r, ctx_encoder_type="early_exit",
-            layer_indices=layers, init_scaler_B=a.init_scaler_b or None, save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
+            layer_indices=layers, init_scaler_B=a.init_scaler_b or None, save_steps=a.save_steps, save_total_limit=3,
+            disable_tqdm=True, resume=a.resume,
         )  # fmt: skip
         t = time.time()
         res = train(cfg)
