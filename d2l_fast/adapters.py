@@ -110,11 +110,15 @@ class AdapterBatch:
             used = set(indices)
             bad = [k for k in bad if k in used]
         if bad:
-            label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
-                              for k in bad[:8])
-            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-            raise ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
-                             f"(it would turn its rows into NaN)")
+            raise self._nonfinite_error(bad, where)
+
+    def _nonfinite_error(self, bad: list[int], where: str) -> ValueError:
+        """The error that names adapters ``bad`` (indices into this batch) as holding NaN or infinite values."""
+        label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
+                          for k in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
+                          f"(it would turn its rows into NaN)")
 
     @property
     def modules(self) -> list[str]:
