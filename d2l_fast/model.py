@@ -438,9 +438,8 @@ class D2LModel(nn.Module):
                                   seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
             ad.check_finite(binding.used_adapters, where=" (bound for this call)")
         else:
-            sub = adapters.select(used)
-            cast = (sub.device, sub.dtype) != (self.device, self.base_dtype)
-            ad = sub.to(self.device, self.base_dtype) if cast else sub
+            cast = (adapters.device, adapters.dtype) != (self.device, self.base_dtype)
+            ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
             # only the used adapters are scanned (after the cast: a narrowing one can overflow to inf)
             where = " (bound for this call" + (f", cast to {self.base_dtype})" if cast else ")")
             if not math.isfinite(ad.alpha):

@@ -202,3 +202,50 @@ def test_cpu_strategy_is_chosen_once_per_batch_and_shape(monkeypatch):
     ref = torch.stack([0.5 * x[i] @ A[4 * k : 4 * k + 4].T @ B[4 * k : 4 * k + 4] for i, k in
                        enumerate([5, 0, 3, 1, 4, 2])])
     torch.testing.assert_close(outs[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_select_casts_layer_by_layer(model):
+    ad = resident(model, RANKS, seed=8, names=[f"n{k}" for k in range(len(RANKS))])
+    m = model.spec.target_modules[0]
+    # a non-contiguous source (rank axis not the middle stride) and a repeated index
+    ad.A[m] = ad.A[m].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not ad.A[m].is_contiguous()
+    idx = [3, 1, 3, 7]
+    ro = ad.rank_offsets
+    rows = [r for k in idx for r in range(ro[k], ro[k + 1])]
+    for dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+        sel = ad.select(idx, dtype=dtype)
+        want = dtype or torch.float32
+        assert sel.dtype == want and sel.ranks == [ad.ranks[k] for k in idx] and sel.names == ["n3", "n1", "n3", "n7"]
+        for d in (ad.A, ad.B):
+            got = (sel.A if d is ad.A else sel.B)[m]
+            assert torch.equal(got, d[m][:, rows].to(want))
+    sel = ad.select([1], device="cpu", dtype=torch.float64)  # rank-0 adapter: empty rank axis
+    assert sel.A[m].shape == (model.spec.num_layers, 0, model.spec.d_in[m]) and sel.dtype == torch.float64
+    with pytest.raises(TypeError, match="floating point"):
+        ad.select([0], dtype=torch.int32)
+    # trainable adapters stay differentiable through select
+    A = ad.A[m].detach().clone().requires_grad_()
+    sub = AdapterBatch({m: A}, dict(ad.B), ad.rank_offsets, ad.alpha, ad.model_id).select([7, 3])
+    sub.A[m].sum().backward()
+    expected = torch.zeros_like(A)
+    expected[:, ro[7] : ro[8]] = 1
+    expected[:, ro[3] : ro[4]] = 1
+    assert torch.equal(A.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_scan_by_row_sums(model, dtype):
+    big = torch.finfo(dtype).max
+    ad = resident(model, [4] * 6, seed=9, dtype=dtype)
+    m = model.spec.target_modules[0]
+    A, B = ad.A[m], ad.B[m]
+    A[0, 1, :4] = big  # adapter 0: finite entries whose row sum overflows: not reported
+    A[1, 6, 3], A[1, 6, 9] = float("inf"), -float("inf")  # adapter 1: +inf and -inf in one row (sum NaN)
+    B[0, 13, 2] = NAN  # adapter 3: a NaN in B
+    B[1, 23, 0] = -float("inf")  # adapter 5
+    ref = [k for k in range(6) if not all(torch.isfinite(t[:, 4 * k : 4 * k + 4]).all() for t in (A, B))]
+    assert ref == [1, 3, 5]
+    assert ad.nonfinite() == ref
+    A[1, 6, 3] = A[1, 6, 9] = 0.0  # fixed in place: the cache follows the tensor version
+    assert ad.nonfinite() == [3, 5]
