@@ -78,12 +78,10 @@ class AdapterBatch:
         The result is cached until a tensor is replaced or modified in place (tensor version counters; inference
         tensors have none and are scanned on every call).
         """
-        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
-        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
-        cached = self.__dict__.get("_nonfinite_cache")
-        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
-                a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
-            return list(cached[1])
+        tensors, key = self._nonfinite_key()
+        known = self._known_nonfinite(key)
+        if known is not None:
+            return known
         R = self.rank_offsets[-1]
         flagged = None
         with torch.no_grad():
@@ -109,6 +107,20 @@ class AdapterBatch:
         if key is not None:
             self.__dict__["_nonfinite_cache"] = (key, bad)
         return list(bad)
+
+    def _nonfinite_key(self):
+        tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
+        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
+        return tensors, key
+
+    def _known_nonfinite(self, key=None) -> list[int] | None:
+        """What :meth:`nonfinite` returned last if no tensor was replaced or modified since, else None (unknown)."""
+        key = self._nonfinite_key()[1] if key is None else key
+        cached = self.__dict__.get("_nonfinite_cache")
+        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
+                a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
+            return list(cached[1])
+        return None
 
     def check_finite(self, indices=None, *, where: str = "") -> None:
         """Raise ``ValueError`` naming every adapter (of ``indices``, default all) that holds a NaN or infinity."""

@@ -440,13 +440,19 @@ class D2LModel(nn.Module):
         else:
             cast = (adapters.device, adapters.dtype) != (self.device, self.base_dtype)
             ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
-            # only the used adapters are scanned (after the cast: a narrowing one can overflow to inf)
             where = " (bound for this call" + (f", cast to {self.base_dtype})" if cast else ")")
             if not math.isfinite(ad.alpha):
                 ad.check_finite(where=where)  # raises: a non-finite alpha
-            bad = ad.nonfinite()
+            # NaN/inf: the caller's batch's cached verdict if still valid, else a scan of the used adapters only
+            # (after the cast: a narrowing one can overflow to inf)
+            known = adapters._known_nonfinite()
+            if known is not None and torch.finfo(ad.dtype).max >= torch.finfo(adapters.dtype).max:
+                known = set(known)
+                bad = [k for k in used if k in known]
+            else:
+                bad = [used[k] for k in ad.nonfinite()]
             if bad:
-                raise adapters._nonfinite_error([used[k] for k in bad], where)
+                raise adapters._nonfinite_error(bad, where)
             new = {k: i for i, k in enumerate(used)}
             renumber = lambda ids: [new[i] if i >= 0 else -1 for i in as_index_list(ids)]  # noqa: E731
             binding = LoRABinding(ad, self._layer_map,

@@ -249,3 +249,22 @@ def test_nonfinite_scan_by_row_sums(model, dtype):
     assert ad.nonfinite() == ref
     A[1, 6, 3] = A[1, 6, 9] = 0.0  # fixed in place: the cache follows the tensor version
     assert ad.nonfinite() == [3, 5]
+
+
+def test_compaction_reuses_a_valid_finite_verdict(model, monkeypatch):
+    ad = resident(model, [4] * 10, seed=10)
+    assert ad.nonfinite() == []  # e.g. AdapterBatch.load / internalize checked it
+    scanned = []
+    real = AdapterBatch.nonfinite
+    monkeypatch.setattr(AdapterBatch, "nonfinite", lambda self: scanned.append(len(self)) or real(self))
+    with torch.no_grad(), model.bind(ad, [5, 2]) as b:
+        assert len(b.adapters) == 2
+    assert scanned == []  # the verdict cached on the caller's batch is still valid: nothing is scanned
+    m = model.spec.target_modules[0]
+    ad.A[m][0, ad.rank_offsets[5], 0] = NAN  # in place: the cached verdict is stale now
+    with pytest.raises(ValueError, match=r"adapter #5 \(bound for this call\) contains NaN"):
+        with model.bind(ad, [2, 5]):
+            pass
+    assert scanned == [2]  # only the two used adapters were scanned, not the batch of 10
+    with torch.no_grad(), model.bind(ad, [2, 7]) as b:  # rows that do not use it still bind
+        assert len(b.adapters) == 2
