@@ -29,7 +29,9 @@ compact and scattered bindings decode the same tokens.
 Group ``serving_scale_layer`` (one down_proj layer, 128 rows out of 2,000, one thread): each way to apply the
 LoRA at a decode step, timed interleaved with the bare Linear, its time alone (``lora_us``) and
 base / (base + lora), and its largest error vs an fp64 reference (relative to the largest delta):
-    scattered_auto   segmented_lora on the resident tensors, strategy by the cost model (per-row runs here)
+    scattered_auto   segmented_lora on the resident tensors, strategy by the cost model (per-row runs here;
+                     ``dense`` and ``bmm`` are ruled out: the used rank span is the whole batch)
+    scattered_grouped  the same, strategy ``grouped`` (per adapter: gather its rows, two mm, index_add)
     gather_bmm       per step: index_select of the rows' A/B into preallocated buffers, then two bmm
     gather_bmm_bf16  the same from bf16-resident tensors, upcast after the gather
     ebag_fp32        gather-free: expand by embedding_bag over B, shrink by embedding_bag over A stored
@@ -274,6 +276,9 @@ def _layer_choices(n: int, rows: int, d_in: int, d_out: int, seed: int = 0):
     def scattered_auto(out):
         segmented_lora_cpu_(out, x, A, B, meta, scale)
 
+    def scattered_grouped(out):
+        segmented_lora_cpu_(out, x, A, B, meta, scale, strategy="grouped")
+
     def gather_bmm(out):
         torch.index_select(A3, 0, idx, out=bufA)
         torch.index_select(B3, 0, idx, out=bufB)
@@ -308,9 +313,10 @@ def _layer_choices(n: int, rows: int, d_in: int, d_out: int, seed: int = 0):
         h = torch.bmm(x.half().unsqueeze(1), cah.transpose(1, 2))
         out.add_(torch.bmm(h, cbh).squeeze(1), alpha=scale)
 
-    choices = dict(scattered_auto=scattered_auto, gather_bmm=gather_bmm, gather_bmm_bf16=gather_bmm_bf16,
-                   ebag_fp32=ebag_fp32, ebag_bf16=ebag_bf16, compact_fp32=compact_fp32,
-                   compact_einsum=compact_einsum, compact_bf16=compact_bf16, compact_fp16=compact_fp16)
+    choices = dict(scattered_auto=scattered_auto, scattered_grouped=scattered_grouped, gather_bmm=gather_bmm,
+                   gather_bmm_bf16=gather_bmm_bf16, ebag_fp32=ebag_fp32, ebag_bf16=ebag_bf16,
+                   compact_fp32=compact_fp32, compact_einsum=compact_einsum, compact_bf16=compact_bf16,
+                   compact_fp16=compact_fp16)
     binds = {name: (lambda a=a, b=b: (a.index_select(0, idx).float(), b.index_select(0, idx).float()))
              for name, (a, b) in dict(fp32=(A3, B3), bf16=(A3b, B3b), fp16=(A3h, B3h)).items()}
     return base, choices, ref, binds, meta
