@@ -25,8 +25,8 @@ in ``bind_s``. Reported per provider: median step time, decode tokens/s (rows / 
 (sum of bare step times / sum of the provider's) and the median of the per-step paired ratios;
 ``ratio_with_bind`` charges the bind to the decode steps of this run; ``cpu_ratio_vs_bare`` is the same ratio
 of this thread's CPU time (blind to time slices lost to other processes; with more than one thread it counts only
-the calling thread). ``greedy_tokens_equal`` checks that the
-compact and scattered bindings decode the same tokens.
+the calling thread). ``greedy_tokens_equal_compact_vs_scattered`` checks (and the test asserts) that the compact
+and scattered bindings decode the same tokens.
 
 Group ``serving_scale_layer`` (one down_proj layer, 128 rows out of 2,000, one thread): each way to apply the
 LoRA at a decode step, timed interleaved with the bare Linear, its time alone (``lora_us``) and
@@ -48,11 +48,12 @@ base / (base + lora), and its largest error vs an fp64 reference (relative to th
 fp32, bf16 and fp16 resident tensors: the one-off cost per call; resident bf16/fp16 halve the memory of the
 resident batch (the compact copy is fp32 either way, so the decode steps do not change).
 
-Threads: ``D2L_SCALE_THREADS`` (default 1; the 2-core box is shared with a CPU-heavy job, and 2 OpenMP threads
-then stall at every barrier: decode steps of 5-10 s instead of 0.3 s were seen). ``D2L_SCALE_STEPS`` (default
+Threads: ``D2L_SCALE_THREADS`` (default 1; the 2-core box is shared with CPU-heavy jobs, and 2 OpenMP threads
+then stall at every barrier: decode steps 3-5x longer than with one thread were seen). ``D2L_SCALE_STEPS`` (default
 24) decode steps per provider. Load average and other processes' CPU use (``other_cores``) are recorded.
 Memory: the 2,000-adapter batch is 8.1 GB in fp32; with less than 1.25x that available it is built in bf16 and
-``d2l_scattered`` is skipped (it would cast the whole batch to fp32).
+``d2l_scattered`` is skipped (it would cast the whole batch to fp32). ``D2L_SCALE_RESIDENT=bfloat16`` (or
+``float16`` / ``float32``) forces the resident dtype.
 """
 
 from __future__ import annotations
