@@ -79,20 +79,29 @@ class AdapterBatch:
         tensors have none and are scanned on every call). :meth:`select` and :meth:`concat` of scanned batches
         inherit the result (their rows are copies), so binding a concatenation does not scan it again.
         """
-        key = self._nonfinite_key()
-        cached = self._cached_nonfinite(key)
-        if cached is not None:
-            return cached
+        tensors, key = self._nonfinite_key()
+        known = self._known_nonfinite(key)
+        if known is not None:
+            return known
         R = self.rank_offsets[-1]
-        bad_rows = None
+        flagged = None
         with torch.no_grad():
-            for t in (*self.A.values(), *self.B.values()):
-                for layer in t:  # one layer at a time: the boolean temporaries stay [R, d]
-                    rows = ~torch.isfinite(layer).all(1)
-                    bad_rows = rows if bad_rows is None else bad_rows | rows
-            if bad_rows is None or R == 0:
+            # a rank row whose sum is finite holds no NaN/inf (both propagate through a sum): one read-only pass
+            # of row sums; only rows whose sum is not finite (a NaN/inf, or a finite sum that overflowed) are
+            # then checked entry by entry
+            for t in tensors:
+                for layer in t:
+                    acc = torch.float32 if layer.dtype in (torch.float16, torch.bfloat16) else None
+                    rows = ~torch.isfinite(layer.sum(1, dtype=acc))
+                    flagged = rows if flagged is None else flagged | rows
+            idx = None if flagged is None or R == 0 else flagged.nonzero().flatten()
+            if idx is None or idx.numel() == 0:
                 bad = []
             else:
+                bad_rows = torch.zeros_like(flagged)
+                for t in tensors:
+                    for layer in t:
+                        bad_rows[idx] |= ~torch.isfinite(layer.index_select(0, idx)).all(1)
                 cnt = torch.cat([bad_rows.new_zeros(1, dtype=torch.long), bad_rows.long().cumsum(0)]).cpu()
                 ro = torch.tensor(self.rank_offsets)
                 bad = (cnt[ro[1:]] - cnt[ro[:-1]]).nonzero().flatten().tolist()
@@ -101,13 +110,13 @@ class AdapterBatch:
         return list(bad)
 
     def _nonfinite_key(self):
-        """(tensor, version) of every tensor; None when a tensor has no version counter (an inference tensor)."""
         tensors = [t for d in (self.A, self.B) for _, t in sorted(d.items())]
-        return None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]
+        key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
+        return tensors, key
 
-    def _cached_nonfinite(self, key=None) -> list[int] | None:
-        """The cached result of :meth:`nonfinite` if it still holds for the current tensors, else None."""
-        key = self._nonfinite_key() if key is None else key
+    def _known_nonfinite(self, key=None) -> list[int] | None:
+        """What :meth:`nonfinite` returned last if no tensor was replaced or modified since, else None (unknown)."""
+        key = self._nonfinite_key()[1] if key is None else key
         cached = self.__dict__.get("_nonfinite_cache")
         if key is not None and cached is not None and len(cached[0]) == len(key) and all(
                 a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
@@ -116,7 +125,7 @@ class AdapterBatch:
 
     def _inherit_nonfinite(self, bad: list[int] | None) -> "AdapterBatch":
         """Cache ``bad`` as this batch's :meth:`nonfinite` (its rows were copied from batches already scanned)."""
-        key = self._nonfinite_key() if bad is not None else None
+        key = self._nonfinite_key()[1] if bad is not None else None
         if key is not None:
             self.__dict__["_nonfinite_cache"] = (key, list(bad))
         return self
@@ -130,11 +139,15 @@ class AdapterBatch:
             used = set(indices)
             bad = [k for k in bad if k in used]
         if bad:
-            label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
-                              for k in bad[:8])
-            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-            raise ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
-                             f"(it would turn its rows into NaN)")
+            raise self._nonfinite_error(bad, where)
+
+    def _nonfinite_error(self, bad: list[int], where: str) -> ValueError:
+        """The error that names adapters ``bad`` (indices into this batch) as holding NaN or infinite values."""
+        label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
+                          for k in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return ValueError(f"adapter {label}{more}{where} contains NaN or infinite values; refusing to use it "
+                          f"(it would turn its rows into NaN)")
 
     @property
     def modules(self) -> list[str]:
@@ -167,8 +180,15 @@ class AdapterBatch:
         return AdapterBatch({m: f(t) for m, t in self.A.items()}, {m: f(t) for m, t in self.B.items()},
                             list(self.rank_offsets), self.alpha, self.model_id, self.names)
 
-    def select(self, indices) -> "AdapterBatch":
-        """A new batch holding adapters ``indices`` (in that order; repeats allowed)."""
+    def select(self, indices, *, device=None, dtype=None) -> "AdapterBatch":
+        """A new batch holding adapters ``indices`` (in that order; repeats allowed).
+
+        ``device`` / ``dtype``: the copy is made there and in that (floating point) dtype, one layer at a time (no
+        full-size temporary in the source dtype), e.g. ``select(rows_adapters, dtype=torch.float32)`` of a
+        bf16-resident batch.
+        """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"AdapterBatch.select: dtype must be a floating point torch.dtype, got {dtype!r}")
         indices = as_index_list(indices, "indices")
         n = len(self)
         for i in indices:
@@ -182,10 +202,26 @@ class AdapterBatch:
         for i in indices:
             offs.append(offs[-1] + ro[i + 1] - ro[i])
         names = [self.names[i] for i in indices] if self.names else None
-        bad = self._cached_nonfinite()  # a scanned batch: the copy needs no new scan
-        out = AdapterBatch({m: t.index_select(1, idx) for m, t in self.A.items()},
-                           {m: t.index_select(1, idx) for m, t in self.B.items()}, offs, self.alpha, self.model_id,
-                           names)
+        dev = torch.device(device) if device is not None else None
+
+        def take(t):
+            if torch.is_grad_enabled() and t.requires_grad:  # differentiable (compose of trainable adapters)
+                return t.index_select(1, idx).to(device=dev, dtype=dtype)
+            out = torch.empty(t.shape[0], idx.numel(), t.shape[2], dtype=dtype or t.dtype, device=dev or t.device)
+            # layer by layer along the rank axis: whole contiguous rows (3-4x faster on CPU than one index_select
+            # over dim 1 of the [L, R, d] tensor), and a cast needs only a one-layer temporary
+            for layer, o in zip(t, out):
+                if o.dtype == layer.dtype and o.device == layer.device:
+                    torch.index_select(layer, 0, idx, out=o)
+                else:
+                    o.copy_(layer.index_select(0, idx))
+            return out
+
+        # a scanned batch: the copy needs no new scan, unless a narrowing cast could overflow to inf
+        widening = dtype is None or torch.finfo(dtype).max >= torch.finfo(self.dtype).max
+        bad = self._known_nonfinite() if widening else None
+        out = AdapterBatch({m: take(t) for m, t in self.A.items()}, {m: take(t) for m, t in self.B.items()}, offs,
+                           self.alpha, self.model_id, names)
         if bad is not None:
             bad = set(bad)
             bad = [j for j, i in enumerate(indices) if i in bad]
@@ -209,7 +245,7 @@ class AdapterBatch:
             base = offs[-1]
             offs.extend([base + x for x in b.rank_offsets[1:]])
         names = sum((b.names or [None] * len(b) for b in batches), [])
-        known = [b._cached_nonfinite() for b in batches]  # all parts scanned: the concatenation needs no new scan
+        known = [b._known_nonfinite() for b in batches]  # all parts scanned: the concatenation needs no new scan
         bad, base = [], 0
         for b, k in zip(batches, known):
             bad.extend(base + i for i in k or [])

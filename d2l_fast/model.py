@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import warnings
 
 import torch
@@ -74,6 +75,12 @@ class D2LModel(nn.Module):
     also warns. ``encode_token_budget``: tokens per packed encoder row; it also bounds the attention scores
     the encoder holds at once (``2048 · encode_token_budget`` elements), so the encoder's working memory does
     not grow with the square of a long chunk.
+
+    ``compact_adapters`` (attribute, default True): on a CPU model, :meth:`bind` copies the adapters the rows
+    use, in row order, out of a larger or reordered :class:`AdapterBatch` into a compact one (cast to the base
+    dtype) once per call, so that every decode step reads them contiguously (see :meth:`bind`). False keeps
+    the adapters where they are (each step then reads them scattered). GPU models never compact (the Triton
+    decode kernels read each row's adapter in place).
     """
 
     def __init__(self, base_model: nn.Module, hypernet: HyperLoRA, tokenizer=None, *, user_defined_scaling: float = 1.0,
@@ -109,6 +116,7 @@ class D2LModel(nn.Module):
         self._layer_map = {b: i for i, b in enumerate(spec.layer_indices)}
         self.model_id = model_fingerprint(spec, hypernet)
         self._cast_cache: tuple | None = None
+        self.compact_adapters = True
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -376,15 +384,7 @@ class D2LModel(nn.Module):
 
     # ----------------------------------------------------------------- binding adapters
     def _prepare_adapters(self, adapters: AdapterBatch) -> AdapterBatch:
-        if not isinstance(adapters, AdapterBatch):
-            raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
-        if adapters.model_id != self.model_id:
-            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is "
-                             f"{self.model_id!r}")
-        if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
-            raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
-                             f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
-        adapters.check_fits(self.spec)  # feature sizes too: a mismatch is an error here, not in the kernel
+        self._check_adapters(adapters)
         dev, dt = self.device, self.base_dtype
         if adapters.device == dev and adapters.dtype == dt:
             return adapters
@@ -394,6 +394,17 @@ class D2LModel(nn.Module):
         out = adapters.to(dev, dt)
         self._cast_cache = (adapters, (dev, dt), out)
         return out
+
+    def _check_adapters(self, adapters: AdapterBatch) -> None:
+        if not isinstance(adapters, AdapterBatch):
+            raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
+        if adapters.model_id != self.model_id:
+            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is "
+                             f"{self.model_id!r}")
+        if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
+            raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
+                             f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
+        adapters.check_fits(self.spec)  # feature sizes too: a mismatch is an error here, not in the kernel
 
     @contextlib.contextmanager
     def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None,
@@ -406,19 +417,74 @@ class D2LModel(nn.Module):
         ``i·k .. i·k+k-1`` using ``adapter_index[i]`` (HF ``generate`` expands every prompt row k times for
         ``num_return_sequences`` / ``num_beams``). Indices must be integers; adapters holding NaN or infinite
         values are refused here (only those some row uses).
+
+        On a CPU model with :attr:`compact_adapters` set, when the adapters the rows use are not already one
+        contiguous block in row order (e.g. 128 rows picking 128 of 2,000 resident adapters), or are a strict
+        subset of a batch that needs a cast to the base dtype, they are copied once here into a compact batch
+        (first use order; each adapter once however many rows use it) and the rows are renumbered to it: every
+        forward in the block then reads them contiguously, and only they are cast (a bf16-resident batch is
+        never cast whole to fp32). The caller's batch is not modified; the results are those of the uncompacted
+        batch up to fp32 summation order.
         """
         if adapters is None:
             with self._lora_ctx.bound(None):
                 yield None
             return
-        ad = self._prepare_adapters(adapters)
         if seg_lens is None and adapter_index is None:
-            adapter_index = list(range(len(ad)))
-        binding = LoRABinding(ad, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
-                              seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
-        ad.check_finite(binding.used_adapters, where=" (bound for this call)")
+            adapter_index = list(range(len(adapters)))
+        used = self._compaction(adapters, adapter_index, seg_lens, seg_adapter, rows_per_index)
+        if used is None:
+            ad = self._prepare_adapters(adapters)
+            binding = LoRABinding(ad, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
+                                  seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
+            ad.check_finite(binding.used_adapters, where=" (bound for this call)")
+        else:
+            cast = (adapters.device, adapters.dtype) != (self.device, self.base_dtype)
+            ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
+            where = " (bound for this call" + (f", cast to {self.base_dtype})" if cast else ")")
+            if not math.isfinite(ad.alpha):
+                ad.check_finite(where=where)  # raises: a non-finite alpha
+            # NaN/inf: the caller's batch's cached verdict if still valid, else a scan of the used adapters only
+            # (after the cast: a narrowing one can overflow to inf)
+            known = adapters._known_nonfinite()
+            if known is not None and torch.finfo(ad.dtype).max >= torch.finfo(adapters.dtype).max:
+                known = set(known)
+                bad = [k for k in used if k in known]
+            else:
+                bad = [used[k] for k in ad.nonfinite()]
+            if bad:
+                raise adapters._nonfinite_error(bad, where)
+            new = {k: i for i, k in enumerate(used)}
+            renumber = lambda ids: [new[i] if i >= 0 else -1 for i in as_index_list(ids)]  # noqa: E731
+            binding = LoRABinding(ad, self._layer_map,
+                                  row_adapter=renumber(adapter_index) if seg_lens is None else None,
+                                  seg_lens=seg_lens, seg_adapter=None if seg_lens is None else renumber(seg_adapter),
+                                  rows_per_index=rows_per_index)
         with self._lora_ctx.bound(binding):
             yield binding
+
+    def _compaction(self, adapters, adapter_index, seg_lens, seg_adapter, rows_per_index) -> list[int] | None:
+        """The adapters (first-use order) to copy into a compact batch for this binding, or None (bind in place).
+
+        Validates the adapters and the indices first (by building the binding the caller asked for)."""
+        if not isinstance(adapters, AdapterBatch):
+            raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
+        if not self.compact_adapters or self.device.type != "cpu":
+            return None
+        self._check_adapters(adapters)
+        probe = LoRABinding(adapters, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
+                            seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
+        if torch.is_grad_enabled() and any(t.requires_grad for d in (adapters.A, adapters.B) for t in d.values()):
+            return None  # training: the binding must use the caller's tensors
+        ids = probe.seg_adapter if probe.seg_lens is not None else probe.row_adapter
+        used = list(dict.fromkeys(i for i in ids if i >= 0))
+        if not used:
+            return None
+        in_place = all(b == a + 1 for a, b in zip(used[:-1], used[1:]))  # one contiguous block in row order
+        needs_cast = (adapters.device, adapters.dtype) != (self.device, self.base_dtype)
+        if in_place and not (needs_cast and len(used) < len(adapters)):
+            return None
+        return used
 
     def _check_prompt_inputs(self, input_ids, attention_mask, adapters, adapter_index):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():

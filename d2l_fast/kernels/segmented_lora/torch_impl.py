@@ -260,8 +260,9 @@ def segmented_lora_cpu_(
     """
     if not meta.runs:
         return out
-    if strategy is None:
-        strategy = choose_strategy(meta, x.shape[1], out.shape[1])
+    if strategy is None:  # memoised per batch and layer shape: the cost model loops over every adapter group
+        d_in, d_out = x.shape[1], out.shape[1]
+        strategy = meta.cached(("strategy", d_in, d_out), lambda: choose_strategy(meta, d_in, d_out))
     if x.dtype == torch.float32 or x.dtype == torch.float64:
         _fwd_fp32_(out, x, A, B, meta, scale, strategy)
         return out
