@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--title", default="SmolLM2-135M hypernetwork, CPU training")
+    ap.add_argument("--heldout", help="JSON file of [step, held-out answer loss] pairs to mark on the curve")
     a = ap.parse_args(argv)
     rows = {}
     for f in a.metrics:
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, task, color="0.8", lw=0.7, label="answer loss per step")
     ax.plot(steps, moving_average(task, a.window), color="C0", lw=2, label=f"moving average ({a.window} steps)")
+    if a.heldout:
+        pts = json.loads(pathlib.Path(a.heldout).read_text())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C1", label="held-out answer loss")
     ax.axhline(4 * math.log(10) / 5, color="C3", ls="--", lw=1, label="NIAH uniform-digit plateau (4·ln10/5)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per answer token (nats)")
