@@ -116,6 +116,7 @@ class D2LModel(nn.Module):
         self._layer_map = {b: i for i, b in enumerate(spec.layer_indices)}
         self.model_id = model_fingerprint(spec, hypernet)
         self._cast_cache: tuple | None = None
+        self._compact_cache: tuple | None = None  # (source batch, its tensor versions, used, compact batch)
         self.compact_adapters = True
 
     # ----------------------------------------------------------------- construction
@@ -440,18 +441,14 @@ class D2LModel(nn.Module):
             ad.check_finite(binding.used_adapters, where=" (bound for this call)")
         else:
             cast = (adapters.device, adapters.dtype) != (self.device, self.base_dtype)
-            ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
+            ad = self._compacted(adapters, used)
             where = " (bound for this call" + (f", cast to {self.base_dtype})" if cast else ")")
             if not math.isfinite(ad.alpha):
                 ad.check_finite(where=where)  # raises: a non-finite alpha
-            # NaN/inf: the caller's batch's cached verdict if still valid, else a scan of the used adapters only
-            # (after the cast: a narrowing one can overflow to inf)
-            known = adapters._known_nonfinite()
-            if known is not None and torch.finfo(ad.dtype).max >= torch.finfo(adapters.dtype).max:
-                known = set(known)
-                bad = [k for k in used if k in known]
-            else:
-                bad = [used[k] for k in ad.nonfinite()]
+            # NaN/inf: select() carries the caller's cached verdict over unless a narrowing cast could overflow, so
+            # this scans the used adapters only when nothing is known yet
+            known = ad._known_nonfinite()
+            bad = [used[k] for k in (known if known is not None else ad.nonfinite())]
             if bad:
                 raise adapters._nonfinite_error(bad, where)
             new = {k: i for i, k in enumerate(used)}
@@ -462,6 +459,18 @@ class D2LModel(nn.Module):
                                   rows_per_index=rows_per_index)
         with self._lora_ctx.bound(binding):
             yield binding
+
+    def _compacted(self, adapters: AdapterBatch, used: list[int]) -> AdapterBatch:
+        """``adapters.select(used)`` on this model's device and dtype, reused while the same batch (unmodified) binds
+        the same adapters again — e.g. every decode step of one set of rows."""
+        versions = adapters._nonfinite_key()[1]
+        c = self._compact_cache
+        if versions is not None and c is not None and c[0] is adapters and c[2] == used and len(c[1]) == len(
+                versions) and all(a is b and va == vb for (a, va), (b, vb) in zip(c[1], versions)):
+            return c[3]
+        ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
+        self._compact_cache = (adapters, versions, list(used), ad) if versions is not None else None
+        return ad
 
     def _compaction(self, adapters, adapter_index, seg_lens, seg_adapter, rows_per_index) -> list[int] | None:
         """The adapters (first-use order) to copy into a compact batch for this binding, or None (bind in place).

@@ -268,3 +268,25 @@ def test_compaction_reuses_a_valid_finite_verdict(model, monkeypatch):
     assert scanned == [2]  # only the two used adapters were scanned, not the batch of 10
     with torch.no_grad(), model.bind(ad, [2, 7]) as b:  # rows that do not use it still bind
         assert len(b.adapters) == 2
+
+
+def test_compaction_is_reused_by_the_next_bind_of_the_same_rows(model, monkeypatch):
+    """A decode loop binds the same (batch, rows) every step: the compact copy is made once, and again only when
+    the rows change or the batch is modified in place."""
+    ad = resident(model, [4] * 10, seed=11)
+    copies = []
+    real = AdapterBatch.select
+    monkeypatch.setattr(AdapterBatch, "select", lambda self, *a, **k: copies.append(1) or real(self, *a, **k))
+    for _ in range(3):
+        with torch.no_grad(), model.bind(ad, [7, 2, 7]) as b:
+            assert len(b.adapters) == 2
+    assert len(copies) == 1
+    with torch.no_grad(), model.bind(ad, [7, 3]):
+        pass
+    assert len(copies) == 2
+    m = model.spec.target_modules[0]
+    with torch.no_grad():
+        ad.A[m][0, ad.rank_offsets[3], 0] += 1.0  # in place: the copy is stale
+    with torch.no_grad(), model.bind(ad, [7, 3]) as b:
+        torch.testing.assert_close(b.adapters.A[m][0, 4], ad.A[m][0, ad.rank_offsets[3]])
+    assert len(copies) == 3
