@@ -37,8 +37,8 @@ def _records(tok, a, split: str):
     from d2l_fast.training.generators import NIAH_EVAL_BINS, NIAH_TRAIN_BINS, generate_facts, generate_niah
 
     if split == "train":
-        niah = generate_niah(tok, bins=NIAH_TRAIN_BINS, n_per_bin=a.n_niah_per_bin, seed=0)
-        facts = generate_facts(a.n_fact_docs, split="train", seed=0) if a.n_fact_docs else []
+        niah = generate_niah(tok, bins=NIAH_TRAIN_BINS, n_per_bin=a.n_niah_per_bin, seed=a.data_seed)
+        facts = generate_facts(a.n_fact_docs, split="train", seed=a.data_seed) if a.n_fact_docs else []
         return niah, facts
     niah = generate_niah(tok, bins=NIAH_EVAL_BINS[: a.eval_bins], n_per_bin=a.n_eval_niah_per_bin, seed=12345)
     facts = generate_facts(a.n_eval_fact_docs, split="test", seed=1) if a.n_eval_fact_docs else []
@@ -57,7 +57,8 @@ def make_data(base, tok, a, data_dir: pathlib.Path) -> None:
         qas = [dict(q, question=EVAL_INSTRUCTION.format(question=q["question"])) for q in r["qas"]]
         recs.append(dict(r, qas=qas))
     t = time.time()
-    stats = generate_data(base, tok, recs, data_dir, gold=True, system="")
+    stats = generate_data(base, tok, recs, data_dir, gold=True, system="",
+                          shuffle_seed=None if a.no_shuffle else a.data_seed)
     print(f"data: {len(niah)} NIAH + {len(facts)} fact documents, {stats['rows']} rows in {time.time() - t:.0f} s",
           flush=True)
 
@@ -74,6 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-size", type=int, default=128)
     ap.add_argument("--num-blocks", type=int, default=2)
     ap.add_argument("--save-steps", type=int, default=50)
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated training data (another seed: "
+                    "other numbers, entities and fillers; held-out evaluation data never depends on it)")
+    ap.add_argument("--no-shuffle", action="store_true", help="keep the generated records' order (NIAH 32–128, "
+                    "NIAH 128–256, facts) instead of shuffling them: the trainer mixes only within 256 packs")
+    ap.add_argument("--init-checkpoint", default=None,
+                    help="start from this checkpoint's hypernetwork (a second stage, e.g. a facts-heavy mix)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("D2L_TRAIN_THREADS", "2")))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
@@ -87,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval-fact-docs", type=int, default=40)
     ap.add_argument("--eval-methods", default="base,in_context,d2l")
     ap.add_argument("--eval-chunk", type=int, default=None, help="max_chunk_len for D2L on long documents")
+    ap.add_argument("--eval-out", default=None, help="evaluation folder (default: OUT/eval)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
             latent_size=a.latent_size, num_blocks=a.num_blocks, n_heads=4, head_dim=32, n_kv_heads=2,
             n_latent_queries=len(layers) * lora_r, lora_r=lora_r, ctx_encoder_type="early_exit",
             layer_indices=layers, init_scaler_B=a.init_scaler_b or None, save_steps=a.save_steps, save_total_limit=3,
-            disable_tqdm=True, resume=a.resume,
+            disable_tqdm=True, resume=a.resume, init_checkpoint=a.init_checkpoint,
         )  # fmt: skip
         t = time.time()
         res = train(cfg)
@@ -127,7 +135,8 @@ def main(argv=None) -> int:
 
     model = D2LModel.from_checkpoint(str(path), base_model=base, tokenizer=tok)
     niah, facts = _records(tok, a, "eval")
-    summary = evaluate(model, niah + facts, out / "eval", methods=a.eval_methods.split(","), max_new_tokens=16,
+    eval_dir = pathlib.Path(a.eval_out) if a.eval_out else out / "eval"
+    summary = evaluate(model, niah + facts, eval_dir, methods=a.eval_methods.split(","), max_new_tokens=16,
                        overwrite=True, max_chunk_len=a.eval_chunk)
     print(json.dumps({"checkpoint": str(path), "summary": summary}, indent=1, default=str)[:6000])
     return 0

@@ -200,7 +200,8 @@ def _gen_data(args) -> int:
     base, tok = _load_base_for_data(args.base_model)
     stats = generate_data(base, tok, records, args.output, gold=args.gold, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          rows_per_file=args.rows_per_file, overwrite=args.overwrite, progress=True)
+                          rows_per_file=args.rows_per_file, overwrite=args.overwrite, progress=True,
+                          shuffle_seed=args.shuffle_seed)
     print(f"{stats['kept']}/{stats['questions']} answers kept ({stats['dropped_no_stop']} did not stop) in "
           f"{stats['rows']} rows → {args.output} ({stats['seconds']:.1f} s)")
     return 0
@@ -556,6 +557,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=_positive_int, default=256)
     g.add_argument("--batch-size", type=_positive_int, default=8)
     g.add_argument("--rows-per-file", type=_positive_int, default=1000)
+    g.add_argument("--shuffle-seed", type=int, default=None, help="write the rows in a seeded random order (the "
+                   "trainer shuffles only within a window of packs, so grouped records would train as phases)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous gen-data output in the folder")
     g.set_defaults(fn=_gen_data, loads_models=True)
     ev = sub.add_parser("eval", help="base model / document in the prompt / D2L side by side: QA F1, ROUGE-L, "

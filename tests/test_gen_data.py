@@ -114,6 +114,26 @@ def test_student_system_message(pair, records, tmp_path):
         generate_data(m, tok, records[:1], tmp_path / "bad", gold=True, system=3)
 
 
+def test_shuffle_seed_mixes_grouped_records(pair, tmp_path):
+    """Records grouped by kind (facts, then NIAH) come out in one seeded order: the same rows, interleaved, the same
+    order for the same seed; the default keeps the records' order."""
+    m, tok = pair
+    recs = generate_facts(6, seed=3) + generate_niah(tok, bins=[(32, 128)], n_per_bin=6, seed=3)
+    stats = generate_data(m, tok, recs, tmp_path / "a", gold=True, shuffle_seed=7, rows_per_file=5)
+    generate_data(m, tok, recs, tmp_path / "b", gold=True, shuffle_seed=7)
+    generate_data(m, tok, recs, tmp_path / "plain", gold=True)
+    ctx = {d: [tuple(ex.ctx_chunks[0]) for ex in iter_parquet(tmp_path / d, teacher=False)]
+           for d in ("a", "b", "plain")}
+    want = [tuple(tokenize_context(tok, r["context"])) for r in recs]
+    assert ctx["plain"] == want and stats["shuffle_seed"] == 7 and len(stats["files"]) == 3
+    assert ctx["a"] == ctx["b"] != want and sorted(ctx["a"]) == sorted(want)
+    kinds = ["niah" if c in set(want[6:]) else "qa" for c in ctx["a"]]
+    assert "niah" in kinds[:6] and "qa" in kinds[6:]  # no longer all facts first
+    with pytest.raises(ValueError, match="shuffle_seed must be an int"):
+        generate_data(m, tok, recs, tmp_path / "bad", gold=True, shuffle_seed="7")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_input_before_compute(pair, records, tmp_path):
     m, tok = pair
     out = tmp_path / "o"
@@ -141,9 +161,10 @@ def test_cli(pair, records, tmp_path, capsys):
     tok.save_pretrained(tmp_path / "base")
     data = write_records(records, tmp_path / "data.jsonl")
     rc = main(["gen-data", str(data), "-o", str(tmp_path / "cli"), "--base-model", str(tmp_path / "base"),
-               "--max-new-tokens", "10", "--batch-size", "4"])
+               "--max-new-tokens", "10", "--batch-size", "4", "--shuffle-seed", "3"])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "cli" / "gen_data.json").read_text())["kept"] > 0
+    stats = json.loads((tmp_path / "cli" / "gen_data.json").read_text())
+    assert stats["kept"] > 0 and stats["shuffle_seed"] == 3
     # bad inputs: one-line errors, nothing written
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "qas": []}\n')

@@ -29,15 +29,9 @@ from d2l_fast.training.trainer import (  # noqa: E402
     stream_packs,
 )
 
+from ._parquet import SCHEMA, write_rows  # noqa: E402
 from ._tiny import tiny_model  # noqa: E402
 
-SCHEMA = pa.schema([
-    ("ctx_ids", pa.list_(pa.int32())),
-    ("input_ids", pa.list_(pa.list_(pa.int32()))),
-    ("response_start_end", pa.list_(pa.list_(pa.int64()))),
-    ("logprobs_vals", pa.list_(pa.list_(pa.list_(pa.float16())))),
-    ("logprobs_indices", pa.list_(pa.list_(pa.list_(pa.int32())))),
-])
 # the globals a checkpoint written by the reference pickles (spec §3.2; the golden file has exactly these)
 REFERENCE_GLOBALS = {
     "__builtin__ set", "collections OrderedDict", "ctx_to_lora.configs CtxEncoderArguments",
@@ -70,9 +64,7 @@ def _rows(n_ctx, n_qa, seed=0, K=4, ctx_len=16, S=12, start=8):
 
 
 def _write(path, rows, schema=SCHEMA):
-    cols = {f.name: [r[f.name] for r in rows] for f in schema}
-    pq.write_table(pa.table(cols, schema=schema), path, row_group_size=2)
-    return str(path)
+    return str(write_rows(path, rows, schema, row_group_size=2))
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from d2l_fast.training.data import (  # noqa: E402
     split_qas,
 )
 
-SCHEMA = pa.schema([
-    ("ctx_ids", pa.list_(pa.int32())),
-    ("input_ids", pa.list_(pa.list_(pa.int32()))),
-    ("response_start_end", pa.list_(pa.list_(pa.int64()))),
-    ("logprobs_vals", pa.list_(pa.list_(pa.list_(pa.float16())))),
-    ("logprobs_indices", pa.list_(pa.list_(pa.list_(pa.int32())))),
-])
+from ._parquet import SCHEMA, write_rows  # noqa: E402
 
 
 def _row(rng, n_qa, K=4, V=50):
@@ -47,9 +41,7 @@ def _row(rng, n_qa, K=4, V=50):
 
 
 def _write(path, rows, schema=SCHEMA):
-    cols = {f.name: [r[f.name] for r in rows] for f in schema}
-    pq.write_table(pa.table(cols, schema=schema), path, row_group_size=3)
-    return path
+    return write_rows(path, rows, schema, row_group_size=3)
 
 
 @pytest.fixture

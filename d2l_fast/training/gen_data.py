@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import pathlib
+import random
 import shutil
 import time
 import uuid
@@ -217,7 +218,8 @@ def _schema(teacher: bool):
 
 def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: bool = False, top_k: int = 16,
                   max_new_tokens: int = 256, batch_size: int = 8, rows_per_file: int = 1000,
-                  overwrite: bool = False, progress: bool = False, system: str | None = None) -> dict:
+                  overwrite: bool = False, progress: bool = False, system: str | None = None,
+                  shuffle_seed: int | None = None) -> dict:
     """Write the parquet dataset of ``records`` (validated :mod:`.generators` records) into ``out_dir``.
 
     Args:
@@ -227,6 +229,10 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
         top_k: teacher log-probs kept per answer token (the reference keeps 16).
         system: the student sequence's system message (None: the chat template's default, the reference's layout;
             ``""``: the empty system message ``d2l-fast eval`` prompts with).
+        shuffle_seed: write the rows in the order of ``random.Random(shuffle_seed)`` instead of the records' order.
+            The trainer streams the files in order and shuffles only within a window of ``shuffle_buffer`` packs
+            (as the reference does), so records grouped by kind (all NIAH, then all facts) train as separate phases
+            unless they are shuffled here or before.
 
     Returns:
         the statistics also written to ``gen_data.json`` (a context whose answers all failed to stop gets no row;
@@ -243,6 +249,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
 
     if system is not None and not isinstance(system, str):
         raise ValueError(f"system must be a string or None, got {type(system).__name__}")
+    if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+        raise ValueError(f"shuffle_seed must be an int or None, got {shuffle_seed!r}")
     for v, what in ((top_k, "top_k"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size"),
                     (rows_per_file, "rows_per_file")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -291,6 +299,8 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
             rows.append(row)
     if not rows:
         logger.warning("no answer stopped within max_new_tokens=%d: nothing to write but gen_data.json", max_new_tokens)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(rows)
     kept = sum(len(r["input_ids"]) for r in rows)
     schema = _schema(not gold)
     tmp = staging_dir(out)
@@ -304,7 +314,7 @@ def generate_data(model, tokenizer, records: Sequence[dict], out_dir, *, gold: b
         stats = {"records": len(records), "questions": len(items), "kept": kept,
                  "dropped_no_stop": len(items) - kept, "rows": len(rows), "files": files,
                  "mode": "gold" if gold else "teacher", "top_k": None if gold else top_k,
-                 "max_new_tokens": None if gold else max_new_tokens,
+                 "max_new_tokens": None if gold else max_new_tokens, "shuffle_seed": shuffle_seed,
                  "base_model": getattr(base.config, "_name_or_path", ""), "seconds": round(time.perf_counter() - t0, 3)}
         (tmp / "gen_data.json").write_text(json.dumps(stats, indent=1) + "\n")
         publish(tmp, out, GEN_DATA_FILES)
