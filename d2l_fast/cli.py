@@ -290,8 +290,15 @@ def _serve(args) -> int:
         if args.untrained:
             raise CLIError("--untrained and --checkpoint exclude each other")
         from .checkpoint import load_checkpoint
+        from .zoo import pretrained, pretrained_names, resolve
 
-        model = _load_model(args, load_checkpoint(args.checkpoint, subfolder=args.subfolder))
+        if args.checkpoint in pretrained_names() and args.subfolder is None:  # a bundled name: its base + tokenizer
+            resolve(args.checkpoint)  # not shipped in this build: a clear error before any model loads
+            if args.base_model is not None:
+                _check_base_model(args.base_model, False)
+            model = pretrained(args.checkpoint, base_model=args.base_model, max_chunk_len=args.max_chunk_len)
+        else:
+            model = _load_model(args, load_checkpoint(args.checkpoint, subfolder=args.subfolder))
     app = create_app(model, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it",
@@ -520,7 +527,8 @@ def main(argv=None) -> int:
     e.add_argument("--overwrite", action="store_true", help="replace existing PEFT folders")
     e.set_defaults(fn=_export_peft, loads_models=True)
     sv = sub.add_parser("serve", help="OpenAI-compatible document server: documents → adapters, batched chat")
-    sv.add_argument("--checkpoint", help="trained D2L checkpoint: reference pytorch_model.bin or pickle-free folder")
+    sv.add_argument("--checkpoint", help="trained D2L checkpoint: a bundled name (smollm2-135m), the reference's "
+                    "pytorch_model.bin or a pickle-free folder")
     sv.add_argument("--base-model", help="local HF folder (default: the one the checkpoint names); with --untrained "
                     "also 'smollm2-135m'")
     sv.add_argument("--subfolder")

@@ -314,7 +314,7 @@ def _user_error(argv, capsys, *fragments):
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("d2l-fast ask: error: "), err
+    assert line.startswith(f"d2l-fast {argv[0]}: error: "), err
     for f in fragments:
         assert f in line, line
 
@@ -415,3 +415,28 @@ def test_demo_with_a_pretrained_checkpoint(smollm2_registered, loaded, capsys):
         assert lines[0].startswith(f"  with adapter: {a}") and lines[1].startswith(f"  base model:   {b}")
         assert lines[2] == f"  gold answer:  {d['answer']}"
     assert "correct: with adapter" in out
+
+
+def test_serve_unshipped_name_errors_before_loading(tmp_path, capsys, monkeypatch, no_model_loading):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    monkeypatch.setitem(zoo._registry, "fake-bundled", zoo.PretrainedEntry("fake-bundled", tmp_path, bundled=True))
+    _user_error(["serve", "--checkpoint", "fake-bundled"], capsys, "not shipped")
+
+
+@pytest.mark.slow
+def test_serve_a_pretrained_name(smollm2_registered, monkeypatch):
+    """``d2l-fast serve --checkpoint NAME`` serves the registered hypernetwork on its base with its tokenizer."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import d2l_fast.serving as serving
+
+    apps = []
+    monkeypatch.setattr(serving, "serve", lambda app, **kw: apps.append((app, kw)))  # do not block on uvicorn
+    assert main(["serve", "--checkpoint", TEST_NAME, "--port", "8123"]) == 0
+    (app, kw), = apps
+    served = app.state.d2l.model
+    assert kw["port"] == 8123 and served.tokenizer is not None and served.tokenizer.chat_template
+    want = load_checkpoint(smollm2_registered[1]).state_dict
+    got = served.hypernet.state_dict()
+    assert all(torch.equal(v.float(), got[k]) for k, v in want.items())
