@@ -29,18 +29,27 @@ def moving_average(xs: list[float], k: int) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("metrics", nargs="+", help="metrics.jsonl file(s); several are concatenated by step")
+    ap.add_argument("metrics", nargs="+", help="metrics.jsonl file(s); several are concatenated by step. "
+                    "FILE@OFFSET[:LAST] shifts a stage's steps by OFFSET and keeps its steps ≤ LAST (a later stage "
+                    "that started from an earlier stage's checkpoint), marking where it starts")
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--title", default="SmolLM2-135M hypernetwork, CPU training")
     ap.add_argument("--heldout", help="JSON file of [step, held-out answer loss] pairs to mark on the curve")
     a = ap.parse_args(argv)
-    rows = {}
-    for f in a.metrics:
+    rows, starts = {}, []
+    for spec in a.metrics:
+        f, offset, last = spec, 0, None
+        if "@" in spec:
+            f, rest = spec.rsplit("@", 1)
+            offset, _, lim = rest.partition(":")
+            offset, last = int(offset), (int(lim) if lim else None)
+            starts.append(offset)
         for ln in pathlib.Path(f).read_text().splitlines():
             if ln.strip():
                 r = json.loads(ln)
-                rows[int(r["step"])] = r
+                if last is None or int(r["step"]) <= last:
+                    rows[int(r["step"]) + offset] = r
     if not rows:
         print("no metrics", file=sys.stderr)
         return 1
@@ -57,6 +66,8 @@ def main(argv=None) -> int:
     if a.heldout:
         pts = json.loads(pathlib.Path(a.heldout).read_text())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C1", label="held-out answer loss")
+    for x in starts[1:]:
+        ax.axvline(x, color="0.5", ls=":", lw=1)
     ax.axhline(4 * math.log(10) / 5, color="C3", ls="--", lw=1, label="NIAH uniform-digit plateau (4·ln10/5)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per answer token (nats)")
