@@ -108,7 +108,7 @@ def readme(name: str, card: dict) -> str:
         "",
         *rows,
         "",
-        "The document in the prompt is the upper bound for NIAH. Its fact F1 is low because SmolLM2 answers in",
+        "The document in the prompt is the usual upper bound. Its fact F1 is low because SmolLM2 answers in",
         "sentences (precision, not recall); a model trained on short answers clears it by format alone, so the",
         "fact floor to beat is the last row: the expected F1 of a random value of the asked attribute.",
         "",
