@@ -121,6 +121,20 @@ def readme(name: str, card: dict) -> str:
     ])
 
 
+def _keep_identical_weights(dest: pathlib.Path, stage: pathlib.Path) -> None:
+    """Re-shipping the same checkpoint (a new model card) keeps the old weights file byte for byte: the
+    safetensors header's metadata order is not stable, and every changed byte is another 20 MB in git history."""
+    from safetensors.torch import load_file
+
+    from d2l_fast.checkpoint import WEIGHTS_NAME
+
+    old, new = dest / WEIGHTS_NAME, stage / WEIGHTS_NAME
+    if old.is_file():
+        a, b = load_file(str(old)), load_file(str(new))
+        if a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a):
+            shutil.copyfile(old, new)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
@@ -145,6 +159,7 @@ def main(argv=None) -> int:
         save_checkpoint(load_checkpoint(a.checkpoint), stage, dtype=torch.float16)
         (stage / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
         (stage / "README.md").write_text(readme(a.name, card))
+        _keep_identical_weights(dest, stage)
         for f in stage.iterdir():
             f.chmod(0o644)  # safetensors writes 0600
         size = sum(p.stat().st_size for p in stage.iterdir())
