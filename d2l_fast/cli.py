@@ -290,10 +290,10 @@ def _serve(args) -> int:
         if args.untrained:
             raise CLIError("--untrained and --checkpoint exclude each other")
         from .checkpoint import load_checkpoint
-        from .zoo import pretrained, pretrained_names, resolve
+        from .zoo import get_entry, pretrained, pretrained_names
 
         if args.checkpoint in pretrained_names() and args.subfolder is None:  # a bundled name: its base + tokenizer
-            resolve(args.checkpoint)  # not shipped in this build: a clear error before any model loads
+            get_entry(args.checkpoint)  # not shipped in this build: a clear error before anything is read
             if args.base_model is not None:
                 _check_base_model(args.base_model, False)
             model = pretrained(args.checkpoint, base_model=args.base_model, max_chunk_len=args.max_chunk_len)
