@@ -270,6 +270,46 @@ class AdapterBatch:
                                sel.rank_offsets, sel.alpha, sel.model_id)
         return AdapterBatch(sel.A, sel.B, [0, sel.rank_offsets[-1]], sel.alpha, sel.model_id)
 
+    def rescaled(self, *, context: float = 1.0, bias: float = 1.0, bias_rows: int,
+                 inplace: bool = False) -> "AdapterBatch":
+        """The adapters ``internalize(..., scalers=context, bias_scaler=bias)`` makes, from those it made with 1, 1.
+
+        Uses the rank-row layout of :func:`merge_chunk_loras`: every adapter holds its chunks' rows, then
+        ``bias_rows`` bias rows (the hypernetwork's ``lora_r`` when it has a bias LoRA, else 0). ``context``
+        multiplies A of the chunk rows; ``bias`` multiplies A and B of the bias rows. Both 1: ``self`` (no copy).
+        Otherwise one copy (``inplace=True``: this batch's tensors are scaled in place and ``self`` is returned,
+        e.g. for a concatenation the caller just made).
+        """
+        for name, v in (("context", context), ("bias", bias)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"rescaled: {name} must be a finite number, got {v!r}")
+        if isinstance(bias_rows, bool) or not isinstance(bias_rows, int) or bias_rows < 0:
+            raise ValueError(f"rescaled: bias_rows must be an int >= 0, got {bias_rows!r}")
+        short = [k for k, r in enumerate(self.ranks) if r < bias_rows]
+        if short:
+            raise ValueError(f"rescaled: bias_rows={bias_rows} but adapter #{short[0]} has rank "
+                             f"{self.ranks[short[0]]} (fewer rows than its bias rows)")
+        if bias_rows == 0 and bias != 1.0:
+            raise ValueError(f"rescaled: bias={bias} but bias_rows=0 (these adapters have no bias rows to scale)")
+        if context == 1.0 and bias == 1.0:
+            return self
+        ro = self.rank_offsets
+        is_bias = torch.zeros(ro[-1], dtype=torch.bool)
+        for end in ro[1:]:
+            is_bias[end - bias_rows:end] = True
+        a_scale = torch.where(is_bias, float(bias), float(context))
+        b_scale = torch.where(is_bias, float(bias), 1.0)
+        out = self if inplace else AdapterBatch({m: t.clone() for m, t in self.A.items()},
+                                                {m: t.clone() for m, t in self.B.items()}, list(ro), self.alpha,
+                                                self.model_id, self.names)
+        with torch.no_grad():
+            for d, s in ((out.A, a_scale), (out.B, b_scale)):
+                if bool((s == 1.0).all()):
+                    continue
+                for t in d.values():
+                    t.mul_(s.to(t.device, t.dtype)[None, :, None])
+        return out
+
     def to_peft(self, folder, index: int, *, model=None, spec=None, base_model=None, dtype=None,
                 overwrite: bool = False, max_rank: int | None = None):
         """Write adapter ``index`` as one standard PEFT LoRA folder; returns its path (a ``pathlib.Path``).

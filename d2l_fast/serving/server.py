@@ -1,0 +1,236 @@
+""":class:`DocumentServer`: the model, the document store and the two workers behind the HTTP routes.
+
+A posted document is tokenized once (its templated ids are counted, then internalized). A request's adapter is
+built with at most one copy of adapter data: a stored document's adapter is used as it is; several documents,
+or ``context_scaling`` / ``bias_scaling`` other than 1, cost one concatenation (scaled in place) or one scaled
+copy (:meth:`~d2l_fast.AdapterBatch.rescaled`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+
+from .. import packing
+from ..adapters import AdapterBatch
+from .engine import DecodeEngine, GenRequest, InternalizeBatcher
+from .errors import APIError, bad_request, not_found
+from .settings import ServerSettings
+from .store import ID_RE, DocumentStore, new_document_id
+from .validation import ROLES, field_value, message_text, str_list, typename
+
+
+class DocumentServer:
+    """Model + document store + the two workers; the FastAPI routes call into this."""
+
+    def __init__(self, model, settings: ServerSettings | None = None):
+        from ..model import D2LModel
+
+        if not isinstance(model, D2LModel):
+            raise TypeError(f"model must be a D2LModel, got {type(model).__name__}")
+        if settings is not None and not isinstance(settings, ServerSettings):
+            raise TypeError(f"settings must be a ServerSettings, got {type(settings).__name__}")
+        if model.tokenizer is None:
+            raise model.tokenizer_required("serving")
+        self.model = model
+        self.settings = settings = settings or ServerSettings()
+        name = pathlib.Path(str(model.spec.base_model_name_or_path)).name or "model"
+        self.model_name = settings.model_name or f"d2l-{name}"
+        self.created = int(time.time())
+        self.has_bias = model.hypernet.bias_lora() is not None
+        self.bias_rows = model.spec.lora_r if self.has_bias else 0  # rows at the end of every document's adapter
+        self.store = DocumentStore(model.spec, model.model_id, memory_bytes=int(settings.adapter_memory_mb * 2**20),
+                                   folder=settings.store)
+        self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0)
+        self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
+        self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.batcher.stop()
+
+    # ------------------------------------------------------------------ documents
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Each document's templated ids (what internalize reads) and its (templated tokens, chunks); validates
+        the texts and the token limit."""
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise bad_request(f"document #{i} is empty or whitespace-only; expected non-empty text", "text")
+        try:
+            ids = [packing.tokenize_context(self.model.tokenizer, t) for t in texts]
+            packed = self.model.pack(ids)
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"cannot tokenize the document(s): {e}", "text") from e
+        tokens = [0] * len(texts)
+        for c, n in zip(packed.chunk_to_doc, packed.lengths):
+            tokens[c] += n
+        lim = self.settings.max_document_tokens
+        for i, n in enumerate(tokens):
+            if n > lim:
+                raise APIError(413, f"document #{i} has {n} tokens, more than this server's limit of {lim} "
+                                    "(--max-document-tokens)", param="text", code="document_too_large")
+        return ids, list(zip(tokens, packed.n_chunks))
+
+    async def internalize(self, texts: list[str]) -> tuple[list[tuple[int, int]], list[tuple[AdapterBatch, float]]]:
+        """(tokens, chunks) and (adapter, seconds) per document; the documents are tokenized once."""
+        ids, counts = await asyncio.to_thread(self.tokenize, texts)
+        futs = self.batcher.submit(ids)
+        results = []
+        for f in futs:
+            try:
+                results.append(await asyncio.wrap_future(f))
+            except ValueError as e:
+                raise bad_request(f"cannot internalize the document: {e}", "text") from e
+        return counts, results
+
+    async def create_documents(self, body: dict) -> dict:
+        has_text, has_texts = body.get("text") is not None, body.get("texts") is not None
+        if has_text == has_texts:
+            raise bad_request("give exactly one of 'text' (one document) or 'texts' (an array of documents)", "text")
+        if has_text:
+            texts = [field_value(body, "text", "str")]
+        else:
+            texts = str_list(body, "texts", max_len=self.settings.max_documents_per_request)
+            if not texts:
+                raise bad_request("'texts' must hold at least one document", "texts")
+        names = str_list(body, "names", max_len=len(texts))
+        name = field_value(body, "name", "str", None)
+        if names is not None and len(names) != len(texts):
+            raise bad_request(f"{len(names)} names for {len(texts)} texts", "names")
+        if names is None:
+            names = [name if len(texts) == 1 else (f"{name} #{i}" if name else None) for i in range(len(texts))]
+        counts, results = await self.internalize(texts)
+        docs = []
+        for nm, (tokens, chunks), (ad, dt) in zip(names, counts, results):
+            doc_id = new_document_id()
+            info = {"object": "document", "name": nm, "tokens": tokens, "chunks": chunks, "rank": ad.ranks[0],
+                    "has_bias": self.has_bias, "created": int(time.time()), "internalize_ms": round(dt * 1e3, 3),
+                    "batch_size": len(texts)}
+            docs.append(await asyncio.to_thread(self.store.add, doc_id, ad, info))
+        return docs[0] if has_text else {"object": "list", "data": docs}
+
+    # ------------------------------------------------------------------ adapters of a request
+    def combine(self, parts: list[AdapterBatch], context: float, bias: float, *,
+                owned: bool = False) -> AdapterBatch | None:
+        """One adapter applying every part (documents' adapters, each made with scalers 1 and 1), scaled.
+
+        At most one copy: one part unscaled is returned as it is; one part scaled is one scaled copy (or scaled
+        in place when ``owned``: nobody else holds it); several parts are concatenated once and scaled in place.
+        """
+        if not parts:  # the base model (context_scaling / bias_scaling have nothing to scale)
+            return None
+        bias = bias if self.has_bias else 1.0
+        if len(parts) == 1:
+            return parts[0].rescaled(context=context, bias=bias, bias_rows=self.bias_rows, inplace=owned)
+        cat = AdapterBatch.concat(parts).rescaled(context=context, bias=bias, bias_rows=self.bias_rows, inplace=True)
+        return AdapterBatch(cat.A, cat.B, [0, cat.rank_offsets[-1]], cat.alpha, cat.model_id)  # rows as one adapter
+
+    async def request_adapter(self, body: dict) -> AdapterBatch | None:
+        ids = str_list(body, "documents", max_len=self.settings.max_documents_per_request, allow_str=True)
+        text = field_value(body, "document", "str", None)
+        c = field_value(body, "context_scaling", "number", 1.0, lo=-100.0, hi=100.0)
+        b = field_value(body, "bias_scaling", "number", 1.0, lo=-100.0, hi=100.0)
+        parts = []
+        for doc_id in ids or []:
+            if not ID_RE.match(doc_id):
+                raise not_found(f"document {doc_id!r} not found", "documents", "document_not_found")
+            parts.append((await asyncio.to_thread(self.store.get, doc_id))[1])
+        if text is not None:
+            _, ((ad, _),) = await self.internalize([text])
+            parts.append(ad)
+        return self.combine(parts, c, b, owned=text is not None and len(parts) == 1)
+
+    # ------------------------------------------------------------------ completions
+    def sampling(self, body: dict, prompt_len: int) -> dict:
+        n = field_value(body, "n", "int", 1)
+        if n != 1:
+            raise bad_request(f"only n=1 is supported, got n={n}", "n")
+        if body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1):
+            raise bad_request("logprobs and best_of are not supported by this server", "logprobs")
+        mt = field_value(body, "max_completion_tokens", "int", None, lo=1)
+        mt = field_value(body, "max_tokens", "int", mt, lo=1)
+        lim = self.settings.max_new_tokens
+        if mt is not None and mt > lim:
+            raise bad_request(f"max_tokens={mt} is more than this server's limit of {lim} (--max-new-tokens)",
+                              "max_tokens")
+        if mt is None:
+            mt = self.settings.default_max_tokens
+            if self.context_window:
+                mt = max(1, min(mt, self.context_window - prompt_len))
+        if self.context_window and prompt_len + mt > self.context_window:
+            raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {mt}: {prompt_len + mt} is "
+                                f"more than the model's context window of {self.context_window} tokens",
+                           param="messages", code="context_length_exceeded")
+        stop = str_list(body, "stop", max_len=4, allow_str=True) or []
+        if any(s == "" for s in stop):
+            raise bad_request("stop strings must be non-empty", "stop")
+        return dict(max_new_tokens=mt, stop=stop,
+                    temperature=field_value(body, "temperature", "number", 0.0, lo=0.0, hi=2.0),
+                    top_p=field_value(body, "top_p", "number", 1.0, lo=1e-6, hi=1.0),
+                    seed=field_value(body, "seed", "int", None, lo=-(2**63), hi=2**63 - 1))
+
+    def check_model(self, body: dict) -> None:
+        name = field_value(body, "model", "str")
+        if name != self.model_name:
+            raise not_found(f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model",
+                            "model_not_found")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise bad_request(f"'messages' must be a non-empty array of messages, got {typename(msgs)}", "messages")
+        conv = []
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise bad_request(f"messages[{k}] must be an object, got {typename(m)}", "messages")
+            role = m.get("role")
+            if role not in ROLES:
+                raise bad_request(f"messages[{k}].role must be one of {sorted(ROLES)}, got {role!r}", "messages")
+            conv.append({"role": ROLES[role], "content": message_text(m.get("content"), k)})
+        tok = self.model.tokenizer
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - template errors (e.g. roles a template refuses) are the client's
+            raise bad_request(f"the model's chat template refuses these messages: {e}", "messages") from e
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+            p = p[0]
+        if not isinstance(p, str) or not p:
+            raise bad_request(f"'prompt' must be a non-empty string, got {typename(p)}", "prompt")
+        if body.get("suffix") is not None or body.get("echo"):
+            raise bad_request("suffix and echo are not supported by this server", "suffix")
+        return list(self.model.tokenizer(p)["input_ids"])
+
+    async def prepare(self, body: dict, kind: str) -> tuple[GenRequest, bool, dict, asyncio.Queue]:
+        """Validate a completion request, build its adapter and queue it: (request, stream?, stream_options, the
+        queue its events arrive on)."""
+        if kind not in ("chat", "completion"):
+            raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
+        self.check_model(body)
+        stream = field_value(body, "stream", "bool", False)
+        opts = field_value(body, "stream_options", "object", {})
+        prompt = self.chat_prompt(body) if kind == "chat" else self.completion_prompt(body)
+        params = self.sampling(body, len(prompt))
+        adapter = await self.request_adapter(body)
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(kind_, payload):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (kind_, payload))
+            except RuntimeError:  # the event loop is gone: nobody listens any more
+                req.cancelled = True
+
+        req = GenRequest(prompt_ids=prompt, adapter=adapter, sink=sink, **params)
+        self.engine.submit(req)
+        return req, stream, opts, q
+
+
+__all__ = ["DocumentServer"]

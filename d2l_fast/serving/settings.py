@@ -1,0 +1,49 @@
+"""The server's limits and options: :class:`ServerSettings` (each field is a ``d2l-fast serve`` flag, see
+:mod:`d2l_fast.cli.serve`; ``metadata["help"]`` is the flag's help text, ``metadata["flag"]`` its name when it is
+not ``--<field-name>``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerSettings:
+    """Limits and options of the server (the ``d2l-fast serve`` flags of the same names)."""
+
+    model_name: str | None = _opt(None, "the model id in /v1/models and responses (default: d2l-<base model name>)",
+                                  flag="--served-model-name")
+    adapter_memory_mb: float = _opt(1024.0, "in-memory adapter budget in MiB (least recently used beyond it)")
+    store: str | None = _opt(None, "folder: one safetensors file per document, reloaded on restart")
+    max_batch: int = _opt(16, "rows decoded together")
+    max_queue: int = _opt(256, "requests running + waiting; more are answered 429")
+    max_document_tokens: int = _opt(32768, "templated tokens per document; more are answered 413")
+    max_documents_per_request: int = _opt(64, "documents one request may post or use")
+    max_new_tokens: int = _opt(1024, "upper bound of a request's max_tokens; more are answered 400")
+    default_max_tokens: int = _opt(256, "max_tokens of a request that gives none")
+    max_body_bytes: int = _opt(8 << 20, "request body limit in bytes; larger bodies are answered 413")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $D2L_API_KEY if set)")
+    batch_window_ms: float = _opt(5.0, "documents posted within this window are internalized in one call")
+
+    def __post_init__(self):
+        for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
+                  "default_max_tokens", "max_body_bytes"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ServerSettings.{k} must be a positive int, got {v!r}")
+        for k in ("adapter_memory_mb", "batch_window_ms"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"ServerSettings.{k} must be a non-negative number, got {v!r}")
+        for k in ("model_name", "store", "api_key"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"ServerSettings.{k} must be a string or None, got {type(v).__name__}")
+
+
+__all__ = ["ServerSettings"]
