@@ -520,3 +520,98 @@ def test_serve_cli_runs_a_real_server(model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- request path costs
+def test_deeply_nested_json_body_is_a_400_not_a_500(server):
+    for body in ("[" * 100000 + "]" * 100000, '{"a":' * 100000 + "1" + "}" * 100000):
+        for path in ("/v1/chat/completions", "/v1/documents", "/v1/completions"):
+            r = server.http.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert "too deeply" in err["message"] and err["type"] == "invalid_request_error"
+    assert server.http.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_a_posted_document_is_tokenized_once(server, monkeypatch):
+    import d2l_fast.packing as packing
+
+    real, seen = packing.tokenize_context, []
+    text = DOCS[0] + " Tokenized once."
+    packed = server.d2l.model.pack([text])  # what a document's tokens and chunks are
+
+    def counting(tokenizer, doc, **kw):
+        seen.append(doc)
+        return real(tokenizer, doc, **kw)
+
+    monkeypatch.setattr(packing, "tokenize_context", counting)  # every tokenization of a document text goes here
+    doc = post_doc(server, text)
+    assert seen == [text]
+    assert (doc["tokens"], doc["chunks"]) == (sum(packed.lengths), packed.n_chunks[0]) and doc["chunks"] > 1
+
+
+class _FreshAdapterTensors:
+    """Counts tensors that ops create in new memory with an adapter's shape [layers, rank rows, features], in every
+    thread started while installed (torch dispatch modes are per thread, so one is entered in each new thread)."""
+
+    def __init__(self, spec):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        self.shapes = {(spec.num_layers, d) for m in spec.target_modules for d in (spec.d_in[m], spec.d_out[m])}
+        self.r, self.count, self.on, self.lock = spec.lora_r, 0, False, threading.Lock()
+        probe = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if probe.on:
+                    ins = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                           if isinstance(t, torch.Tensor)}
+                    n = sum(1 for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() == 3
+                            and (t.shape[0], t.shape[2]) in probe.shapes and t.shape[1] >= probe.r
+                            and t.shape[1] % probe.r == 0 and t.untyped_storage().data_ptr() not in ins)
+                    with probe.lock:
+                        probe.count += n
+                return out
+
+        self.mode_cls = Mode
+
+    def _hook(self, frame, event, arg):
+        import sys
+
+        sys.setprofile(None)  # once per thread: enter a counting mode, then stop profiling
+        self.mode_cls().__enter__()
+
+    def __enter__(self):
+        threading.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        threading.setprofile(None)
+
+
+def test_a_request_copies_its_adapters_at_most_once(model, tmp_path):
+    """One document as it is: no copy. Two documents scaled: one concatenation (scaled in place), not the clones,
+    concatenation and composition (select) of before. Counted over the whole real path: HTTP handler, store
+    reads in worker threads, the decode engine's admission and the bound forward passes."""
+    n_mod = len(model.spec.target_modules)
+    with _FreshAdapterTensors(model.spec) as probe:
+        app = create_app(model, store=str(tmp_path / "store"))
+        with BackgroundServer(app) as srv:
+            c = httpx.Client(base_url=srv.url, timeout=60)
+            ids = [c.post("/v1/documents", json={"text": t}).json()["id"] for t in DOCS[3:5]]
+            name = app.state.d2l.model_name
+            q = chat_ids(model, user(QUESTIONS[3]))
+            cases = [({"documents": ids[:1]}, 0, model.internalize([DOCS[3]])),
+                     ({"documents": ids, "context_scaling": 0.5, "bias_scaling": 2.0}, 2 * n_mod,
+                      model.internalize(DOCS[3:5], scalers=0.5, bias_scaler=2.0).compose([0, 1]))]
+            for extra, copies, ad in cases:
+                probe.count, probe.on = 0, True
+                r = c.post("/v1/chat/completions", json={"model": name, "messages": user(QUESTIONS[3]),
+                                                         "max_tokens": 6, **extra})
+                probe.on = False
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == reference(model, q, ad, 6)[1]
+                # 2 tensors (A, B) per module = one copy of the request's adapter
+                assert probe.count == copies, (extra, probe.count, copies)
