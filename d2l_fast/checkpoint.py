@@ -11,12 +11,12 @@ Pickle-free format: a folder with ``d2l_config.json`` (the :class:`~d2l_fast.con
 ``hypernet.safetensors`` (same tensor names as the reference).
 
 Every file is checked before anything is allocated from it: it must be a regular file (a device, FIFO, socket
-or folder, also behind a symbolic link, is refused before it is opened, see :mod:`d2l_fast.safe_io`), the zip holds only stored (uncompressed)
-entries whose CRC-32 matches, its pickle is at most ``MAX_PICKLE_OPCODES`` opcodes (counted by a streaming scan
-before unpickling, so a pickle bomb costs O(file size) and little memory), no tensor is sparse, nested or on the
-``meta`` device, no tensor claims more elements than its storage holds (zero strides /
-overlaps), the config's sizes are bounded and consistent, and the tensors' names and shapes are exactly
-those the config implies (compared on the ``meta`` device). Any failure is a :class:`CheckpointError`
+or folder, also behind a symbolic link, is refused before it is opened, see :mod:`d2l_fast.safe_io`), the zip
+holds only stored (uncompressed) entries whose CRC-32 matches, its pickle is at most ``MAX_PICKLE_OPCODES``
+opcodes (counted by a streaming scan before unpickling, so a pickle bomb costs O(file size) and little memory),
+no tensor is sparse, nested, quantized or on the ``meta`` device, no tensor claims more elements than its storage
+holds (zero strides / overlaps), the config's sizes are bounded and consistent, and the tensors' names and shapes
+are exactly those the config implies (compared on the ``meta`` device). Any failure is a :class:`CheckpointError`
 naming the file and the offending field.
 """
 
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from .config import D2LSpec
-from .safe_io import check_regular_file, open_regular, read_json
 from .reference_format import (
     AggregatorConfig,
     CtxEncoderArguments,
@@ -47,6 +46,7 @@ from .reference_format import (
     spec_from_reference,
     spec_to_reference,
 )
+from .safe_io import check_regular_file, open_regular, read_json
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
     save_file({"t": torch.zeros(2)}, f.name)
     load_file(f.name)
 
-_spec = d2l_fast.D2LSpec(base_model_name_or_path="warm", num_layers=1, layer_indices=(0,), target_modules=("down_proj",),
+_spec = d2l_fast.D2LSpec(base_model_name_or_path="warm", num_layers=1,
+                         layer_indices=(0,), target_modules=("down_proj",),
                          d_in={"down_proj": 8}, d_out={"down_proj": 8}, feature_size=8, latent_size=8, lora_r=2,
                          lora_alpha=1.0, n_latent_queries=2, num_blocks=1, n_heads=2, head_dim=4, n_kv_heads=1)
 _expected_shapes(_spec)
