@@ -376,7 +376,9 @@ class AdapterBatch:
         from safetensors import SafetensorError, safe_open
 
         from .checkpoint import CheckpointError
+        from .safe_io import check_regular_file
 
+        check_regular_file(path, what="adapter file", error=CheckpointError)  # no device, FIFO or folder
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}

@@ -10,10 +10,13 @@ refused by torch's restricted unpickler.
 Pickle-free format: a folder with ``d2l_config.json`` (the :class:`~d2l_fast.config.D2LSpec`) and
 ``hypernet.safetensors`` (same tensor names as the reference).
 
-Every file is checked before anything is allocated from it: the zip holds only stored (uncompressed)
-entries whose CRC-32 matches, no tensor claims more elements than its storage holds (zero strides /
-overlaps), the config's sizes are bounded and consistent, and the tensors' names and shapes are exactly
-those the config implies (compared on the ``meta`` device). Any failure is a :class:`CheckpointError`
+Every file is checked before anything is allocated from it: it must be a regular file (a device, FIFO, socket
+or folder, also behind a symbolic link, is refused before it is opened, see :mod:`d2l_fast.safe_io`), the zip
+holds only stored (uncompressed) entries whose CRC-32 matches, its pickle is at most ``MAX_PICKLE_OPCODES``
+opcodes (counted by a streaming scan before unpickling, so a pickle bomb costs O(file size) and little memory),
+no tensor is sparse, nested, quantized or on the ``meta`` device, no tensor claims more elements than its storage
+holds (zero strides / overlaps), the config's sizes are bounded and consistent, and the tensors' names and shapes
+are exactly those the config implies (compared on the ``meta`` device). Any failure is a :class:`CheckpointError`
 naming the file and the offending field.
 """
 
@@ -24,6 +27,7 @@ import logging
 import os
 import pathlib
 import pickle
+import pickletools
 import re
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from .reference_format import (
     spec_from_reference,
     spec_to_reference,
 )
+from .safe_io import check_regular_file, open_regular, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,9 @@ del _module
 
 MAX_CONFIG_BYTES = 1 << 20  # d2l_config.json
 _MAX_WALK = 100_000  # objects visited when checking the tensors nested in a loaded pickle
+# Opcodes of one pickle in a reference checkpoint (the tiny golden file has ~3,100; a released one some 10^4).
+# Checked by a streaming scan before unpickling: the most a 250k-opcode pickle can build is well under 256 MB.
+MAX_PICKLE_OPCODES = 250_000
 
 
 class CheckpointError(ValueError):
@@ -122,11 +130,23 @@ def _safe_globals():
     return [(obj, name) for name, obj in _REFERENCE_GLOBALS.items()]
 
 
-def _check_zip(path: pathlib.Path) -> None:
-    """Refuse compressed, encrypted, duplicated or oversized entries and verify every CRC-32 (one read)."""
-    size = path.stat().st_size
+def _scan_pickle(f, path, name: str) -> None:
+    """Count the opcodes of the pickle ``name`` with a streaming scan (nothing is built); refuse it past
+    :data:`MAX_PICKLE_OPCODES`. Costs O(its size) time and constant memory."""
+    n = 0
+    for _ in pickletools.genops(f):
+        n += 1
+        if n > MAX_PICKLE_OPCODES:
+            raise CheckpointError(f"{path}: zip entry {name!r}: the pickle holds more than {MAX_PICKLE_OPCODES} "
+                                  "opcodes (a checkpoint holds a few thousand); refusing it")
+
+
+def _check_zip(path: pathlib.Path, fh) -> None:
+    """Refuse compressed, encrypted, duplicated or oversized entries, verify every CRC-32 (one read) and scan the
+    pickles' opcodes. ``fh``: the checkpoint, open (a regular file)."""
+    size = os.fstat(fh.fileno()).st_size
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
             names = [i.filename for i in infos]
             if len(set(names)) != len(names):
@@ -142,6 +162,8 @@ def _check_zip(path: pathlib.Path) -> None:
                 raise CheckpointError(f"{path}: zip entries claim {total} bytes in a file of {size} bytes")
             for i in infos:
                 with zf.open(i) as f:  # zipfile checks the CRC-32 when the entry has been read to its end
+                    if i.filename.endswith(".pkl"):
+                        _scan_pickle(f, path, i.filename)
                     while f.read(1 << 22):
                         pass
     except zipfile.BadZipFile as e:
@@ -164,7 +186,13 @@ def _unpickling_reason(e: Exception) -> str:
 
 
 def _check_tensor(t: torch.Tensor, where: str) -> None:
-    """A tensor must not claim more bytes than its storage holds (zero strides, overlapping views)."""
+    """A dense CPU tensor that does not claim more bytes than its storage holds (zero strides, overlapping views)."""
+    if t.is_nested or t.layout != torch.strided:
+        raise CheckpointError(f"{where}: a {'nested' if t.is_nested else str(t.layout).replace('torch.', '')} tensor; "
+                              "a checkpoint holds dense (strided) tensors only, refusing it")
+    if t.device.type != "cpu" or t.is_quantized:
+        raise CheckpointError(f"{where}: a {'quantized' if t.is_quantized else t.device.type} tensor; a checkpoint "
+                              "holds dense CPU tensors with data, refusing it")
     nbytes = t.untyped_storage().nbytes()
     need = t.numel() * t.element_size()
     if need > nbytes:
@@ -197,15 +225,21 @@ def _check_loaded(obj, path) -> None:
 
 
 def _torch_load_reference(path: pathlib.Path) -> dict:
-    if not zipfile.is_zipfile(path):
+    with open_regular(path, what="checkpoint", error=CheckpointError) as fh:
+        return _torch_load_open(path, fh)
+
+
+def _torch_load_open(path: pathlib.Path, fh) -> dict:
+    if not zipfile.is_zipfile(fh):
         raise CheckpointError(
             f"{path} is not a torch zip checkpoint (expected the reference's pytorch_model.bin); "
             "the file is truncated, corrupt or in another format"
         )
-    _check_zip(path)
+    _check_zip(path, fh)
+    fh.seek(0)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: {_unpickling_reason(e)}, outside the Doc-to-LoRA allowlist "
@@ -219,7 +253,11 @@ def _torch_load_reference(path: pathlib.Path) -> dict:
                               f"{str(e)[:300]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict state_dict at the top level, got {type(obj).__name__}")
-    _check_loaded(obj, path)
+    try:
+        _check_loaded(obj, path)
+    except (RuntimeError, NotImplementedError, TypeError) as e:  # a tensor kind torch cannot describe
+        raise CheckpointError(f"{path}: unsupported tensor in the checkpoint: {type(e).__name__}: "
+                              f"{str(e)[:300]}") from None
     return obj
 
 
@@ -269,9 +307,12 @@ def split_reference_state_dict(sd: dict, *, source: str = "<dict>", copy: bool =
             raise CheckpointError(f"{source}: state dict keys must be strings, got {type(k).__name__} {k!r:.80}")
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{source}: entry {k!r} should be a tensor, got {type(v).__name__}")
-        _check_tensor(v, f"{source}: entry {k!r}")
-        k = k.replace("_orig_mod.", "")
-        tensors[k] = v.detach().to("cpu")
+        try:
+            _check_tensor(v, f"{source}: entry {k!r}")
+            tensors[k.replace("_orig_mod.", "")] = v.detach().to("cpu")
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # a tensor kind torch cannot describe
+            raise CheckpointError(f"{source}: entry {k!r}: unsupported tensor ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from None
     try:
         spec = spec_from_reference(base, hc, ce)
     except RecursionError:
@@ -361,15 +402,7 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
 
     folder = pathlib.Path(folder)
     cfg_path = folder / CONFIG_NAME
-    try:
-        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, a config has at most "
-                                  f"{MAX_CONFIG_BYTES}")
-        cfg = json.loads(cfg_path.read_text())
-    except RecursionError:
-        raise CheckpointError(f"{cfg_path}: unreadable config: JSON nested too deeply") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable config: {e}") from e
+    cfg = read_json(cfg_path, MAX_CONFIG_BYTES, what="config", error=CheckpointError)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("format_version") != FORMAT_VERSION:
@@ -382,6 +415,7 @@ def load_safetensors_checkpoint(folder) -> LoadedCheckpoint:
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid field in 'spec': {e}") from None
     wpath = folder / WEIGHTS_NAME
+    check_regular_file(wpath, what="weights file", error=CheckpointError)
     expected = _expected_shapes(spec)
     try:
         with safe_open(str(wpath), framework="pt", device="cpu") as f:

@@ -7,6 +7,7 @@ The reference's pickled config classes and the conversion from/to them live in :
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -96,7 +97,19 @@ def _target_modules(tm) -> tuple[str, ...]:
     for m in tm:
         if not isinstance(m, str) or not m.isidentifier():
             raise ValueError(f"lora_config.target_modules entries must be module names, got {m!r:.80}")
+        if m.startswith("_") or m in _reserved_module_names():
+            raise ValueError(f"lora_config.target_modules entry {m!r} collides with an attribute of torch modules "
+                             "(the hypernetwork keys its parameters by module name); expected a base-model module "
+                             "name such as 'down_proj'")
     return tuple(sorted(tm))
+
+
+@functools.lru_cache(maxsize=1)
+def _reserved_module_names() -> frozenset[str]:
+    """Attribute names of the torch containers the hypernetwork keys by target-module name."""
+    import torch.nn as nn
+
+    return frozenset(name for cls in (nn.ParameterDict, nn.ModuleDict) for name in dir(cls))
 
 
 def _feature_dims(d, name: str, modules) -> dict[str, int]:

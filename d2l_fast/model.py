@@ -350,6 +350,10 @@ class D2LModel(nn.Module):
         if isinstance(documents, (str, torch.Tensor)):
             raise TypeError("internalize expects a list of documents; wrap a single document in a list")
         documents = list(documents)
+        if docs_per_call is not None and (isinstance(docs_per_call, bool) or not isinstance(docs_per_call, int)
+                                          or docs_per_call < 1):
+            raise ValueError(f"docs_per_call must be None or a positive int (documents per packed call), got "
+                             f"{docs_per_call!r}")
         # validates everything before any compute
         packed = self.pack(documents, max_chunk_len=max_chunk_len, split_special_tokens=split_special_tokens)
         if names is not None and len(names) != len(documents):
@@ -507,6 +511,11 @@ class D2LModel(nn.Module):
         if input_ids.numel():
             lo, hi = torch.aminmax(input_ids)
             self._check_vocab(int(lo), int(hi), "input_ids")
+        if adapters is None and adapter_index is not None:
+            used = [i for i in as_index_list(adapter_index) if i >= 0]
+            if used:
+                raise ValueError(f"adapter_index names adapters {used[:8]} but no adapters were given (adapters=None); "
+                                 "pass the AdapterBatch, or -1 / adapter_index=None for the base model")
         if adapters is not None:
             n_rows = input_ids.shape[0]
             idx = list(range(len(adapters))) if adapter_index is None else as_index_list(adapter_index)

@@ -22,11 +22,13 @@ import uuid
 
 from ..adapters import AdapterBatch
 from ..checkpoint import CheckpointError
+from ..safe_io import read_json
 from .errors import APIError, not_found
 
 logger = logging.getLogger(__name__)
 
 ID_RE = re.compile(r"^doc-[0-9a-f]{24}$")
+MAX_RECORD_BYTES = 1 << 20  # <id>.json
 
 
 def new_document_id() -> str:
@@ -85,7 +87,7 @@ class DocumentStore:
             doc_id = meta.stem
             tensors = meta.with_suffix(".safetensors")
             try:
-                info = json.loads(meta.read_text())
+                info = read_json(meta, MAX_RECORD_BYTES, what="document record")
                 if not ID_RE.match(doc_id) or not isinstance(info, dict) or info.get("id") != doc_id:
                     raise ValueError("the record does not name this document id")
             except (OSError, ValueError) as e:

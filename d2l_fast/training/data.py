@@ -21,12 +21,15 @@ pack into the flat, padding-free tensors :func:`~d2l_fast.training.losses.qa_los
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..safe_io import check_regular_file
 
 COLUMNS = ("ctx_ids", "input_ids", "response_start_end", "logprobs_vals", "logprobs_indices")
 TEACHER_COLUMNS = ("logprobs_vals", "logprobs_indices")
@@ -171,6 +174,8 @@ def open_parquet(f, need, hint: str = ""):
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("reading parquet data needs pyarrow: pip install 'd2l_fast[train]'") from e
+    if isinstance(f, (str, os.PathLike)):
+        check_regular_file(f, what="data file", error=DataError)  # no device or FIFO
     try:
         pf = pq.ParquetFile(f)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
@@ -222,7 +227,8 @@ def resolve_files(paths) -> list[pathlib.Path]:
             if not found:
                 raise DataError(f"{p}: folder holds no *.parquet files")
             files.extend(found)
-        elif p.is_file():
+        elif p.exists():
+            check_regular_file(p, what="data file", error=DataError)  # no device or FIFO
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")

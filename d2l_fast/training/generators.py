@@ -28,12 +28,15 @@ Everything is deterministic given ``seed``.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import random
 import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+
+from ..safe_io import open_regular
 
 NEEDLE = "The special magic number is {number}."
 NIAH_QUESTION = "What is the special magic number?"
@@ -470,7 +473,7 @@ def read_records(path, *, need_answers: bool = False) -> list[dict]:
     if not p.is_file():
         raise ValueError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
     records = []
-    with open(p, encoding="utf-8") as fh:
+    with io.TextIOWrapper(open_regular(p, what="data file"), encoding="utf-8") as fh:
         try:
             for ln, line in enumerate(fh, 1):
                 if not line.strip():
