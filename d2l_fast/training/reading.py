@@ -401,7 +401,8 @@ def generate_fact_docs(n_docs: int, *, split: str = "train", seed: int = 0, min_
     if min_facts > max_facts or max_facts > len(P.PERSON_ATTRIBUTES):
         raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {len(P.PERSON_ATTRIBUTES)}, got {min_facts}, {max_facts}")
     _check_count(max_distractors, "max_distractors", 0)
-    return _docs(n_docs, split, seed, "facts", min_facts=min_facts, max_facts=max_facts, max_distractors=max_distractors,
+    return _docs(n_docs, split, seed, "facts", min_facts=min_facts, max_facts=max_facts,
+                 max_distractors=max_distractors,
                  absent_prob=_check_prob(absent_prob, "absent_prob"),
                  general_prob=_check_prob(general_prob, "general_prob"))
 

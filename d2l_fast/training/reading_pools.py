@@ -16,7 +16,8 @@ PERSON_ATTRIBUTES: dict[str, dict] = {
     "birthplace": {"value": "city", "preds": {
         "train": ["was born in {value}", "came into the world in {value}", "was born and raised in {value}"],
         "dev": ["first saw the light of day in {value}", "is a native of {value}"],
-        "test": ["was born in the town of {value}", "spent the first years of life in {value}, where the family lived"]},
+        "test": ["was born in the town of {value}",
+                 "spent the first years of life in {value}, where the family lived"]},
         "questions": {
         "train": ["Where was {name} born?", "In which city was {name} born?", "What is the birthplace of {name}?"],
         "dev": ["Which town is {name} a native of?", "Where did {name} first see the light of day?"],
@@ -125,11 +126,13 @@ NUMBER_ATTRIBUTES: dict[str, dict] = {
         "dev": ["catalogues its most popular product as {value}", "markets its lead item with code {value}"],
         "test": ["stamps its best seller with the code {value}", "gave its newest product the code {value}"]},
         "questions": {
-        "train": ["What is the code of the best product of {name}?", "Under which code does {name} ship its main model?",
+        "train": ["What is the code of the best product of {name}?",
+                  "Under which code does {name} ship its main model?",
                   "How does {name} label its flagship item?"],
         "dev": ["What catalogue code does {name} use for its most popular product?",
                 "Which code does {name} market its lead item with?"],
-        "test": ["Which code is stamped on the best seller of {name}?", "What code did {name} give its newest product?"]}},
+        "test": ["Which code is stamped on the best seller of {name}?",
+                 "What code did {name} give its newest product?"]}},
     "birth_year": {"entity": "person", "kind": "year", "preds": {
         "train": ["was born in the year {value}", "celebrated a first birthday a year after {value}",
                   "arrived in {value}, the year of birth"],
@@ -242,7 +245,8 @@ CHITCHAT_QUESTIONS = {
     "train": ["Hello! How are you today?", "Can you tell me a short joke?", "What should I cook for dinner tonight?",
               "Give me one tip for sleeping better.", "What is a good name for a goldfish?",
               "Say something nice to cheer me up."],
-    "dev": ["Good morning! How is it going?", "Can you suggest a hobby to try?", "What is a fun thing to do on a rainy day?"],
+    "dev": ["Good morning! How is it going?", "Can you suggest a hobby to try?",
+            "What is a fun thing to do on a rainy day?"],
     "test": ["Hi there, how do you feel today?", "Can you recommend a board game?",
              "What is a good way to relax after work?"],
 }
