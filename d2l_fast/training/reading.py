@@ -1,0 +1,590 @@
+"""Data for the reading model (issue 16): prose fact documents, numbers of every shape, NIAH with varied needles
+and real prose filler, long documents for the chunk stage, and questions the document does not answer.
+
+Records follow :mod:`.generators`' JSONL format (``id``, ``task``, ``context``, ``qas``, ``meta``), so
+:func:`~d2l_fast.training.gen_data.generate_data` and :func:`~d2l_fast.training.evaluate.evaluate` take them. Every
+QA also carries ``qa_kind`` (``fact``, ``number``, ``needle``, ``general``, ``chitchat``, ``absent``) and, where
+they apply, ``attribute``, ``entity_role`` (``main`` / ``distractor``), ``number_kind`` (``integer``, ``year``,
+``amount``, ``code``), ``digits`` (digit count of the answer), ``question_template`` and ``fact_template``
+(``"<attribute>/<split>/<index>"``); ``meta`` holds ``kind`` (``facts``, ``numbers``, ``niah``, ``long``,
+``nohijack``), ``split`` and, for length-binned records, ``bin`` and ``n_tokens``.
+
+Splits ``train`` / ``dev`` / ``test`` share nothing that matters to a reader:
+
+* phrasings — every predicate, question, frame, opener, needle and general question is written out per split
+  (:mod:`.reading_pools`);
+* entities — invented words (people, cities, organisations, schools) belong to the split ``crc32(word) mod 10``
+  picks (0 test, 1 dev, else train), so no invented word appears in two splits;
+* numbers — every number string of two or more digits belongs to the split of its crc32 the same way (the ten
+  one-digit numbers are shared: there are too few to split);
+* filler — prose sentences from sources found offline: Python standard-library docstrings, the licence texts in
+  ``/usr/share/common-licenses`` and package ``copyright`` files under ``/usr/share/doc``; each source file belongs
+  to the split of its name's crc32, and a sentence found in two splits' sources is dropped from both.
+
+Real-word values (professions, instruments, objects) are shared by the splits. Answers are always present verbatim
+in their documents, except ``general``, ``chitchat`` and ``absent`` questions (gold: a fixed short answer, the base
+model's own answer, or :data:`~.reading_pools.NOT_STATED`). Everything is a function of ``(split, seed)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import random
+import re
+import sysconfig
+import zlib
+from collections.abc import Callable, Sequence
+
+from . import reading_pools as P
+
+SPLITS = ("train", "dev", "test")
+KINDS = ("facts", "numbers", "niah", "long", "nohijack")
+NIAH_TRAIN_BINS = ((32, 128), (128, 256))
+NIAH_EVAL_BINS = ((32, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048))
+LONG_BINS = ((512, 1024), (1024, 2048))
+_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "bl", "dr",
+           "gl", "kr", "pr", "sk", "st", "tr", "ch", "sh")
+_NUCLEI = ("a", "e", "i", "o", "u", "ai", "ea", "io", "oa", "y")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "k", "nt", "rd", "ck")
+_FILLER_BANNED = {"number", "numbers", "code", "codes", "password", "combination", "magic", "secret", "lucky",
+                  "tracking", "hidden", "access", "locker", "wifi", "parcel", "document", "say"}
+_SENTENCE_RE = re.compile(r"[A-Z][A-Za-z ,;'()-]+\.")
+
+
+def split_of(text: str) -> str:
+    """The split an invented word, a number string or a filler source belongs to (crc32 mod 10: 0 → test,
+    1 → dev, otherwise train)."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected a non-empty string, got {text!r}")
+    h = zlib.crc32(text.lower().encode("utf-8")) % 10
+    return "test" if h == 0 else "dev" if h == 1 else "train"
+
+
+def _check_split(split) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def _check_count(n, what: str, lo: int = 1) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < lo:
+        raise ValueError(f"{what} must be an int ≥ {lo}, got {n!r}")
+    return n
+
+
+def _check_prob(p, what: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"{what} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+@functools.lru_cache(maxsize=1)
+def _common_words() -> frozenset[str]:
+    texts = [P.NOT_STATED, *P.PROFESSIONS, *P.INSTRUMENTS, *P.OBJECTS, *P.ORG_SUFFIXES, *P.SCHOOL_FORMS]
+    for pool in (P.PERSON_ATTRIBUTES, P.NUMBER_ATTRIBUTES):
+        for d in pool.values():
+            texts += [t for s in SPLITS for t in d["preds"][s] + d["questions"][s]]
+    for s in SPLITS:
+        texts += [t for f in P.FRAMES[s] for t in f[1:]] + P.OPENERS[s] + P.CHITCHAT_QUESTIONS[s]
+        texts += [t for st, qs in P.NEEDLES[s] for t in st + qs] + [t for qa in P.GENERAL_QUESTIONS[s] for t in qa]
+    return frozenset(w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t))
+
+
+class _Names:
+    """Invented words of one split, never repeated within one document (``reset`` per document)."""
+
+    def __init__(self, rng: random.Random, split: str):
+        self.rng, self.split, self.used = rng, split, set()
+
+    def reset(self):
+        self.used = set()
+
+    def word(self) -> str:
+        for _ in range(10000):
+            w = "".join(self.rng.choice(_ONSETS) + self.rng.choice(_NUCLEI) for _ in range(self.rng.choice((2, 2, 3))))
+            w = (w + self.rng.choice(_CODAS)).capitalize()
+            if w not in self.used and w.lower() not in _common_words() and split_of(w) == self.split:
+                self.used.add(w)
+                return w
+        raise RuntimeError("could not invent a new word")  # pragma: no cover - the word space is huge
+
+    def value(self, kind: str) -> str:
+        if kind == "person":
+            return f"{self.word()} {self.word()}"
+        if kind == "city":
+            return self.word()
+        if kind == "org":
+            return f"{self.word()} {self.rng.choice(P.ORG_SUFFIXES)}"
+        if kind == "school":
+            return self.rng.choice(P.SCHOOL_FORMS).format(w=self.word())
+        pool = {"profession": P.PROFESSIONS, "instrument": P.INSTRUMENTS, "object": P.OBJECTS}[kind]
+        return self.rng.choice(pool)
+
+
+# ---------------------------------------------------------------------------------------------------- numbers
+
+
+def make_number(rng: random.Random, kind: str, split: str, digits: tuple[int, int] = (1, 8)) -> str:
+    """A number string of ``kind`` (``integer`` with a digit count drawn from ``digits``, ``year``, ``amount``
+    such as ``$4,250`` / ``€12.50`` / ``3.5 million``, ``code`` such as ``AX-4471``) from ``split``'s pool."""
+    _check_split(split)
+    for _ in range(10000):
+        if kind == "integer":
+            d = rng.randint(*digits)
+            s = str(rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1))
+        elif kind == "year":
+            s = str(rng.randint(1600, 2029))
+        elif kind == "amount":
+            form = rng.randrange(4)
+            cur = rng.choice(P.CURRENCIES)
+            if form == 0:
+                s = f"{cur}{rng.randint(10, 9_999_999):,}"
+            elif form == 1:
+                s = f"{cur}{rng.randint(1, 999)}.{rng.randint(0, 99):02d}"
+            elif form == 2:
+                s = f"{rng.randint(1, 99)}.{rng.randint(1, 9)} million {rng.choice(('dollars', 'euros', 'pounds'))}"
+            else:
+                s = f"{rng.randint(100, 99_999):,} {rng.choice(('dollars', 'euros', 'pounds'))}"
+        elif kind == "code":
+            up = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+            form = rng.randrange(3)
+            if form == 0:
+                s = f"{rng.choice(up)}{rng.choice(up)}-{rng.randint(100, 99999)}"
+            elif form == 1:
+                s = f"{rng.choice(up)}{rng.randint(1, 9)}-{rng.randint(10, 999)}{rng.choice(up)}"
+            else:
+                s = f"{rng.choice(up)}{rng.choice(up)}{rng.choice(up)}{rng.randint(10, 9999)}"
+        else:
+            raise ValueError(f"number kind must be integer, year, amount or code, got {kind!r}")
+        if len(s) == 1 or split_of(s) == split:
+            return s
+    raise RuntimeError(f"no {kind} number of split {split}")  # pragma: no cover
+
+
+def n_digits(s: str) -> int:
+    return sum(c.isdigit() for c in s)
+
+
+# ---------------------------------------------------------------------------------------------------- filler
+
+
+def _source_files() -> list[tuple[str, pathlib.Path]]:
+    lib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo")
+    files = sorted(lib.glob("*.py")) + sorted(p for p in lib.glob("*/*.py") if p.parent.name not in skip)
+    out = [(f"stdlib:{p.relative_to(lib).with_suffix('').as_posix().replace('/', '.')}", p) for p in files]
+    lic = pathlib.Path("/usr/share/common-licenses")
+    if lic.is_dir():
+        out += [(f"licence:{p.name}", p) for p in sorted(lic.iterdir()) if p.is_file()]
+    doc = pathlib.Path("/usr/share/doc")
+    if doc.is_dir():
+        out += [(f"copyright:{p.parent.name}", p) for p in sorted(doc.glob("*/copyright")) if p.is_file()]
+    return out
+
+
+def _sentences(text: str, python: bool) -> list[str]:
+    if python:
+        text = " ".join(m.group(1) for m in re.finditer(r'"""(.*?)"""', text, re.S))
+    text = re.sub(r"\s+", " ", text)
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        s = s.strip()
+        words = s.split()
+        if (6 <= len(words) <= 35 and _SENTENCE_RE.fullmatch(s) and s.count("(") == s.count(")")
+                and not any(w.strip(",;().'").lower() in _FILLER_BANNED for w in words)):
+            out.append(s)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _all_filler() -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    by_split: dict[str, list] = {s: [] for s in SPLITS}
+    owner: dict[str, set] = {}
+    for name, path in _source_files():
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        sents = list(dict.fromkeys(_sentences(text, name.startswith("stdlib:"))))
+        split = split_of(name)
+        for s in sents:
+            owner.setdefault(s, set()).add(split)
+        by_split[split].append((name, sents))
+    out = {}
+    for split, docs in by_split.items():
+        seen, keep = set(), []
+        for name, sents in docs:
+            sents = tuple(s for s in sents if len(owner[s]) == 1 and s not in seen)
+            seen.update(sents)
+            if len(sents) >= 3:
+                keep.append((name, sents))
+        out[split] = tuple(keep)
+    return out
+
+
+def filler_sources(split: str) -> list[tuple[str, tuple[str, ...]]]:
+    """``[(source name, sentences)]`` of ``split`` (module docstring); the sentences hold no digits and none of
+    the needle words."""
+    docs = _all_filler()[_check_split(split)]
+    if not docs:
+        raise RuntimeError(f"no filler prose found for split {split!r} (looked in the Python standard library, "
+                           "/usr/share/common-licenses and /usr/share/doc/*/copyright)")
+    return list(docs)
+
+
+def _length_fn(tokenizer) -> Callable[[str], int]:
+    if callable(tokenizer) and hasattr(tokenizer, "convert_ids_to_tokens"):
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if callable(tokenizer):
+        return tokenizer
+    raise TypeError(f"tokenizer must be a Hugging Face tokenizer or a callable text → token count, got "
+                    f"{type(tokenizer).__name__}")
+
+
+class _Filler:
+    """Runs of consecutive filler sentences (a random source, a random start, continuing in another source)."""
+
+    def __init__(self, rng: random.Random, split: str, count: Callable[[str], int]):
+        self.rng, self.docs, self.count, self.cache = rng, filler_sources(split), count, {}
+
+    def tokens(self, s: str) -> int:
+        if s not in self.cache:
+            self.cache[s] = self.count(" " + s)
+        return self.cache[s]
+
+    def run(self, n_tokens: int) -> tuple[list[str], list[str]]:
+        """Sentences of about ``n_tokens`` tokens in all, and the sources they came from."""
+        out, names, total = [], [], 0
+        while total < n_tokens:
+            name, sents = self.rng.choice(self.docs)
+            names.append(name)
+            for s in sents[self.rng.randrange(len(sents)):]:
+                if total >= n_tokens:
+                    break
+                out.append(s)
+                total += self.tokens(s)
+        return out, names
+
+
+def _fit(build: Callable[[list[str]], str], filler: _Filler, count, lo: int, hi: int, fixed_tokens: int):
+    """Text from ``build(fillers)`` with ``lo ≤ count(text) < hi``; fillers are added or dropped at the end."""
+    rng = filler.rng
+    for _ in range(20):
+        target = rng.randint(lo, hi - 1)
+        sents, names = filler.run(max(0, target - fixed_tokens) + 200)
+        est, k = fixed_tokens, 0
+        while k < len(sents) and est + filler.tokens(sents[k]) <= target:
+            est += filler.tokens(sents[k])
+            k += 1
+        seen = set()
+        while k not in seen and 0 <= k <= len(sents):
+            seen.add(k)
+            text = build(sents[:k])
+            n = count(text)
+            if lo <= n < hi:
+                return text, n, sorted(set(names))
+            k += -1 if n >= hi else 1
+    raise ValueError(f"cannot build a document of {lo}–{hi - 1} tokens from whole filler sentences; widen the bin")
+
+
+# ---------------------------------------------------------------------------------------------------- facts
+
+
+def _fix_articles(s: str) -> str:
+    return re.sub(r"\ba ([aeiouAEIOU])", r"an \1", s)
+
+
+def _fact_parts(rng: random.Random, names: _Names, split: str, *, min_facts: int, max_facts: int,
+                max_distractors: int, absent_prob: float, general_prob: float, numbers: bool):
+    """Sentences (unordered), frame and QAs of one fact (``numbers=False``) or number document."""
+    names.reset()
+    pool = P.NUMBER_ATTRIBUTES if numbers else P.PERSON_ATTRIBUTES
+    etype = rng.choice(("org", "person")) if numbers else "person"
+    attrs_all = sorted(a for a, d in pool.items() if not numbers or d["entity"] == etype)
+    main = names.value(etype)
+    n_dis = rng.randint(0, max_distractors)
+    entities = [(main, "main")] + [(names.value(etype), "distractor") for _ in range(n_dis)]
+    k_main = rng.randint(min_facts, min(max_facts, len(attrs_all)))
+    facts, qas = [], []  # facts: (entity, [(attr, pred index, value)])
+    used_values = set()
+    budget = max_facts  # numbers: at most max_facts numbers in the whole document
+    for e, role in entities:
+        k = k_main if role == "main" else rng.randint(1, min(3, len(attrs_all)))
+        k = min(k, budget) if numbers else k
+        if k < 1:
+            break
+        budget -= k
+        attrs = rng.sample(attrs_all, k)
+        items = []
+        for a in attrs:
+            d = pool[a]
+            for _ in range(100):
+                v = (make_number(rng, d["kind"], split, d.get("digits", (1, 8))) if numbers
+                     else names.value(d["value"]))
+                if v not in used_values and not any(v in u or u in v for u in used_values):
+                    break
+            used_values.add(v)
+            pi = rng.randrange(len(d["preds"][split]))
+            items.append((a, pi, v))
+            if role == "main" or rng.random() < 0.5:
+                qi = rng.randrange(len(d["questions"][split]))
+                ans = v[4:] if v.startswith("the ") else v
+                qa = {"question": d["questions"][split][qi].format(name=e), "answers": [ans],
+                      "qa_kind": "number" if numbers else "fact", "attribute": a, "entity_role": role,
+                      "question_template": f"{a}/{split}/{qi}", "fact_template": f"{a}/{split}/{pi}"}
+                if numbers:
+                    qa.update(number_kind=d["kind"], digits=n_digits(v))
+                qas.append(qa)
+        facts.append((e, items))
+    absent = [a for a in attrs_all if a not in {it[0] for it in facts[0][1]}]
+    if absent and rng.random() < absent_prob:
+        a = rng.choice(absent)
+        qi = rng.randrange(len(pool[a]["questions"][split]))
+        qas.append({"question": pool[a]["questions"][split][qi].format(name=main), "answers": [P.NOT_STATED],
+                    "qa_kind": "absent", "attribute": a, "entity_role": "main",
+                    "question_template": f"{a}/{split}/{qi}"})
+    if rng.random() < general_prob:
+        q, ans = rng.choice(P.GENERAL_QUESTIONS[split])
+        qas.append({"question": q, "answers": [ans], "qa_kind": "general"})
+    sentences = []
+    for e, items in facts:
+        rng.shuffle(items)
+        i = 0
+        while i < len(items):
+            g = items[i : i + rng.choice((1, 1, 2, 2, 3))]
+            i += len(g)
+            preds = [pool[a]["preds"][split][pi].format(value=v) for a, pi, v in g]
+            body = preds[0] if len(preds) == 1 else ", ".join(preds[:-1]) + " and " + preds[-1]
+            sentences.append((e, body))
+    rng.shuffle(sentences)
+    out, mentioned = [], set()
+    for e, body in sentences:
+        subj = e if e not in mentioned or rng.random() < 0.5 or numbers else e.split()[-1]
+        mentioned.add(e)
+        opener = rng.choice(P.OPENERS[split])
+        s = _fix_articles(f"{opener}{subj} {body}.")
+        out.append(s[0].upper() + s[1:])
+    frame_name, intro, outro = rng.choice(P.FRAMES[split])
+    fmt = {"name": main, "reader": names.value("person").split()[0], "writer": names.value("person")}
+    meta = {"entity": main, "entity_type": etype, "distractors": [e for e, r in entities[1:]], "frame": frame_name,
+            "n_numbers" if numbers else "n_facts": sum(len(it) for _, it in facts)}
+    return out, intro.format(**fmt), outro.format(**fmt), qas, meta
+
+
+def _join(intro: str, body: list[str], outro: str) -> str:
+    parts = [p for p in (intro, " ".join(body), outro) if p]
+    return "\n\n".join(parts)
+
+
+def _docs(n_docs, split, seed, kind, **kw) -> list[dict]:
+    _check_count(n_docs, "n_docs")
+    _check_split(split)
+    rng = random.Random(f"reading/{kind}/{split}/{seed}")
+    names = _Names(rng, split)
+    out = []
+    for i in range(n_docs):
+        sents, intro, outro, qas, meta = _fact_parts(rng, names, split, numbers=kind == "numbers", **kw)
+        out.append({"id": f"reading-{split}-{kind}-{seed}-{i:05d}", "task": "qa", "context": _join(intro, sents, outro),
+                    "qas": qas, "meta": {"kind": kind, "split": split, "seed": seed, **meta}})
+    return out
+
+
+def generate_fact_docs(n_docs: int, *, split: str = "train", seed: int = 0, min_facts: int = 3, max_facts: int = 6,
+                       max_distractors: int = 2, absent_prob: float = 0.25, general_prob: float = 0.25) -> list[dict]:
+    """Prose documents about an invented person (a document frame, 1–3 facts per sentence, sentence order and
+    subject wording random) with up to ``max_distractors`` other people holding 1–3 facts each; one QA per fact
+    of the main person and about half of the distractors' facts, an ``absent`` question with ``absent_prob`` and
+    a ``general`` one with ``general_prob``."""
+    _check_count(min_facts, "min_facts")
+    _check_count(max_facts, "max_facts")
+    if min_facts > max_facts or max_facts > len(P.PERSON_ATTRIBUTES):
+        raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {len(P.PERSON_ATTRIBUTES)}, got {min_facts}, {max_facts}")
+    _check_count(max_distractors, "max_distractors", 0)
+    return _docs(n_docs, split, seed, "facts", min_facts=min_facts, max_facts=max_facts,
+                 max_distractors=max_distractors,
+                 absent_prob=_check_prob(absent_prob, "absent_prob"),
+                 general_prob=_check_prob(general_prob, "general_prob"))
+
+
+def generate_number_docs(n_docs: int, *, split: str = "train", seed: int = 0, max_numbers: int = 4,
+                         absent_prob: float = 0.15, general_prob: float = 0.1) -> list[dict]:
+    """Documents holding 1–``max_numbers`` numbers (integers of 1–8 digits, years, amounts, codes) about an
+    invented organisation or person (sometimes a second one of the same kind); every question names its number
+    by entity and attribute; the gold answer is the number string exactly as written."""
+    _check_count(max_numbers, "max_numbers")
+    if max_numbers > 5:
+        raise ValueError(f"max_numbers must be at most 5 (numeric attributes per entity kind), got {max_numbers}")
+    return _docs(n_docs, split, seed, "numbers", min_facts=1, max_facts=max_numbers, max_distractors=1,
+                 absent_prob=_check_prob(absent_prob, "absent_prob"),
+                 general_prob=_check_prob(general_prob, "general_prob"))
+
+
+# ---------------------------------------------------------------------------------------------------- NIAH, long
+
+
+def _check_bins(bins) -> list[tuple[int, int]]:
+    out = []
+    for b in bins:
+        if (not isinstance(b, (tuple, list)) or len(b) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in b) or not 0 < b[0] < b[1]):
+            raise ValueError(f"each bin must be a pair of ints (lo, hi) with 0 < lo < hi, got {b!r}")
+        out.append((int(b[0]), int(b[1])))
+    if not out:
+        raise ValueError("expected at least one length bin")
+    return out
+
+
+def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
+                       n_per_bin: int = 100, seed: int = 0, digits: tuple[int, int] = (3, 7)) -> list[dict]:
+    """Needle-in-a-haystack records (``task="niah"``): prose filler of ``split``'s sources with one needle of
+    ``split``'s phrasings (a ``digits``-digit number of ``split``'s pool) at a depth drawn within a decile
+    (deciles shuffled per ten records), ``lo ≤`` tokens ``< hi`` of its bin (``tokenizer``: the model's tokenizer or
+    a callable text → token count)."""
+    count = _length_fn(tokenizer)
+    _check_split(split)
+    bins = _check_bins(bins)
+    _check_count(n_per_bin, "n_per_bin")
+    if not (isinstance(digits, tuple) and len(digits) == 2 and 1 <= digits[0] <= digits[1] <= 8):
+        raise ValueError(f"digits must be a (lo, hi) tuple with 1 ≤ lo ≤ hi ≤ 8, got {digits!r}")
+    rng = random.Random(f"reading/niah/{split}/{seed}")
+    filler = _Filler(rng, split, count)
+    out = []
+    for lo, hi in bins:
+        deciles: list[int] = []
+        for i in range(n_per_bin):
+            if not deciles:
+                deciles = list(range(10))
+                rng.shuffle(deciles)
+            depth = (deciles.pop() + rng.random()) / 10
+            gi = rng.randrange(len(P.NEEDLES[split]))
+            statements, questions = P.NEEDLES[split][gi]
+            si, qi = rng.randrange(len(statements)), rng.randrange(len(questions))
+            number = make_number(rng, "integer", split, digits)
+            needle = statements[si].format(n=number)
+
+            def build(fill, needle=needle, depth=depth):
+                k = round(depth * len(fill))
+                return " ".join(fill[:k] + [needle] + fill[k:])
+
+            text, n_tok, sources = _fit(build, filler, count, lo, hi, count(needle))
+            out.append({"id": f"reading-{split}-niah-{seed}-{lo}-{hi}-{i:05d}", "task": "niah", "context": text,
+                        "qas": [{"question": questions[qi], "answers": [number], "qa_kind": "needle",
+                                 "attribute": f"needle{gi}", "number_kind": "integer", "digits": len(number),
+                                 "question_template": f"needle{gi}/{split}/{qi}",
+                                 "fact_template": f"needle{gi}/{split}/{si}"}],
+                        "meta": {"kind": "niah", "split": split, "seed": seed, "bin": [lo, hi], "n_tokens": n_tok,
+                                 "depth": round(depth, 6), "sources": sources}})
+    return out
+
+
+def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = LONG_BINS,
+                       n_per_bin: int = 50, seed: int = 0) -> list[dict]:
+    """Long documents for the chunk stage: a fact document (:func:`generate_fact_docs`, sometimes with numbers)
+    whose sentences are spread at random depths through prose filler, ``lo ≤`` tokens ``< hi`` of its bin, so its
+    facts fall into different chunks."""
+    count = _length_fn(tokenizer)
+    _check_split(split)
+    bins = _check_bins(bins)
+    _check_count(n_per_bin, "n_per_bin")
+    rng = random.Random(f"reading/long/{split}/{seed}")
+    names = _Names(rng, split)
+    filler = _Filler(rng, split, count)
+    out = []
+    for lo, hi in bins:
+        for i in range(n_per_bin):
+            numbers = rng.random() < 0.3
+            sents, intro, outro, qas, meta = _fact_parts(
+                rng, names, split, min_facts=2 if numbers else 4, max_facts=4 if numbers else 8, max_distractors=1,
+                absent_prob=0.2, general_prob=0.0, numbers=numbers)
+            slots = sorted(rng.random() for _ in sents)
+
+            def build(fill, sents=sents, slots=slots, intro=intro, outro=outro):
+                body, j = [], 0
+                for k, f in enumerate(fill + [None]):
+                    while j < len(sents) and (slots[j] * len(fill) <= k or f is None):
+                        body.append(sents[j])
+                        j += 1
+                    if f is not None:
+                        body.append(f)
+                return _join(intro, body, outro)
+
+            fixed = count(_join(intro, sents, outro))
+            text, n_tok, sources = _fit(build, filler, count, lo, hi, fixed)
+            out.append({"id": f"reading-{split}-long-{seed}-{lo}-{hi}-{i:05d}", "task": "qa", "context": text,
+                        "qas": qas, "meta": {"kind": "long", "split": split, "seed": seed, "bin": [lo, hi],
+                                             "n_tokens": n_tok, "sources": sources, **meta}})
+    return out
+
+
+def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed: int = 0,
+                           base_answers: dict[str, str] | None = None) -> list[dict]:
+    """Documents whose questions they do not answer: fact documents (a question about an attribute they do not
+    state, gold :data:`~.reading_pools.NOT_STATED`) and needle documents (a question about another needle), each
+    with a general-knowledge question (fixed short answer) and, when ``base_answers`` maps a chit-chat question of
+    :data:`~.reading_pools.CHITCHAT_QUESTIONS` to the base model's own answer, a chit-chat question."""
+    _check_count(n_docs, "n_docs")
+    _check_split(split)
+    if base_answers is not None and (not isinstance(base_answers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in base_answers.items())):
+        raise ValueError("base_answers must map chit-chat questions to non-empty answer strings")
+    rng = random.Random(f"reading/nohijack/{split}/{seed}")
+    facts = generate_fact_docs(n_docs, split=split, seed=seed, absent_prob=1.0, general_prob=0.0)
+    needles = generate_niah_docs(tokenizer, split=split, bins=NIAH_TRAIN_BINS[:1] if n_docs < 2 else NIAH_TRAIN_BINS,
+                                 n_per_bin=max(1, n_docs // 2), seed=seed)
+    chit = [q for q in P.CHITCHAT_QUESTIONS[split] if base_answers and q in base_answers]
+    out = []
+    for i in range(n_docs):
+        if i % 2 == 0:
+            src = facts[i]
+            qas = [qa for qa in src["qas"] if qa["qa_kind"] == "absent"]
+        else:
+            src = needles[(i // 2) % len(needles)]
+            gi = int(src["qas"][0]["attribute"][len("needle"):])
+            others = [g for g in range(len(P.NEEDLES[split])) if g != gi]
+            g = rng.choice(others)
+            qi = rng.randrange(len(P.NEEDLES[split][g][1]))
+            qas = [{"question": P.NEEDLES[split][g][1][qi], "answers": [P.NOT_STATED], "qa_kind": "absent",
+                    "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{qi}"}]
+        q, ans = rng.choice(P.GENERAL_QUESTIONS[split])
+        qas.append({"question": q, "answers": [ans], "qa_kind": "general"})
+        if chit:
+            q = rng.choice(chit)
+            qas.append({"question": q, "answers": [base_answers[q]], "qa_kind": "chitchat"})
+        meta = {k: v for k, v in src["meta"].items() if k not in ("kind", "bin")}
+        out.append({"id": f"reading-{split}-nohijack-{seed}-{i:05d}", "task": "qa", "context": src["context"],
+                    "qas": qas, "meta": {**meta, "kind": "nohijack", "source_kind": src["meta"]["kind"]}})
+    return out
+
+
+def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts: int = 0, n_numbers: int = 0,
+                     n_niah_per_bin: int = 0, niah_bins: Sequence[tuple[int, int]] | None = None,
+                     n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
+                     base_answers: dict[str, str] | None = None) -> list[dict]:
+    """The reading mix of one split: each part by its generator above (a count of 0 leaves it out). ``niah_bins``
+    default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise."""
+    _check_split(split)
+    for v, what in ((n_facts, "n_facts"), (n_numbers, "n_numbers"), (n_niah_per_bin, "n_niah_per_bin"),
+                    (n_long_per_bin, "n_long_per_bin"), (n_nohijack, "n_nohijack")):
+        _check_count(v, what, 0)
+    if niah_bins is None:
+        niah_bins = NIAH_TRAIN_BINS if split == "train" else NIAH_EVAL_BINS
+    recs = []
+    if n_facts:
+        recs += generate_fact_docs(n_facts, split=split, seed=seed)
+    if n_numbers:
+        recs += generate_number_docs(n_numbers, split=split, seed=seed)
+    if n_niah_per_bin:
+        recs += generate_niah_docs(tokenizer, split=split, bins=niah_bins, n_per_bin=n_niah_per_bin, seed=seed)
+    if n_long_per_bin:
+        recs += generate_long_docs(tokenizer, split=split, bins=long_bins, n_per_bin=n_long_per_bin, seed=seed)
+    if n_nohijack:
+        recs += generate_nohijack_docs(tokenizer, n_nohijack, split=split, seed=seed, base_answers=base_answers)
+    if not recs:
+        raise ValueError("every count is 0: nothing to generate")
+    return recs
+
+
+__all__ = ["KINDS", "LONG_BINS", "NIAH_EVAL_BINS", "NIAH_TRAIN_BINS", "SPLITS", "filler_sources",
+           "generate_fact_docs", "generate_long_docs", "generate_niah_docs", "generate_nohijack_docs",
+           "generate_number_docs", "generate_reading", "make_number", "n_digits", "split_of"]

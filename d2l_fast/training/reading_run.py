@@ -1,0 +1,149 @@
+"""Helpers of the reading-model run (``scripts/train_reading.py``): the evaluation prompt layout for training
+records, the base model's own answers to chit-chat questions (cached), chunking a generated dataset for the chunk
+stage, and the per-kind breakdown of an evaluation (:func:`reading_report`)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+from .metrics import qa_f1
+from .reading_pools import NOT_STATED
+
+
+def eval_layout(records: Sequence[dict], instruction: str) -> list[dict]:
+    """Copies of ``records`` whose questions are rendered with ``instruction`` (a ``{question}`` template), so the
+    student sequences of :func:`~.gen_data.generate_data` ask the way ``d2l-fast eval`` does."""
+    if not isinstance(instruction, str) or "{question}" not in instruction:
+        raise ValueError(f"instruction must be a string with a {{question}} placeholder, got {instruction!r}")
+    return [dict(r, qas=[dict(q, question=instruction.format(question=q["question"])) for q in r["qas"]])
+            for r in records]
+
+
+def base_model_answers(model, tokenizer, questions: Sequence[str], *, instruction: str, cache=None,
+                       max_new_tokens: int = 48, system: str | None = "") -> dict[str, str]:
+    """The base model's greedy answer to each question without any document (prompt: ``instruction`` in the
+    evaluation layout), read from / added to the JSON file ``cache``; answers that do not stop are left out."""
+    from ..packing import tokenize_prompt
+    from .gen_data import teacher_generate
+
+    if isinstance(questions, str) or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise ValueError("questions must be a list of non-empty strings")
+    path = pathlib.Path(cache) if cache is not None else None
+    known = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    todo = [q for q in dict.fromkeys(questions) if q not in known]
+    if todo:
+        prompts = [tokenize_prompt(tokenizer, instruction.format(question=q), system) for q in todo]
+        for q, res in zip(todo, teacher_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, top_k=1)):
+            if res is not None:
+                text = tokenizer.decode(res[0], skip_special_tokens=True).strip()
+                if text:
+                    known[q] = text
+        if path is not None:
+            path.write_text(json.dumps(known, indent=1, ensure_ascii=False) + "\n")
+    return {q: known[q] for q in questions if q in known}
+
+
+def chunk_dataset(src, dst, tokenizer, max_chunk_len: int, *, model_name: str | None = None) -> dict:
+    """Copy the parquet dataset ``src`` (written by :func:`~.gen_data.generate_data`) to ``dst`` with every
+    ``ctx_ids`` longer than ``max_chunk_len`` split into chat-wrapped chunks exactly as ``internalize`` splits it
+    (:func:`~d2l_fast.packing.split_ids` with the model's context affixes), stored as ``list<list<int>>`` — the
+    trainer encodes each chunk and merges the chunks' LoRAs per context (the reference's chunk stage)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..packing import context_affixes, split_ids
+
+    if isinstance(max_chunk_len, bool) or not isinstance(max_chunk_len, int) or max_chunk_len < 1:
+        raise ValueError(f"max_chunk_len must be a positive int, got {max_chunk_len!r}")
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    files = sorted(src.glob("part-*.parquet"))
+    if not files:
+        raise ValueError(f"{src}: holds no part-*.parquet files")
+    dst.mkdir(parents=True, exist_ok=True)
+    pre, suf = context_affixes(tokenizer, model_name)
+    n_rows = n_split = n_chunks = 0
+    for f in files:
+        t = pq.read_table(f)
+        chunks = [split_ids(ids, max_chunk_len, pre, suf) for ids in t.column("ctx_ids").to_pylist()]
+        n_rows += len(chunks)
+        n_split += sum(len(c) > 1 for c in chunks)
+        n_chunks += sum(len(c) for c in chunks)
+        col = pa.array(chunks, type=pa.list_(pa.list_(pa.int32())))
+        t = t.set_column(t.schema.get_field_index("ctx_ids"), "ctx_ids", col)
+        pq.write_table(t, dst / f.name)
+    stats = {"max_chunk_len": max_chunk_len, "rows": n_rows, "rows_split": n_split, "chunks": n_chunks}
+    (dst / "chunks.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"\s+", " ", s.strip().strip("\"'`").rstrip(".").strip()).lower()
+
+
+def _contains(pred: str, gold: str) -> bool:
+    return _norm(gold) in _norm(pred) if _norm(gold) else False
+
+
+def qa_index(records: Sequence[dict]) -> dict[str, tuple[dict, dict]]:
+    """``{"<record id>/<j>": (record, qa)}`` — the sample ids ``d2l-fast eval`` writes."""
+    return {f"{r['id']}/{j}": (r, qa) for r in records for j, qa in enumerate(r["qas"])}
+
+
+def blind_floor(qas: Sequence[dict]) -> float:
+    """The best mean F1 one constant answer (any of the gold answers) earns on ``qas``: what answering without
+    reading the document can reach by format and prior alone."""
+    golds = sorted({qa["answers"][0] for qa in qas})
+    if not golds:
+        return float("nan")
+    return max(sum(qa_f1(g, qa["answers"])[0] for qa in qas) / len(qas) for g in golds)
+
+
+def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """Per method: fact F1 per attribute (with :func:`blind_floor`), number exact recall (the prediction, stripped
+    of quotes and a final full stop, equals the gold string) by number kind and digit count, needle recall (gold
+    contained) by length bin, long-document F1 by bin, and no-hijack scores: ``general`` (gold contained),
+    ``absent`` (answers :data:`~.reading_pools.NOT_STATED`) and ``chitchat`` (F1 against the base answer).
+    ``rows`` are ``samples.jsonl`` rows of :func:`~.evaluate.evaluate` on ``records``."""
+    index = qa_index(records)
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    fact_qas: dict = defaultdict(list)
+    for r in records:
+        for qa in r["qas"]:
+            if qa.get("qa_kind") == "fact" and r["meta"].get("kind") == "facts":
+                fact_qas[qa["attribute"]].append(qa)
+    for row in rows:
+        if row["sample_id"] not in index:
+            raise ValueError(f"sample {row['sample_id']!r} is not a question of the given records")
+        rec, qa = index[row["sample_id"]]
+        m, pred, gold, kind = row["method"], row["prediction"], qa["answers"][0], qa.get("qa_kind", "fact")
+        rkind = rec["meta"].get("kind", "?")
+        a = acc[m]
+        f1 = qa_f1(pred, qa["answers"])[0]
+        if kind == "fact":
+            a[f"{rkind}/f1/{qa['attribute']}"].append(f1)
+            a[f"{rkind}/f1/all"].append(f1)
+        elif kind in ("number", "needle"):
+            ok = float(_norm(pred) == _norm(gold)) if kind == "number" else float(_contains(pred, gold))
+            a[f"{rkind}/exact/all"].append(ok)
+            a[f"{rkind}/exact/{qa.get('number_kind')}"].append(ok)
+            a[f"{rkind}/exact/digits={qa.get('digits')}"].append(ok)
+        elif kind == "general":
+            a["nohijack/general/accuracy"].append(float(_contains(pred, gold)))
+        elif kind == "absent":
+            a[f"nohijack/absent/{rkind}"].append(float(_norm(pred) == _norm(NOT_STATED)))
+        elif kind == "chitchat":
+            a["nohijack/chitchat/f1_vs_base"].append(f1)
+        if "bin" in rec["meta"] and kind in ("fact", "number", "needle"):
+            lo, hi = rec["meta"]["bin"]
+            a[f"{rkind}/by_bin/{lo}-{hi}"].append(f1 if kind == "fact" else float(_contains(pred, gold)))
+    out = {m: {k: {"n": len(v), "mean": sum(v) / len(v)} for k, v in sorted(d.items())} for m, d in acc.items()}
+    out["blind_floor_f1"] = {a: blind_floor(q) for a, q in sorted(fact_qas.items())}
+    return out
+
+
+__all__ = ["NOT_STATED", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout", "qa_index",
+           "reading_report"]

@@ -1,0 +1,192 @@
+"""Reading-model data (issue 16): split-disjoint entities, phrasings, filler and numbers; answers verbatim in their
+documents; determinism; input checks; chunked datasets equal to internalize's chunks; the per-kind report."""
+
+import re
+
+import pytest
+
+from d2l_fast.training import reading as R
+from d2l_fast.training import reading_pools as P
+from d2l_fast.training.generators import validate_record
+from d2l_fast.training.reading_run import blind_floor, eval_layout, qa_index, reading_report
+
+
+def words(text):  # a cheap token counter: the generators accept any callable text → count
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return {s: R.generate_reading(words, split=s, seed=5, n_facts=30, n_numbers=40, n_niah_per_bin=6,
+                                  niah_bins=((32, 128), (128, 256)), n_long_per_bin=2, long_bins=((512, 800),),
+                                  n_nohijack=6) for s in R.SPLITS}
+
+
+UNANSWERED = ("general", "chitchat", "absent")
+
+
+def test_records_are_valid_and_answers_are_verbatim(mix):
+    for split, recs in mix.items():
+        kinds = {r["meta"]["kind"] for r in recs}
+        assert kinds == set(R.KINDS)
+        assert len({r["id"] for r in recs}) == len(recs)
+        for r in recs:
+            validate_record(r, r["id"], need_answers=True)
+            assert r["meta"]["split"] == split
+            for qa in r["qas"]:
+                assert qa["qa_kind"] in ("fact", "number", "needle", *UNANSWERED)
+                if qa["qa_kind"] in UNANSWERED:
+                    assert P.NOT_STATED not in r["context"]
+                    continue
+                assert qa["answers"][0] in r["context"], (r["id"], qa)
+                if qa["qa_kind"] in ("number", "needle"):
+                    assert qa["digits"] == sum(c.isdigit() for c in qa["answers"][0]) >= 1
+            if "bin" in r["meta"]:
+                lo, hi = r["meta"]["bin"]
+                assert lo <= words(r["context"]) == r["meta"]["n_tokens"] < hi
+                if r["task"] == "niah":  # the needle is the only digit run in a NIAH document
+                    assert re.findall(r"\d+", r["context"]) == [r["qas"][0]["answers"][0]]
+
+
+def test_numbers_cover_kinds_digits_and_several_per_document(mix):
+    qas = [(r, qa) for r in mix["train"] for qa in r["qas"] if qa["qa_kind"] == "number"]
+    assert {qa["number_kind"] for _, qa in qas} == {"integer", "year", "amount", "code"}
+    assert {qa["digits"] for _, qa in qas if qa["number_kind"] == "integer"} >= set(range(1, 7))
+    assert max(r["meta"]["n_numbers"] for r in mix["train"] if r["meta"]["kind"] == "numbers") >= 3
+    assert any(re.search(r"[A-Z]", qa["answers"][0]) for _, qa in qas)  # codes with letters
+    assert any("distractor" == qa["entity_role"] for _, qa in qas)
+
+
+def _invented(recs):
+    """The invented words of the records' entities and entity-valued answers (not the real words around them)."""
+    common = R._common_words()
+    out = set()
+    for r in recs:
+        m = r["meta"]
+        texts = [m.get("entity", ""), *m.get("distractors", [])]
+        texts += [qa["answers"][0] for qa in r["qas"]
+                  if qa["qa_kind"] == "fact"
+                  and qa["attribute"] in ("birthplace", "home_city", "spouse", "employer", "school")]
+        out.update(w for t in texts for w in t.split() if w.lower() not in common)
+    return out
+
+
+def test_splits_share_no_entities_numbers_templates_or_filler(mix):
+    inv = {s: _invented(recs) for s, recs in mix.items()}
+    nums = {s: {qa["answers"][0] for r in recs for qa in r["qas"]
+                if qa["qa_kind"] in ("number", "needle") and qa["digits"] >= 2} for s, recs in mix.items()}
+    for s in R.SPLITS:
+        assert inv[s] and all(R.split_of(w) == s for w in inv[s])
+        assert all(R.split_of(n) == s for n in nums[s])
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not inv[a] & inv[b] and not nums[a] & nums[b]
+        for pool in (P.PERSON_ATTRIBUTES, P.NUMBER_ATTRIBUTES):
+            for d in pool.values():
+                for key in ("preds", "questions"):
+                    assert not set(d[key][a]) & set(d[key][b])
+        assert not {f[1] for f in P.FRAMES[a]} - {""} & {f[1] for f in P.FRAMES[b]}
+        assert not {t for g in P.NEEDLES[a] for t in g[0] + g[1]} & {t for g in P.NEEDLES[b] for t in g[0] + g[1]}
+        assert not {q for q, _ in P.GENERAL_QUESTIONS[a]} & {q for q, _ in P.GENERAL_QUESTIONS[b]}
+        assert not set(P.CHITCHAT_QUESTIONS[a]) & set(P.CHITCHAT_QUESTIONS[b])
+        fa, fb = R.filler_sources(a), R.filler_sources(b)
+        assert not {n for n, _ in fa} & {n for n, _ in fb}
+        assert not {s for _, ss in fa for s in ss} & {s for _, ss in fb for s in ss}
+    for s in R.SPLITS:  # the records use only their split's phrasings
+        for r in mix[s]:
+            for qa in r["qas"]:
+                if "question_template" in qa:
+                    assert f"/{s}/" in qa["question_template"]
+    sources = {s: {src for r in recs for src in r["meta"].get("sources", [])} for s, recs in mix.items()}
+    assert all(len({x.split(":")[0] for x in sources[s]}) >= 1 for s in R.SPLITS)
+    assert not sources["train"] & sources["test"]
+
+
+def test_deterministic_by_seed():
+    a = R.generate_fact_docs(5, split="dev", seed=3)
+    assert a == R.generate_fact_docs(5, split="dev", seed=3)
+    assert [r["context"] for r in a] != [r["context"] for r in R.generate_fact_docs(5, split="dev", seed=4)]
+    n = R.generate_niah_docs(words, split="test", n_per_bin=3, seed=1)
+    assert n == R.generate_niah_docs(words, split="test", n_per_bin=3, seed=1)
+    assert n != R.generate_niah_docs(words, split="test", n_per_bin=3, seed=2)
+
+
+def test_nohijack_with_base_answers():
+    q = P.CHITCHAT_QUESTIONS["train"][0]
+    recs = R.generate_nohijack_docs(words, 4, split="train", seed=0, base_answers={q: "I am fine, thanks."})
+    kinds = [{qa["qa_kind"] for qa in r["qas"]} for r in recs]
+    assert all(k == {"absent", "general", "chitchat"} for k in kinds)
+    assert {r["meta"]["source_kind"] for r in recs} == {"facts", "niah"}
+    assert all(qa["answers"] == [P.NOT_STATED] for r in recs for qa in r["qas"] if qa["qa_kind"] == "absent")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: R.generate_fact_docs(2, split="validation"), "split must be one of"),
+    (lambda: R.generate_fact_docs(0), "n_docs"),
+    (lambda: R.generate_fact_docs(2, min_facts=5, max_facts=3), "min_facts"),
+    (lambda: R.generate_fact_docs(2, absent_prob=1.5), "absent_prob"),
+    (lambda: R.generate_number_docs(2, max_numbers=9), "max_numbers"),
+    (lambda: R.generate_niah_docs(words, bins=[(64, 32)]), "bin"),
+    (lambda: R.generate_niah_docs(words, digits=(0, 9)), "digits"),
+    (lambda: R.generate_niah_docs(words, bins=[(300, 302)]), "widen the bin"),
+    (lambda: R.generate_nohijack_docs(words, 2, base_answers={"q": ""}), "base_answers"),
+    (lambda: R.generate_reading(words), "nothing to generate"),
+    (lambda: R.make_number(__import__("random").Random(0), "roman", "train"), "number kind"),
+    (lambda: R.split_of(""), "non-empty"),
+    (lambda: eval_layout([], "no placeholder"), "placeholder"),
+])
+def test_input_validation(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_niah_tokenizer_must_count():
+    with pytest.raises(TypeError, match="tokenizer"):
+        R.generate_niah_docs(42)
+
+
+def test_report_scores_perfect_and_blind_answers():
+    recs = R.generate_reading(words, split="dev", seed=0, n_facts=6, n_numbers=6, n_niah_per_bin=2,
+                              niah_bins=((32, 128),), n_nohijack=2)
+    idx = qa_index(recs)
+    rows = [{"sample_id": sid, "method": "d2l", "prediction": qa["answers"][0]} for sid, (_, qa) in idx.items()]
+    rows += [{"sample_id": sid, "method": "base", "prediction": "1999"} for sid in idx]
+    rep = reading_report(recs, rows)
+    perfect = rep["d2l"]
+    assert all(v["mean"] == 1.0 for k, v in perfect.items() if "chitchat" not in k), perfect
+    assert perfect["numbers/exact/all"]["n"] == sum(qa.get("qa_kind") == "number" for _, qa in idx.values())
+    assert rep["base"]["numbers/exact/all"]["mean"] < 0.2 and rep["base"]["nohijack/general/accuracy"]["mean"] == 0
+    assert 0 < rep["blind_floor_f1"]["profession"] < 1
+    with pytest.raises(ValueError, match="not a question"):
+        reading_report(recs, [{"sample_id": "x/0", "method": "d2l", "prediction": ""}])
+
+
+def test_blind_floor_is_best_constant():
+    qas = [{"answers": ["cello"]}, {"answers": ["cello"]}, {"answers": ["harp"]}]
+    assert blind_floor(qas) == pytest.approx(2 / 3)
+
+
+def test_chunked_dataset_matches_internalize_chunks(tmp_path):
+    pytest.importorskip("pyarrow")
+    from d2l_fast.packing import PackedContexts
+    from d2l_fast.training.data import iter_parquet
+    from d2l_fast.training.gen_data import generate_data
+    from d2l_fast.training.reading_run import chunk_dataset
+
+    from ._tiny import tiny_model, tiny_tokenizer
+
+    tok, m = tiny_tokenizer("llama"), tiny_model("llama")
+    recs = R.generate_long_docs(tok, split="train", bins=((200, 400),), n_per_bin=2, seed=0)
+    recs += R.generate_fact_docs(2, seed=0)
+    generate_data(m, tok, eval_layout(recs, "Answer.\n\n{question}"), tmp_path / "raw", gold=True, system="")
+    st = chunk_dataset(tmp_path / "raw", tmp_path / "chunked", tok, 96)
+    got = list(iter_parquet(tmp_path / "chunked", teacher=False))
+    want = PackedContexts.from_documents(tok, [r["context"] for r in recs], max_chunk_len=96)
+    assert st["rows"] == 4 and st["rows_split"] == sum(n > 1 for n in want.n_chunks) >= 2
+    chunks, k = [], 0
+    for n in want.n_chunks:
+        chunks.append(want.chunks[k : k + n])
+        k += n
+    assert sorted(ex.ctx_chunks for ex in got) == sorted(chunks)
+    assert max(len(ex.ctx_chunks) for ex in got) > 1
+    with pytest.raises(ValueError, match="max_chunk_len"):
+        chunk_dataset(tmp_path / "raw", tmp_path / "x", tok, 0)
