@@ -9,7 +9,7 @@
   16 documents with mixed ranks, 64 decode rows with 64 distinct adapters and with 4 shared ones (and, on the GPU,
   8 decode rows of one long document's rank 1032).
 
-Plain data: importing this module loads neither torch nor triton.
+Plain data: this module itself imports only the standard library.
 """
 
 from __future__ import annotations
