@@ -375,3 +375,21 @@ def test_layer_subset_and_scaler_init(base_dir, data, tmp_path):
         _cfg(base_dir, data, tmp_path / "x", init_scaler_B=-1.0).validate()
     with pytest.raises(ValueError, match="needs encoder_type 'early_exit'"):
         Trainer(_cfg(base_dir, data, tmp_path / "z", max_steps=1, layer_indices=[1])).train()
+
+
+def test_split_modules_keep_the_old_import_paths(data):
+    # TrainConfig moved to training.config and the data stream to training.data; trainer re-exports both
+    from d2l_fast.training import config as cfg_mod
+    from d2l_fast.training import data as data_mod
+    from d2l_fast.training import trainer as tr_mod
+
+    assert tr_mod.TrainConfig is cfg_mod.TrainConfig and tr_mod.TrainConfigError is cfg_mod.TrainConfigError
+    for name in ("check_data", "stream_packs", "PackStream", "DataError"):
+        assert getattr(tr_mod, name) is getattr(data_mod, name), name
+    assert set(tr_mod.__all__) <= set(dir(tr_mod))
+    # the moved functions still check their inputs
+    with pytest.raises(ValueError, match="rows_per_file must be a positive int, got 0"):
+        data_mod.check_data(data, teacher=False, rows_per_file=0)
+    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+        next(data_mod.stream_packs(data, teacher=False, vocab_size=None, max_qas_per_sample=1, max_packed_inp_len=64,
+                                   max_packed_ctx_len=64, window=0))

@@ -17,19 +17,28 @@ from). :func:`iter_parquet` streams rows with ``pyarrow`` (``iter_batches``; the
 validates each one, naming the file and row of any problem. :func:`greedy_pack` groups consecutive examples under
 an input-token and a context-token budget exactly as the reference's packing does; :func:`collate` turns one
 pack into the flat, padding-free tensors :func:`~d2l_fast.training.losses.qa_loss` takes.
+
+For training, :func:`check_data` checks every file up front, :func:`stream_packs` packs a stream of examples
+holding only a window of them, and :class:`PackStream` turns that into the endless, seeded, resumable sequence of
+packs the :class:`~d2l_fast.training.trainer.Trainer` consumes.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..safe_io import check_regular_file
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 COLUMNS = ("ctx_ids", "input_ids", "response_start_end", "logprobs_vals", "logprobs_indices")
 TEACHER_COLUMNS = ("logprobs_vals", "logprobs_indices")
@@ -373,5 +382,118 @@ def collate(pack: Sequence[ContextExample]) -> PackedQABatch:
     )
 
 
-__all__ = ["COLUMNS", "QA", "ContextExample", "DataError", "PackedQABatch", "collate", "greedy_pack", "iter_parquet",
-           "pack_examples", "parse_row", "resolve_files", "split_qas"]
+# ---------------------------------------------------------------------- streaming packs over epochs
+def check_data(paths, *, teacher: bool, vocab_size: int | None = None, rows_per_file: int = 8) -> list[pathlib.Path]:
+    """Up-front check of every data file (before any model is loaded): readable parquet, the schema's columns, at
+    least one row, and its first ``rows_per_file`` rows well-formed. Later rows are checked as they stream.
+
+    Raises:
+        DataError: naming the file (and row).
+    """
+    if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be a positive int, got {rows_per_file!r}")
+    files = resolve_files(paths)
+    need = list(COLUMNS if teacher else COLUMNS[:3])
+    hint = " (use_kl_loss=false reads cross-entropy data without the teacher columns)" if teacher else ""
+    for f in files:
+        pf = open_parquet(f, need, hint)
+        if pf.metadata.num_rows == 0:
+            raise DataError(f"{f}: the file holds no rows")
+        batch = next(pf.iter_batches(batch_size=rows_per_file, columns=need))
+        cols = {c: batch.column(c).to_pylist() for c in need}
+        for i in range(batch.num_rows):
+            parse_row({c: cols[c][i] for c in need}, teacher=teacher, vocab_size=vocab_size, source=f"{f}:row {i}")
+    return files
+
+
+def stream_packs(files, *, teacher: bool, vocab_size: int | None, max_qas_per_sample: int, max_packed_inp_len: int,
+                 max_packed_ctx_len: int, window: int = 256, dropped: list | None = None) -> Iterator[list]:
+    """Greedy packs (spec §5.3) of the examples streamed from ``files``, identical to
+    :func:`~d2l_fast.training.data.pack_examples` over the whole stream, holding O(window) examples at a time.
+
+    Examples over a budget on their own are skipped (appended to ``dropped`` when given).
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    examples = split_qas(iter_parquet(files, teacher=teacher, vocab_size=vocab_size), max_qas_per_sample)
+    carry: list = []
+    done = False
+    while not done:
+        buf = list(carry)
+        while len(buf) < len(carry) + window:
+            ex = next(examples, None)
+            if ex is None:
+                done = True
+                break
+            buf.append(ex)
+        if not buf:
+            return
+        packs, drop = greedy_pack([e.n_input_tokens for e in buf], [e.n_ctx_tokens for e in buf], max_packed_inp_len,
+                                  max_packed_ctx_len)
+        if dropped is not None:
+            dropped.extend(buf[i] for i in drop)
+        # the last pack may still grow with the next examples unless a dropped example closed it
+        open_last = not done and packs and packs[-1][1] == len(buf)
+        for s, e in packs[:-1] if open_last else packs:
+            yield buf[s:e]
+        carry = buf[packs[-1][0]:] if open_last else []
+
+
+class PackStream:
+    """Endless, deterministic stream of packs over epochs: epoch ``k`` is the files in order, packed, then shuffled
+    in buffers of ``shuffle_buffer`` packs with ``Random((seed, k))``. ``position = (epoch, packs taken in it)``
+    fully determines what comes next, which is what a checkpoint stores."""
+
+    def __init__(self, files, cfg: TrainConfig, vocab_size: int | None):
+        self.files, self.cfg, self.vocab_size = files, cfg, vocab_size
+        self.epoch, self.index = 0, 0
+        self.dropped: list = []
+        self._it: Iterator | None = None
+
+    def _epoch_packs(self, epoch: int) -> Iterator[list]:
+        c = self.cfg
+        dropped = self.dropped if epoch == 0 else None
+        packs = stream_packs(self.files, teacher=c.use_kl_loss, vocab_size=self.vocab_size,
+                             max_qas_per_sample=c.max_qas_per_sample, max_packed_inp_len=c.max_packed_inp_len,
+                             max_packed_ctx_len=c.max_packed_ctx_len, dropped=dropped)
+        if c.shuffle_buffer <= 1:
+            yield from packs
+            return
+        rng = random.Random(f"{c.seed}:{epoch}")
+        while True:
+            buf = [p for _, p in zip(range(c.shuffle_buffer), packs)]
+            if not buf:
+                return
+            rng.shuffle(buf)
+            yield from buf
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Position the stream at pack ``index`` of ``epoch`` (re-reads and skips; no model compute)."""
+        self.epoch, self.index = epoch, 0
+        self._it = self._epoch_packs(epoch)
+        for _ in range(index):
+            if next(self._it, None) is None:
+                raise DataError(f"cannot resume at pack {index} of epoch {epoch}: the data now has only "
+                                f"{self.index} packs per epoch (did the data files change?)")
+            self.index += 1
+
+    def count_epoch(self) -> int:
+        return sum(1 for _ in self._epoch_packs(0))
+
+    def next(self) -> list:
+        if self._it is None:
+            self.seek(0, 0)
+        while True:
+            pack = next(self._it, None)
+            if pack is not None:
+                self.index += 1
+                return pack
+            if self.index == 0:
+                raise DataError(f"no example of {[str(f) for f in self.files]} fits the packing budgets "
+                                f"(max_packed_inp_len={self.cfg.max_packed_inp_len}, "
+                                f"max_packed_ctx_len={self.cfg.max_packed_ctx_len})")
+            self.seek(self.epoch + 1, 0)
+
+
+__all__ = ["COLUMNS", "QA", "ContextExample", "DataError", "PackStream", "PackedQABatch", "check_data", "collate",
+           "greedy_pack", "iter_parquet", "pack_examples", "parse_row", "resolve_files", "split_qas", "stream_packs"]

@@ -42,7 +42,6 @@ the last good checkpoint kept.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -51,14 +50,14 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import DataError, collate, greedy_pack, iter_parquet, parse_row, resolve_files, split_qas
+from .config import HYPERNET_FIELDS, TrainConfig, TrainConfigError
+from .data import DataError, PackStream, check_data, collate, stream_packs
 from .losses import lora_l1_norm, qa_loss
 
 CONFIG_FILE = "train_config.json"
@@ -68,302 +67,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
 #: parameter-name fragments excluded from weight decay (spec §5.4), besides LayerNorm / Embedding modules
 NO_DECAY_NAME_PARTS = ("scaler", "bias", "layernorm", "rmsnorm", "latents_q")
-#: configuration fields the hypernetwork is built from (passed to :func:`~d2l_fast.hf.spec_for_model`)
-HYPERNET_FIELDS = ("latent_size", "n_latent_queries", "num_blocks", "num_self_attn_per_block", "n_heads", "head_dim",
-                   "n_kv_heads", "lora_r", "target_modules")
-
-
-class TrainConfigError(ValueError):
-    """A configuration that cannot run: unknown / missing / mistyped fields, or an unusable output folder."""
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss, the gradient norm or a generated adapter became NaN or infinite; no update was applied."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run; names follow the reference's arguments (``train.py`` / HF ``TrainingArguments``)
-    where one exists. ``data``, ``model_name_or_path`` and ``output_dir`` are required."""
-
-    data: list[str] = field(default_factory=list)  # parquet files / folders in the reference's schema (spec §5.2)
-    model_name_or_path: str = ""  # base LM: local folder or hub id
-    output_dir: str = ""
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    overwrite_output_dir: bool = False  # start afresh, removing this trainer's files from output_dir
-    init_checkpoint: str | None = None  # start from these hypernetwork weights (e.g. the chunk stage)
-    # steps and data
-    max_steps: int = -1  # > 0, or -1: num_train_epochs passes over the data (counted up front)
-    num_train_epochs: float = 1.0
-    max_packed_inp_len: int = 4096
-    max_packed_ctx_len: int = 4096
-    max_qas_per_sample: int = 1
-    shuffle_buffer: int = 256  # packs shuffled together (seeded per epoch); 0 keeps file order
-    gradient_accumulation_steps: int = 1
-    seed: int = 42
-    # objective (spec §5.1)
-    use_kl_loss: bool = True  # False: cross-entropy on the label tokens (NIAH); teacher columns not needed
-    use_per_ctx_average_loss: bool = True
-    gen_lora_l1_reg_coef: float = 0.1
-    loss_chunk_size: int | None = None  # lm_head rows per chunk (default: 2^25 / vocab)
-    # optimisation (spec §5.4)
-    learning_rate: float = 4e-5
-    min_lr: float = 1e-7
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    neftune_noise_alpha: float = 0.0  # the reference's main runs use 5.0, NIAH 0
-    bf16: bool | None = None  # bf16 autocast (and a bf16 base LM); default: on CUDA only
-    device: str | None = None  # default: cuda if available, else cpu (the process's GPU under accelerate)
-    # hypernetwork (new runs; a resumed run keeps its checkpoint's architecture)
-    latent_size: int = 512
-    n_latent_queries: int = 8
-    num_blocks: int = 9
-    num_self_attn_per_block: int = 0
-    n_heads: int = 16
-    head_dim: int = 128
-    n_kv_heads: int = 4
-    lora_r: int = 8
-    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
-    ctx_encoder_type: str = "per_layer_activations"
-    layer_idx: int | None = None  # early_exit encoder depth (default: layers // 4)
-    layer_indices: list[int] | None = None  # base layers that get a LoRA (default: all)
-    init_scaler_B: float | None = None  # new runs: scaler_B ~ N(0, this²) instead of the reference's zeros (see README)
-    # saving and logging
-    save_steps: int = 5000
-    save_total_limit: int = 2  # newest checkpoints kept (0 = all)
-    logging_steps: int = 1  # progress-bar refresh period; metrics.jsonl gets every step
-    report_to_tensorboard: bool | None = None  # default: if tensorboard is installed
-    save_reference_format: bool | None = None  # also write pytorch_model.bin; default: when the layout can describe
-    # the hypernetwork (the reference fixes the perceiver's heads at 16 × 128, 4 KV heads)
-    disable_tqdm: bool = False
-
-    # ------------------------------------------------------------------ construction and checks
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, d: dict, *, source: str = "config") -> "TrainConfig":
-        """Build from a JSON-like dict; unknown fields and wrong types are refused, naming the field."""
-        if not isinstance(d, dict):
-            raise TrainConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(cls.field_names()))
-        if unknown:
-            raise TrainConfigError(f"{source}: unknown field(s) {unknown}; valid fields: "
-                                   f"{', '.join(cls.field_names())}")
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
-
-    @classmethod
-    def from_file(cls, path) -> "TrainConfig":
-        path = pathlib.Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise TrainConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainConfigError(f"{path}: not a readable JSON config ({e})") from None
-        return cls.from_dict(d, source=str(path))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self, source: str = "config") -> "TrainConfig":
-        """Check every field's type and range; raise :class:`TrainConfigError` naming the field."""
-        def bad(name, expected):
-            raise TrainConfigError(f"{source}: field {name!r} must be {expected}, got {getattr(self, name)!r}")
-
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [str(self.data)]
-        if not isinstance(self.data, list) or not all(isinstance(p, (str, os.PathLike)) for p in self.data):
-            bad("data", "a list of parquet paths")
-        self.data = [str(p) for p in self.data]
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        missing = [n for n in ("data", "model_name_or_path", "output_dir") if not getattr(self, n)]
-        if missing:
-            raise TrainConfigError(f"{source}: missing required field(s) {missing} (data: parquet files in the "
-                                   "reference's schema; model_name_or_path: the base LM; output_dir: where to write)")
-        for name in ("model_name_or_path", "output_dir"):
-            if not isinstance(getattr(self, name), (str, os.PathLike)):
-                bad(name, "a path or name")
-        self.model_name_or_path, self.output_dir = str(self.model_name_or_path), str(self.output_dir)
-        ints = {"max_steps": -1, "max_packed_inp_len": 1, "max_packed_ctx_len": 1, "shuffle_buffer": 0,
-                "gradient_accumulation_steps": 1, "warmup_steps": 0, "latent_size": 1, "n_latent_queries": 1,
-                "num_blocks": 1, "num_self_attn_per_block": 0, "n_heads": 1, "head_dim": 1, "n_kv_heads": 1,
-                "lora_r": 1, "save_steps": 1, "save_total_limit": 0, "logging_steps": 1, "seed": 0}
-        for name, lo in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                bad(name, f"an int ≥ {lo}")
-        if self.max_steps == 0:
-            bad("max_steps", "a positive int, or -1 to run num_train_epochs")
-        if isinstance(self.max_qas_per_sample, bool) or not isinstance(self.max_qas_per_sample, int) or \
-                (self.max_qas_per_sample < 1 and self.max_qas_per_sample != -1):
-            bad("max_qas_per_sample", "a positive int or -1 (all QAs of a context together)")
-        for name in ("loss_chunk_size", "layer_idx"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "loss_chunk_size"
-                                                                                       else 0)):
-                bad(name, "null or a non-negative int" if name == "layer_idx" else "null or a positive int")
-        floats = {"num_train_epochs": (0.0, False), "gen_lora_l1_reg_coef": (0.0, True), "learning_rate": (0.0, False),
-                  "min_lr": (0.0, True), "weight_decay": (0.0, True), "adam_epsilon": (0.0, False),
-                  "max_grad_norm": (0.0, True), "neftune_noise_alpha": (0.0, True)}
-        for name, (lo, inclusive) in floats.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v < lo if inclusive else v <= lo):
-                bad(name, f"a finite number {'≥' if inclusive else '>'} {lo}")
-            setattr(self, name, float(v))
-        for name in ("adam_beta1", "adam_beta2"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                bad(name, "a number in [0, 1)")
-        if self.min_lr > self.learning_rate:
-            raise TrainConfigError(f"{source}: min_lr ({self.min_lr}) exceeds learning_rate ({self.learning_rate})")
-        for name in ("resume", "overwrite_output_dir", "use_kl_loss", "use_per_ctx_average_loss", "disable_tqdm"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "true or false")
-        for name in ("bf16", "report_to_tensorboard", "save_reference_format"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                bad(name, "null, true or false")
-        if self.resume and self.overwrite_output_dir:
-            raise TrainConfigError(f"{source}: resume and overwrite_output_dir exclude each other")
-        if not isinstance(self.target_modules, list) or not self.target_modules or \
-                not all(isinstance(m, str) and m for m in self.target_modules):
-            bad("target_modules", "a non-empty list of module names")
-        if self.layer_indices is not None:
-            li = self.layer_indices
-            if not isinstance(li, list) or not li or len(set(map(repr, li))) != len(li) or \
-                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in li):
-                bad("layer_indices", "null or a non-empty list of distinct non-negative ints")
-        from ..config import ENCODER_TYPES
-
-        if self.ctx_encoder_type not in ENCODER_TYPES:
-            bad("ctx_encoder_type", f"one of {list(ENCODER_TYPES)}")
-        v = self.init_scaler_B
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            bad("init_scaler_B", "null or a finite number ≥ 0")
-        for name in ("init_checkpoint", "device"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                bad(name, "null or a string")
-        return self
-
-
-# ---------------------------------------------------------------------- data stream
-def check_data(paths, *, teacher: bool, vocab_size: int | None = None, rows_per_file: int = 8) -> list[pathlib.Path]:
-    """Up-front check of every data file (before any model is loaded): readable parquet, the schema's columns, at
-    least one row, and its first ``rows_per_file`` rows well-formed. Later rows are checked as they stream.
-
-    Raises:
-        DataError: naming the file (and row).
-    """
-    from .data import COLUMNS, open_parquet
-
-    files = resolve_files(paths)
-    need = list(COLUMNS if teacher else COLUMNS[:3])
-    hint = " (use_kl_loss=false reads cross-entropy data without the teacher columns)" if teacher else ""
-    for f in files:
-        pf = open_parquet(f, need, hint)
-        if pf.metadata.num_rows == 0:
-            raise DataError(f"{f}: the file holds no rows")
-        batch = next(pf.iter_batches(batch_size=rows_per_file, columns=need))
-        cols = {c: batch.column(c).to_pylist() for c in need}
-        for i in range(batch.num_rows):
-            parse_row({c: cols[c][i] for c in need}, teacher=teacher, vocab_size=vocab_size, source=f"{f}:row {i}")
-    return files
-
-
-def stream_packs(files, *, teacher: bool, vocab_size: int | None, max_qas_per_sample: int, max_packed_inp_len: int,
-                 max_packed_ctx_len: int, window: int = 256, dropped: list | None = None) -> Iterator[list]:
-    """Greedy packs (spec §5.3) of the examples streamed from ``files``, identical to
-    :func:`~d2l_fast.training.data.pack_examples` over the whole stream, holding O(window) examples at a time.
-
-    Examples over a budget on their own are skipped (appended to ``dropped`` when given).
-    """
-    examples = split_qas(iter_parquet(files, teacher=teacher, vocab_size=vocab_size), max_qas_per_sample)
-    carry: list = []
-    done = False
-    while not done:
-        buf = list(carry)
-        while len(buf) < len(carry) + window:
-            ex = next(examples, None)
-            if ex is None:
-                done = True
-                break
-            buf.append(ex)
-        if not buf:
-            return
-        packs, drop = greedy_pack([e.n_input_tokens for e in buf], [e.n_ctx_tokens for e in buf], max_packed_inp_len,
-                                  max_packed_ctx_len)
-        if dropped is not None:
-            dropped.extend(buf[i] for i in drop)
-        # the last pack may still grow with the next examples unless a dropped example closed it
-        open_last = not done and packs and packs[-1][1] == len(buf)
-        for s, e in packs[:-1] if open_last else packs:
-            yield buf[s:e]
-        carry = buf[packs[-1][0]:] if open_last else []
-
-
-class PackStream:
-    """Endless, deterministic stream of packs over epochs: epoch ``k`` is the files in order, packed, then shuffled
-    in buffers of ``shuffle_buffer`` packs with ``Random((seed, k))``. ``position = (epoch, packs taken in it)``
-    fully determines what comes next, which is what a checkpoint stores."""
-
-    def __init__(self, files, cfg: TrainConfig, vocab_size: int | None):
-        self.files, self.cfg, self.vocab_size = files, cfg, vocab_size
-        self.epoch, self.index = 0, 0
-        self.dropped: list = []
-        self._it: Iterator | None = None
-
-    def _epoch_packs(self, epoch: int) -> Iterator[list]:
-        c = self.cfg
-        dropped = self.dropped if epoch == 0 else None
-        packs = stream_packs(self.files, teacher=c.use_kl_loss, vocab_size=self.vocab_size,
-                             max_qas_per_sample=c.max_qas_per_sample, max_packed_inp_len=c.max_packed_inp_len,
-                             max_packed_ctx_len=c.max_packed_ctx_len, dropped=dropped)
-        if c.shuffle_buffer <= 1:
-            yield from packs
-            return
-        rng = random.Random(f"{c.seed}:{epoch}")
-        while True:
-            buf = [p for _, p in zip(range(c.shuffle_buffer), packs)]
-            if not buf:
-                return
-            rng.shuffle(buf)
-            yield from buf
-
-    def seek(self, epoch: int, index: int) -> None:
-        """Position the stream at pack ``index`` of ``epoch`` (re-reads and skips; no model compute)."""
-        self.epoch, self.index = epoch, 0
-        self._it = self._epoch_packs(epoch)
-        for _ in range(index):
-            if next(self._it, None) is None:
-                raise DataError(f"cannot resume at pack {index} of epoch {epoch}: the data now has only "
-                                f"{self.index} packs per epoch (did the data files change?)")
-            self.index += 1
-
-    def count_epoch(self) -> int:
-        return sum(1 for _ in self._epoch_packs(0))
-
-    def next(self) -> list:
-        if self._it is None:
-            self.seek(0, 0)
-        while True:
-            pack = next(self._it, None)
-            if pack is not None:
-                self.index += 1
-                return pack
-            if self.index == 0:
-                raise DataError(f"no example of {[str(f) for f in self.files]} fits the packing budgets "
-                                f"(max_packed_inp_len={self.cfg.max_packed_inp_len}, "
-                                f"max_packed_ctx_len={self.cfg.max_packed_ctx_len})")
-            self.seek(self.epoch + 1, 0)
 
 
 # ---------------------------------------------------------------------- optimisation pieces
@@ -717,6 +424,71 @@ class Trainer:
         os.replace(tmp, out / CONFIG_FILE)
 
     # ------------------------------------------------------------------ the loop
+    def _start(self) -> int:
+        """Optimizer, scheduler and data stream of the run, positioned at the resumed step; returns that step."""
+        c, dist, m = self.cfg, self.dist, self.model
+        self.optimizer = torch.optim.AdamW(param_groups(m.hypernet, c.weight_decay), lr=c.learning_rate,
+                                           betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+        self.stream = PackStream(self.files, c, m.vocab_size)
+        total = c.max_steps
+        if total < 0:
+            per_step = c.gradient_accumulation_steps * dist.world
+            total = max(1, math.ceil(self.stream.count_epoch() * c.num_train_epochs / per_step))
+        self.total_steps = total
+        rate = c.min_lr / c.learning_rate
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_min_lr(s, warmup_steps=c.warmup_steps, total_steps=total,
+                                                         min_lr_rate=rate))
+        rs = self._resume_state
+        if rs is None:
+            torch.manual_seed(c.seed + dist.rank)
+            random.seed(c.seed)
+            np.random.seed(c.seed)
+            return 0
+        self.optimizer.load_state_dict(rs["optimizer"])
+        self.scheduler.load_state_dict(rs["scheduler"])
+        self.stream.seek(int(rs["epoch"]), int(rs["pack_index"]))
+        _set_rng_state(rs["rng"])
+        return int(rs["step"])
+
+    def _step(self, step: int, params: list) -> dict:
+        """One optimizer step over this process's packs; returns the step's metrics record."""
+        c, dist = self.cfg, self.dist
+        t0 = time.perf_counter()
+        packs = [self.stream.next() for _ in range(c.gradient_accumulation_steps * dist.world)]
+        mine = packs[dist.rank * c.gradient_accumulation_steps:(dist.rank + 1) * c.gradient_accumulation_steps]
+        counts = torch.tensor([sum(len(p) for p in packs),
+                               sum(q.n_answer_tokens for p in packs for ex in p for q in ex.qas)])
+        n_ctx, n_lab = int(counts[0]), int(counts[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = torch.zeros(4, dtype=torch.float64)  # loss, task, l1, tokens
+        for pack in mine:
+            r = self._pack_loss(pack, n_ctx, max(1, n_lab))
+            if not torch.isfinite(r["loss"]).item():
+                raise TrainingDivergedError(f"loss is {r['loss'].item()} at step {step} (task "
+                                            f"{r['task'].item()}, L1 {r['l1'].item()})")
+            r["loss"].backward()
+            acc += torch.tensor([r["loss"].item(), r["task"].item(), r["l1"].item(), r["tokens"]],
+                                dtype=torch.float64)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.sum(p.grad)
+        dist.sum(acc)
+        if c.max_grad_norm > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
+        else:
+            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        if not math.isfinite(gnorm):
+            raise TrainingDivergedError(f"gradient norm is {gnorm} at step {step} (loss {acc[0].item()})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        dt = time.perf_counter() - t0
+        return {"step": step, "loss": float(acc[0]), "task_loss": float(acc[1]), "l1": float(acc[2]), "lr": lr,
+                "grad_norm": gnorm, "tokens": int(acc[3]), "tokens_per_s": float(acc[3]) / max(dt, 1e-9),
+                "epoch": self.stream.epoch, "contexts": n_ctx}
+
     def train(self) -> TrainResult:
         c, dist = self.cfg, self.dist
         if not self._built:
@@ -725,30 +497,8 @@ class Trainer:
         params = [p for p in m.hypernet.parameters() if p.requires_grad]
         if any(p.requires_grad for p in m.base_model.parameters()):
             raise TrainConfigError("the base model has trainable parameters; only the hypernetwork may train")
-        self.optimizer = torch.optim.AdamW(param_groups(m.hypernet, c.weight_decay), lr=c.learning_rate,
-                                           betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
-        self.stream = PackStream(self.files, c, m.vocab_size)
-        per_step = c.gradient_accumulation_steps * dist.world
-        total = c.max_steps
-        if total < 0:
-            total = max(1, math.ceil(self.stream.count_epoch() * c.num_train_epochs / per_step))
-        self.total_steps = total
-        rate = c.min_lr / c.learning_rate
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_with_min_lr(s, warmup_steps=c.warmup_steps, total_steps=total,
-                                                         min_lr_rate=rate))
-        start = 0
-        rs = self._resume_state
-        if rs is not None:
-            self.optimizer.load_state_dict(rs["optimizer"])
-            self.scheduler.load_state_dict(rs["scheduler"])
-            start = int(rs["step"])
-            self.stream.seek(int(rs["epoch"]), int(rs["pack_index"]))
-            _set_rng_state(rs["rng"])
-        else:
-            torch.manual_seed(c.seed + dist.rank)
-            random.seed(c.seed)
-            np.random.seed(c.seed)
+        start = self._start()
+        total = self.total_steps
         last_ckpt = self.resume_from
         if dist.main:
             self._prepare_output(start)
@@ -761,42 +511,8 @@ class Trainer:
         metrics_path = self.out / METRICS_FILE
         try:
             for step in range(start + 1, total + 1):
-                t0 = time.perf_counter()
-                packs = [self.stream.next() for _ in range(per_step)]
-                mine = packs[dist.rank * c.gradient_accumulation_steps:(dist.rank + 1) * c.gradient_accumulation_steps]
-                counts = torch.tensor([sum(len(p) for p in packs),
-                                       sum(q.n_answer_tokens for p in packs for ex in p for q in ex.qas)])
-                n_ctx, n_lab = int(counts[0]), int(counts[1])
-                self.optimizer.zero_grad(set_to_none=True)
-                acc = torch.zeros(4, dtype=torch.float64)  # loss, task, l1, tokens
-                for pack in mine:
-                    r = self._pack_loss(pack, n_ctx, max(1, n_lab))
-                    if not torch.isfinite(r["loss"]).item():
-                        raise TrainingDivergedError(f"loss is {r['loss'].item()} at step {step} (task "
-                                                    f"{r['task'].item()}, L1 {r['l1'].item()})")
-                    r["loss"].backward()
-                    acc += torch.tensor([r["loss"].item(), r["task"].item(), r["l1"].item(), r["tokens"]],
-                                        dtype=torch.float64)
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.sum(p.grad)
-                dist.sum(acc)
-                if c.max_grad_norm > 0:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
-                else:
-                    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-                if not math.isfinite(gnorm):
-                    raise TrainingDivergedError(f"gradient norm is {gnorm} at step {step} (loss {acc[0].item()})")
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                dt = time.perf_counter() - t0
-                loss = float(acc[0])
-                losses.append(loss)
-                rec = {"step": step, "loss": loss, "task_loss": float(acc[1]), "l1": float(acc[2]), "lr": lr,
-                       "grad_norm": gnorm, "tokens": int(acc[3]), "tokens_per_s": float(acc[3]) / max(dt, 1e-9),
-                       "epoch": self.stream.epoch, "contexts": n_ctx}
+                rec = self._step(step, params)
+                losses.append(rec["loss"])
                 if dist.main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -804,7 +520,8 @@ class Trainer:
                         for k in ("loss", "task_loss", "l1", "lr", "grad_norm", "tokens_per_s"):
                             tb.add_scalar(f"train/{k}", rec[k], step)
                 if step % c.logging_steps == 0 or step == total:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
                 if step % c.save_steps == 0 or step == total:
                     self._rng_at_save = _rng_state()
@@ -843,5 +560,8 @@ def train(config: TrainConfig | dict, **kwargs) -> TrainResult:
     return Trainer(config, **kwargs).train()
 
 
-__all__ = ["TrainConfig", "TrainConfigError", "TrainResult", "Trainer", "TrainingDivergedError", "check_data",
-           "cosine_with_min_lr", "find_checkpoints", "param_groups", "stream_packs", "train"]
+# TrainConfig / TrainConfigError (training.config) and DataError, PackStream, check_data, stream_packs (training.data)
+# lived here before the split and stay importable from this module
+__all__ = ["DataError", "PackStream", "TrainConfig", "TrainConfigError", "TrainResult", "Trainer",
+           "TrainingDivergedError", "check_data", "cosine_with_min_lr", "find_checkpoints", "param_groups",
+           "stream_packs", "train"]

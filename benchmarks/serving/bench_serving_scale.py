@@ -1,6 +1,6 @@
 """Serving at scale on the CPU: many rows, each with its own adapter out of thousands resident in one AdapterBatch.
 
-    python -m pytest benchmarks/bench_serving_scale.py --benchmark-only --benchmark-json /tmp/scale.json -q
+    python -m pytest benchmarks/serving/bench_serving_scale.py --benchmark-only --benchmark-json /tmp/scale.json -q
 
 The real SmolLM2-135M-Instruct in fp32 (``d2l_fast.demo.load_smollm2()``), LoRA on ``down_proj`` of all 30
 layers (1536 -> 576). ``n_resident`` random rank-16 adapters are built straight into one :class:`AdapterBatch`
@@ -65,7 +65,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_e2e import CpuMonitor, _mem_available_bytes  # noqa: E402  (benchmarks/ is on sys.path)
+
+from .._common import CpuMonitor, mem_available_bytes
 
 GROUP = "serving_scale"
 GROUP_LAYER = "serving_scale_layer"
@@ -178,7 +179,7 @@ def test_serving_scale(benchmark, env_info, scale_model, threads, case):
     t = time.perf_counter()
     fp32_bytes = 4 * n_resident * RANK * (model.spec.d_in["down_proj"] + model.spec.d_out["down_proj"]) * \
         model.spec.num_layers
-    avail = _mem_available_bytes()
+    avail = mem_available_bytes()
     dtype = torch.float32 if avail is None or avail > 1.25 * fp32_bytes else torch.bfloat16
     dtype = getattr(torch, os.environ.get("D2L_SCALE_RESIDENT", str(dtype).split(".")[-1]))
     adapters = random_adapters(model, n_resident, dtype)

@@ -1,6 +1,6 @@
 """Ship a trained checkpoint as the bundled ``smollm2-135m`` hypernetwork, with its held-out results as model card.
 
-    python benchmarks/ship_pretrained.py --checkpoint runs/smollm2c/run/checkpoint-N \
+    python scripts/ship_pretrained.py --checkpoint runs/smollm2c/run/checkpoint-N \
         --eval runs/smollm2c/eval_N --steps "..." --training-command "..."
 
 Writes ``d2l_fast/data/pretrained/<name>/``: the pickle-free checkpoint in float16 (``save_checkpoint(...,
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="smollm2-135m")
     ap.add_argument("--steps", required=True, help="what training it had, in words (stages, steps)")
     ap.add_argument("--training-command", required=True)
-    ap.add_argument("--eval-command", default="python benchmarks/train_smollm2.py --eval-only ...")
+    ap.add_argument("--eval-command", default="python scripts/train_smollm2.py --eval-only ...")
     a = ap.parse_args(argv)
 
     from d2l_fast.checkpoint import load_checkpoint, save_checkpoint

@@ -1,7 +1,7 @@
 """Markdown table of a pytest-benchmark JSON: mean time per provider and ratio vs the ``base`` provider.
 
-    python benchmarks/report.py /tmp/seglora.json [--stat mean|median|min]
-    python benchmarks/report.py benchmarks/results/gpu_suite_h100_run2.json     # a gpu_suite.py run
+    python scripts/bench_report.py /tmp/seglora.json [--stat mean|median|min]
+    python scripts/bench_report.py benchmarks/results/gpu_suite_h100_run2.json     # a gpu_suite.py run
 
 Generic: rows are grouped by ``extra_info["case"]``, columns by ``extra_info["provider"]``; a provider
 named ``base`` (if present) is the denominator of the ratios.
@@ -115,7 +115,7 @@ def _n(v, fmt="{:.1f}"):
 
 
 def build_gpu_suite_tables(data: dict) -> str:
-    """Markdown tables of a ``benchmarks/gpu_suite.py`` JSON (card, ceilings, tests, LoRA, readout, e2e)."""
+    """Markdown tables of a ``scripts/gpu_suite.py`` JSON (card, ceilings, tests, LoRA, readout, e2e)."""
     env, rows = data.get("env", {}), data.get("rows", [])
     out = [f"Card: **{env.get('device')}** ({env.get('sms')} SMs), torch {env.get('torch')}, "
            f"triton {env.get('triton')}; measured ceilings: copy {_n(env.get('copy_GBps'), '{:.0f}')} GB/s "
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     with open(args.json_path) as f:
         data = json.load(f)
-    if "sections" in data and "rows" in data:  # benchmarks/gpu_suite.py
+    if "sections" in data and "rows" in data:  # scripts/gpu_suite.py
         print(build_gpu_suite_tables(data))
         return
     mi = data.get("machine_info", {})

@@ -1,6 +1,6 @@
 """Internalising several hundred short documents in ONE call on the real SmolLM2-135M-Instruct (issue 7, item 0).
 
-    python -m pytest benchmarks/bench_internalize_many.py --benchmark-only -q
+    python -m pytest benchmarks/e2e/bench_internalize_many.py --benchmark-only -q
 
 SmolLM2 has 30 layers and the layer-to-layer encoder, so one call with C chunks runs the Perceiver on 30·C
 segments: 400 documents are 12,000 segments, far past the Perceiver MLP's row blocks (``SwiGLU.block_rows``)

@@ -1,7 +1,7 @@
 """All GPU checks in one run: CUDA tests, kernel benchmarks against same-device baselines, end to end.
 
-    PYTHONPATH=$PWD python benchmarks/gpu_suite.py --out /tmp/gpu            # ~5 min on an H100
-    python benchmarks/report.py /tmp/gpu/gpu_suite.json                       # markdown tables
+    PYTHONPATH=$PWD python scripts/gpu_suite.py --out /tmp/gpu            # ~5 min on an H100
+    python scripts/bench_report.py /tmp/gpu/gpu_suite.json                       # markdown tables
 
 Runs from a checkout with the machine's own torch/triton/transformers/peft (nothing is installed). Sections,
 each time-guarded so a slow one cannot starve the rest, each writing into gpu_suite.json as it finishes:
@@ -45,14 +45,8 @@ sys.path.insert(0, ROOT)
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config  # noqa: E402
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_fwd  # noqa: E402
+from d2l_fast.profiling.shapes import MODEL_SHAPES, READOUT_MAIN, READOUT_NIAH, LoraCase, lora_cases  # noqa: E402
 
-LORA_SHAPES = {
-    "smollm2-down": (1536, 576),
-    "gemma2-2b-down": (9216, 2304),
-    "qwen3-4b-down": (9728, 2560),
-    "mistral-7b-down": (14336, 4096),
-}
-PREFILL_RANKS = (16, 24, 32, 48, 64, 72)
 DT = torch.bfloat16
 
 
@@ -232,14 +226,16 @@ def sec_tests(S: Suite):
     S.data["tests"] = res
 
 
-class LoraCase:
-    def __init__(self, kind, shape, seq_lens, seg_adapter, ranks, seed=0):
-        self.kind, self.shape = kind, shape
-        self.d_in, self.d_out = LORA_SHAPES[shape]
-        self.seq_lens, self.seg_adapter, self.ranks = list(seq_lens), list(seg_adapter), list(ranks)
+class LoraTensors:
+    """One :class:`~d2l_fast.profiling.shapes.LoraCase` on the GPU: input, adapters and base weight in bf16."""
+
+    def __init__(self, case: LoraCase, seed=0):
+        self.case, self.kind, self.shape, self.name = case, case.kind, case.shape, case.name
+        self.d_in, self.d_out = case.d_in, case.d_out
+        self.seq_lens, self.seg_adapter, self.ranks = list(case.seq_lens), list(case.seg_adapter), list(case.ranks)
         g = torch.Generator().manual_seed(seed)
         self.offs = [0]
-        for r in ranks:
+        for r in self.ranks:
             self.offs.append(self.offs[-1] + r)
         self.meta = SegmentMeta.from_lengths(self.seq_lens, self.seg_adapter, self.offs, device="cuda")
         T = self.meta.n_tokens
@@ -247,11 +243,7 @@ class LoraCase:
         self.A = (torch.randn(self.offs[-1], self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
         self.B = (torch.randn(self.offs[-1], self.d_out, generator=g) / 8).to("cuda", DT)
         self.W = (torch.randn(self.d_out, self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
-        self.scale = 2.0
-
-    @property
-    def name(self):
-        return f"{self.kind}/{self.shape}"
+        self.scale = case.scale
 
     def counts(self):
         T = self.meta.n_tokens
@@ -298,30 +290,14 @@ class LoraCase:
         return model.eval().to(DT)
 
 
-def lora_cases():
-    import random
-
-    out = []
-    for shape in LORA_SHAPES:
-        rng = random.Random(0)
-        ranks = [rng.choice(PREFILL_RANKS) for _ in range(16)]
-        out.append(LoraCase("prefill16x256", shape, [256] * 16, range(16), ranks))
-        out.append(LoraCase("decode64-distinct", shape, [1] * 64, range(64), [16] * 64))
-        shared = [i % 4 for i in range(64)]
-        rng.shuffle(shared)
-        out.append(LoraCase("decode64-shared4", shape, [1] * 64, shared, [16] * 4))
-        out.append(LoraCase("decode8-rank1032", shape, [1] * 8, [0] * 8, [1032]))
-        out.append(LoraCase("decode8-distinct-r1032", shape, [1] * 8, range(8), [1032] * 8))
-    return out
-
-
 def sec_lora(S: Suite):
     env = S.data.get("env", {})
     bw, tf = env.get("copy_GBps"), env.get("bf16_matmul_TFLOPs")
-    for c in lora_cases():
+    for case in lora_cases(long_decode=True):
         if S.left() < 60:
             print("  (lora: stopping early, budget)")
             break
+        c = LoraTensors(case)
         m, x, A, B, W = c.meta, c.x, c.A, c.B, c.W
         cfg = pick_config(m.n_tokens, m.max_seqlen, m.max_rank, c.d_in, c.d_out,
                           n_sms=torch.cuda.get_device_properties(0).multi_processor_count)  # fmt: skip
@@ -405,9 +381,9 @@ def sec_readout(S: Suite):
     from d2l_fast.kernels.latent_readout import latent_readout, latent_readout_ref
 
     tf = S.data.get("env", {}).get("bf16_matmul_TFLOPs")
-    for cname, (n_q, layers, T) in {"main-26x2000": (8, 26, 2000), "niah-26x2000": (208, 26, 2000),
-                                    "main-416x128": (8, 26 * 16, 128)}.items():  # fmt: skip
-        H, n_kv, hd, D = 16, 4, 128, 512
+    for cname, (r, layers, T) in {"main-26x2000": (READOUT_MAIN, 26, 2000), "niah-26x2000": (READOUT_NIAH, 26, 2000),
+                                  "main-416x128": (READOUT_MAIN, 26 * 16, 128)}.items():  # fmt: skip
+        n_q, H, n_kv, hd, D = r.n_q, r.n_heads, r.n_kv_heads, r.head_dim, r.d_model
         g = torch.Generator().manual_seed(0)
         lens = [T] * layers
         cu = torch.tensor([0] + [T * (i + 1) for i in range(layers)], dtype=torch.int32, device="cuda")
@@ -452,11 +428,12 @@ def sec_readout(S: Suite):
 def gemma2_2b_model():
     from transformers import AutoModelForCausalLM, Gemma2Config
 
+    shape = MODEL_SHAPES["gemma-2-2b"]
     cfg = Gemma2Config(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, query_pre_attn_scalar=256,
-        sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0,
-        eos_token_id=1, bos_token_id=2,
+        vocab_size=256000, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )  # fmt: skip
     cfg._name_or_path = "google/gemma-2-2b-it"
     with torch.device("cuda"):

@@ -1,7 +1,7 @@
 """End-to-end benchmarks on the real SmolLM2-135M-Instruct: document internalisation and batched generation.
 
-    python -m pytest benchmarks/bench_e2e.py --benchmark-only --benchmark-json /tmp/e2e.json -q
-    python benchmarks/report.py /tmp/e2e.json
+    python -m pytest benchmarks/e2e/bench_e2e.py --benchmark-only --benchmark-json /tmp/e2e.json -q
+    python scripts/bench_report.py /tmp/e2e.json
 
 Everything is fp32 on this process's device (CPU here; ``torch.set_num_threads`` comes from conftest.py).
 Timing: ``benchmark.pedantic``, no warm-up rounds; case A 2 rounds, the rest 1 (``D2L_BENCH_FULL=1``: 3, 1,
@@ -57,7 +57,6 @@ processes used during its rounds (``other_cores``, from /proc/stat minus this pr
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -68,6 +67,8 @@ import time
 
 import pytest
 import torch
+
+from .._common import CpuMonitor, PeakRSS, malloc_trim, mem_available_bytes, proc_status_kb
 
 FULL = os.environ.get("D2L_BENCH_FULL", "") == "1"
 MEM_SUBPROCESS = FULL or os.environ.get("D2L_BENCH_MEM", "") == "subprocess"
@@ -102,85 +103,6 @@ GOALS = {
     CASE_B: "goal: d2l_fast_packed >= 1.8x the docs/s of reference_padded with <= 1/3 of its peak memory",
     "generate": "goal: d2l_fast >= 0.9x base tokens/s (baseline doc: PEFT reached 0.63x)",
 }
-
-
-# ----------------------------------------------------------------------------------------------- memory
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class PeakRSS:
-    """Growth of VmHWM over the RSS at ``reset()`` (see the module docstring)."""
-
-    def __init__(self):
-        self.ok = os.path.exists("/proc/self/clear_refs")
-        self.rss0_kb = 0
-        self.peaks_mb: list[float] = []
-
-    def reset(self) -> None:
-        gc.collect()
-        _malloc_trim()
-        if not self.ok:
-            return
-        try:
-            self.rss0_kb = _proc_status_kb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.ok = False
-
-    def record(self) -> None:
-        if self.ok:
-            self.peaks_mb.append((_proc_status_kb("VmHWM") - self.rss0_kb) / 1024)
-
-    @property
-    def peak_mb(self) -> float | None:
-        return round(max(self.peaks_mb), 1) if self.peaks_mb else None
-
-
-# ----------------------------------------------------------------------------------------- contamination
-_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return (sum(v[:8]) - idle) / _CLK
-
-
-class CpuMonitor:
-    """CPU seconds per second that other processes used while we ran (0 = quiet machine)."""
-
-    def __init__(self):
-        self.wall = self.busy = self.own = 0.0
-        self._t = None
-
-    def start(self):
-        t = os.times()
-        self._t = (time.perf_counter(), _busy_s(), t.user + t.system)
-
-    def stop(self):
-        t = os.times()
-        w0, b0, o0 = self._t
-        self.wall += time.perf_counter() - w0
-        self.busy += _busy_s() - b0
-        self.own += t.user + t.system - o0
-
-    @property
-    def other_cores(self) -> float | None:
-        return round(max(0.0, self.busy - self.own) / self.wall, 2) if self.wall > 0 else None
 
 
 # ------------------------------------------------------------------------------------------- documents
@@ -382,21 +304,10 @@ def _reference_peak_estimate_bytes(model, docs) -> int:
     return rows * 4 * (2 * H + 3 * f * H + s.latent_size)
 
 
-def _mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _bench_internalize(benchmark, env_info, model, case, provider, rounds, baseline):
     docs = _case_docs(case, model.tokenizer)
     if provider == "reference_padded":
-        est, avail = _reference_peak_estimate_bytes(model, docs), _mem_available_bytes()
+        est, avail = _reference_peak_estimate_bytes(model, docs), mem_available_bytes()
         if avail is not None and est > 0.8 * avail:
             pytest.skip(f"reference_padded would need ~{est / 2**30:.1f} GiB (MemAvailable {avail / 2**30:.1f} GiB)")
     fn = internalize_fn(model, provider, docs)
@@ -440,9 +351,10 @@ def _bench_internalize(benchmark, env_info, model, case, provider, rounds, basel
 
 
 def _subprocess_peak(case, provider) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--mem-worker", case, provider]
+    cmd = [sys.executable, "-m", "benchmarks.e2e.bench_e2e", "--mem-worker", case, provider]
     env = dict(os.environ, D2L_BENCH_THREADS=str(torch.get_num_threads()))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=root)
     if p.returncode != 0:
         return {"peak_rss_mb_subprocess_error": p.stderr[-2000:]}
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -601,8 +513,8 @@ def _mem_worker(case: str, provider: str) -> None:
             prm.sum()
         base(input_ids=torch.ones(2, 16, dtype=torch.long))
     gc.collect()
-    _malloc_trim()
-    rss0 = _proc_status_kb("VmRSS")
+    malloc_trim()
+    rss0 = proc_status_kb("VmRSS")
     hwm_ok = os.path.exists("/proc/self/clear_refs")
     if hwm_ok:
         with open("/proc/self/clear_refs", "w") as f:
@@ -610,7 +522,7 @@ def _mem_worker(case: str, provider: str) -> None:
     t = time.perf_counter()
     fn()
     wall = time.perf_counter() - t
-    peak = _proc_status_kb("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = proc_status_kb("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "rss_after_load_mb": round(rss0 / 1024, 1),
                       "wall_s": round(wall, 3)}))
 
@@ -619,4 +531,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--mem-worker":
         _mem_worker(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: bench_e2e.py --mem-worker CASE PROVIDER (internal); run the benchmarks with pytest")
+        sys.exit("usage: python -m benchmarks.e2e.bench_e2e --mem-worker CASE PROVIDER (internal); run the "
+                 "benchmarks with pytest")

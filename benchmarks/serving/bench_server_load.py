@@ -1,6 +1,6 @@
 """Load test of the document server (issue 9): 16 concurrent OpenAI clients, 16 distinct documents, on loopback.
 
-    python -m pytest benchmarks/bench_server_load.py --benchmark-only -q
+    python -m pytest benchmarks/serving/bench_server_load.py --benchmark-only -q
 
 The real server (``create_app`` + uvicorn on a free 127.0.0.1 port, in a background thread of this process, as
 ``d2l-fast serve`` runs it) with the real SmolLM2-135M-Instruct and a seeded random hypernetwork,
@@ -38,7 +38,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from bench_e2e import CpuMonitor
+
+from .._common import CpuMonitor
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -50,7 +51,8 @@ MAX_TOKENS = 32
 ROUNDS = int(os.environ.get("D2L_BENCH_LOAD_ROUNDS", "2"))
 INIT_SCALER_B = 6.0  # as bench_e2e's generation hypernet: the adapters visibly change the greedy answers
 HYPERNET = dict(latent_size=64, num_blocks=2)
-RESULTS = os.environ.get("D2L_BENCH_LOAD_JSON", str(pathlib.Path(__file__).parent / "results" / "server_load_cpu.json"))
+RESULTS = os.environ.get("D2L_BENCH_LOAD_JSON",
+                         str(pathlib.Path(__file__).parents[1] / "results" / "server_load_cpu.json"))
 TARGETS = "(a) >= 4x the tokens/s of (b); identical answers; zero failures; (a) p99 <= 2x p50"
 
 # 16 short made-up documents and one question each (the answer is in the document)

@@ -1,11 +1,11 @@
 """Diagnostics of hypernetwork training on SmolLM2-135M-Instruct (CPU): why a fresh D2L hypernetwork sits on the
 NIAH plateau, measured in three ways.
 
-    python benchmarks/train_diagnostics.py grads --scaler-b 0 --l1 1.5      # gradient magnitudes at init
-    python benchmarks/train_diagnostics.py probe                            # are the digits in the representation?
-    python benchmarks/train_diagnostics.py run --data four --steps 60       # short runs with held-out loss
-    python benchmarks/train_diagnostics.py run --data pool100 --steps 120 --scaler-b 0.1 --l1 0
-    python benchmarks/train_diagnostics.py run --data fresh --steps 120 --scaler-b 0.1 --l1 0
+    python scripts/train_diagnostics.py grads --scaler-b 0 --l1 1.5      # gradient magnitudes at init
+    python scripts/train_diagnostics.py probe                            # are the digits in the representation?
+    python scripts/train_diagnostics.py run --data four --steps 60       # short runs with held-out loss
+    python scripts/train_diagnostics.py run --data pool100 --steps 120 --scaler-b 0.1 --l1 0
+    python scripts/train_diagnostics.py run --data fresh --steps 120 --scaler-b 0.1 --l1 0
 
 Data (needle-only contexts ``The special magic number is NNNN.``, gold answers, the reference's student prompt):
 ``four`` = 4 fixed documents (memorisation), ``pool100`` = 3,000 contexts whose numbers come from a pool of 100,
@@ -79,7 +79,7 @@ def _trainer(base, tok, data, out, a, steps=1):
 
 
 def cmd_grads(base, tok, a, root):
-    from d2l_fast.training.trainer import PackStream
+    from d2l_fast.training.data import PackStream
 
     data, _ = make_data(base, tok, "fresh", root)
     cfg, tr = _trainer(base, tok, data, root / "g", a)
@@ -121,7 +121,7 @@ def cmd_probe(base, tok, a, root):
 def cmd_run(base, tok, a, root):
     import dataclasses
 
-    from d2l_fast.training.trainer import PackStream, check_data
+    from d2l_fast.training.data import PackStream, check_data
 
     data, held = make_data(base, tok, a.data, root)
     out = root / f"run-{a.data}"

@@ -1,8 +1,8 @@
 """Train the bundled SmolLM2-135M-Instruct hypernetwork on this CPU: generate data, train (resumable), evaluate.
 
-    python benchmarks/train_smollm2.py --out runs/smollm2 --max-steps 3000            # data + training
-    python benchmarks/train_smollm2.py --out runs/smollm2 --max-steps 3000 --resume   # continue a stopped run
-    python benchmarks/train_smollm2.py --out runs/smollm2 --eval-only                 # held-out evaluation
+    python scripts/train_smollm2.py --out runs/smollm2 --max-steps 3000            # data + training
+    python scripts/train_smollm2.py --out runs/smollm2 --max-steps 3000 --resume   # continue a stopped run
+    python scripts/train_smollm2.py --out runs/smollm2 --eval-only                 # held-out evaluation
 
 Data (all generated here, gold answers, cross-entropy on the answer tokens): needle-in-a-haystack records of spec
 §5.2 in the training bins 32–128 and 128–256 tokens, and synthetic fact documents (``generate_facts``, train split).

@@ -1,6 +1,6 @@
 """Plot held-out scores of checkpoints along a multi-stage training lineage.
 
-    python benchmarks/plot_heldout.py benchmarks/results/smollm2_heldout_points.json \
+    python scripts/plot_heldout.py benchmarks/results/smollm2_heldout_points.json \
         -o benchmarks/results/smollm2_heldout.png
 
 The JSON is a list of points ``{"stage": str, "step": int (cumulative optimizer steps of the lineage),

@@ -3,7 +3,7 @@
 Each variant runs in a fresh subprocess (forward + backward to the hidden states; the lm_head is frozen as in D2L
 training) and reports the growth of peak memory over the inputs: peak RSS on CPU, ``max_memory_allocated`` on CUDA.
 
-    python benchmarks/loss_memory.py --tokens 8192 --vocab 49152 --hidden 576     # SmolLM2-135M, 8k answer tokens
+    python scripts/loss_memory.py --tokens 8192 --vocab 49152 --hidden 576     # SmolLM2-135M, 8k answer tokens
 """
 
 from __future__ import annotations

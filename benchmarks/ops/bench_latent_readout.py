@@ -1,6 +1,6 @@
 """Benchmark of the latent cross-attention readout (one Perceiver cross-attention block).
 
-Run: pytest benchmarks/bench_latent_readout.py --benchmark-only --benchmark-json out.json
+Run: pytest benchmarks/ops/bench_latent_readout.py --benchmark-only --benchmark-json out.json
 
 Providers
   materialized       the reference way (d2l_fast latent_readout_ref, fp32): K/V projected for every token,
@@ -30,6 +30,7 @@ from d2l_fast.kernels.latent_readout import (
     readout_macs,
 )
 from d2l_fast.kernels.latent_readout.function import resolve_mode
+from d2l_fast.profiling.shapes import READOUT_MAIN, READOUT_NIAH
 
 try:
     import triton
@@ -38,7 +39,12 @@ try:
 except ImportError:  # pragma: no cover
     TRITON_VERSION = None
 
-GEMMA = dict(n_q=8, H=16, n_kv=4, hd=128, D=512)
+
+def _sizes(r) -> dict:
+    return dict(n_q=r.n_q, H=r.n_heads, n_kv=r.n_kv_heads, hd=r.head_dim, D=r.d_model)
+
+
+GEMMA = _sizes(READOUT_MAIN)  # the main hypernetwork config (on Gemma-2-2b)
 CASES = {
     # Gemma-2-2b, layer-to-layer: 26 layers x one 2000-token document -> 26 segments
     "gemma2b_l2l_26x2000": dict(lens=[2000] * 26, **GEMMA),
@@ -49,7 +55,7 @@ CASES = {
     # the 1-block decoder: 26 layers x 4 chunks, each attends to its 8 encoder latents
     "gemma2b_decoder_104x8": dict(lens=[8] * 104, **GEMMA),
     # NIAH config: 208 latents (auto must choose the plain form)
-    "niah208_26x500": dict(lens=[500] * 26, n_q=208, H=16, n_kv=4, hd=128, D=512),
+    "niah208_26x500": dict(lens=[500] * 26, **_sizes(READOUT_NIAH)),
 }
 PROVIDERS = ["materialized", "d2l_fast", "d2l_fast_absorbed", "d2l_fast_plain", "triton"]
 

@@ -26,7 +26,7 @@ Op-level runs time one down_proj LoRA delta (forward + backward, input needing a
 through ``LoRABinding.apply``, segmented vs per-token copies. The reference's per-token-copy cost is also computed
 from the formula of spec §1.8 and compared with the measured copies.
 
-    python benchmarks/train_memory.py --out benchmarks/results/train_memory_cpu.json      # ~25 min on 2 cores
+    python scripts/train_memory.py --out benchmarks/results/train_memory_cpu.json      # ~25 min on 2 cores
     # = --layers 2 3 (d2l_fast, 4096 tokens) --copy-depth 2 --copy-on 1 2 --copy-n-ctx 8 (copies, 2048 tokens)
     #   + the op-level pair at 4096 tokens
 """
@@ -173,7 +173,9 @@ def _run(a) -> dict:
 
     from d2l_fast.model import D2LModel
     from d2l_fast.patching import LoRABinding
-    from d2l_fast.training.trainer import PackStream, TrainConfig, Trainer
+    from d2l_fast.training.config import TrainConfig
+    from d2l_fast.training.data import PackStream
+    from d2l_fast.training.trainer import Trainer
 
     _rss_guard(int(a.max_rss_gb * 1e9))
     torch.manual_seed(a.seed)

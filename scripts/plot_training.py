@@ -1,6 +1,6 @@
 """Plot a training run's curve from its ``metrics.jsonl`` (``d2l-fast train`` writes one line per step).
 
-    python benchmarks/plot_training.py runs/smollm2/run/metrics.jsonl -o benchmarks/results/smollm2_training.png
+    python scripts/plot_training.py runs/smollm2/run/metrics.jsonl -o benchmarks/results/smollm2_training.png
 
 Draws the answer-token loss (raw and a moving average), the learning rate, and — when given — the uniform-digit
 plateau of NIAH (4·ln10/5, four digits uniform + the end-of-turn token learned) as a reference line.

@@ -1,0 +1,1 @@
+"""End-to-end benchmarks on the real SmolLM2-135M: internalisation and generation."""

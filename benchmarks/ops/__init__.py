@@ -1,0 +1,1 @@
+"""Kernel benchmarks: segmented LoRA and the latent readout."""

@@ -1,0 +1,1 @@
+"""Serving benchmarks: the HTTP server under load, decode with many resident adapters."""
