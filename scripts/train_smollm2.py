@@ -14,7 +14,7 @@ test extrapolation), and fact documents of the ``test`` split (entities AND phra
 Hypernetwork: the reference's NIAH choices scaled to the CPU budget — early-exit encoder at a quarter of the
 depth, one latent query per (layer, rank), latent 128, 2 blocks, 4 × 32 heads — with LoRAs on the ``down_proj`` of
 the upper layers only (``--layers``; halves the backward pass and keeps the fp16 checkpoint under 25 MB).
-Optimisation differs from the reference in two measured ways (see the README's training section): the L1
+Optimisation differs from the reference in two measured ways (see docs/training-smollm2.md): the L1
 coefficient is 0 by default (``--l1``; with Adam the spec's 1.5 gives the generated LoRA a constant-sign
 gradient towards zero that the noisy task gradient never beats on fresh documents), and ``scaler_B`` starts at
 N(0, 1) instead of zeros with a learning rate of 2e-4 (the reference's zeros leave every gradient upstream of the
