@@ -114,6 +114,11 @@ class AdapterBatch:
         key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
         return tensors, key
 
+    def known_nonfinite(self) -> list[int] | None:
+        """What :meth:`nonfinite` would return without scanning: its last result while no tensor was replaced or
+        modified since (or the verdict :meth:`select` / :meth:`concat` inherited), else None (unknown)."""
+        return self._known_nonfinite()
+
     def tensor_versions(self) -> list[tuple[torch.Tensor, int]] | None:
         """``[(tensor, version counter)]`` of every A/B tensor: equal (tensor for tensor by identity, versions by
         value) as long as no tensor was replaced or modified in place. None when a tensor has no counter (an

@@ -435,7 +435,8 @@ class D2LModel(nn.Module):
                 ad.check_finite(where=where)  # raises: a non-finite alpha
             # NaN/inf: select() carries the caller's cached verdict over unless a narrowing cast could overflow, so
             # this scans the used adapters only when nothing is known yet
-            bad = [used[k] for k in ad.nonfinite()]
+            known = ad.known_nonfinite()
+            bad = [used[k] for k in (known if known is not None else ad.nonfinite())]
             if bad:
                 raise adapters.nonfinite_error(bad, where=where)
             new = {k: i for i, k in enumerate(used)}
