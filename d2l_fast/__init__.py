@@ -9,10 +9,13 @@ hypernetwork bundled in the package (``d2l_fast.zoo``) on its base model, ready 
 import logging
 
 from .adapters import AdapterBatch, merge_chunk_loras
+from .answering import compare_answers
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .compat import ModulatedPretrainedModel, combine_lora
 from .config import D2LSpec
+from .export import export_peft
 from .hf import spec_for_model
+from .kernels.latent_readout import latent_readout
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt
@@ -32,7 +35,10 @@ __all__ = [
     "PackedContexts",
     "SegmentMeta",
     "combine_lora",
+    "compare_answers",
+    "export_peft",
     "get_tokenizer",
+    "latent_readout",
     "load_checkpoint",
     "merge_chunk_loras",
     "pretrained",

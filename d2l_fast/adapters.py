@@ -114,6 +114,17 @@ class AdapterBatch:
         key = None if any(t.is_inference() for t in tensors) else [(t, t._version) for t in tensors]  # no counter
         return tensors, key
 
+    def known_nonfinite(self) -> list[int] | None:
+        """What :meth:`nonfinite` would return without scanning: its last result while no tensor was replaced or
+        modified since (or the verdict :meth:`select` / :meth:`concat` inherited), else None (unknown)."""
+        return self._known_nonfinite()
+
+    def tensor_versions(self) -> list[tuple[torch.Tensor, int]] | None:
+        """``[(tensor, version counter)]`` of every A/B tensor: equal (tensor for tensor by identity, versions by
+        value) as long as no tensor was replaced or modified in place. None when a tensor has no counter (an
+        inference tensor): then nothing can be cached against this batch."""
+        return self._nonfinite_key()[1]
+
     def _known_nonfinite(self, key=None) -> list[int] | None:
         """What :meth:`nonfinite` returned last if no tensor was replaced or modified since, else None (unknown)."""
         key = self._nonfinite_key()[1] if key is None else key
@@ -139,10 +150,14 @@ class AdapterBatch:
             used = set(indices)
             bad = [k for k in bad if k in used]
         if bad:
-            raise self._nonfinite_error(bad, where)
+            raise self.nonfinite_error(bad, where=where)
 
-    def _nonfinite_error(self, bad: list[int], where: str) -> ValueError:
-        """The error that names adapters ``bad`` (indices into this batch) as holding NaN or infinite values."""
+    def nonfinite_error(self, bad: list[int], *, where: str = "") -> ValueError:
+        """The error (returned, not raised) that names adapters ``bad`` (indices into this batch, e.g. from
+        :meth:`nonfinite` of a selection mapped back) as holding NaN or infinite values; ``where`` is appended
+        to the adapter names."""
+        if not isinstance(bad, (list, tuple)) or not bad:
+            raise ValueError(f"nonfinite_error needs a non-empty list of adapter indices, got {bad!r:.60}")
         label = ", ".join(f"#{k}" + (f" ({self.names[k]!r})" if self.names and self.names[k] else "")
                           for k in bad[:8])
         more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""

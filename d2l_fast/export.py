@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch
 from .config import D2LSpec
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,7 +44,7 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
 
-def export_peft(model_or_spec, adapters: AdapterBatch, index_or_indices, out_dir, *, dtype=None, names=None,
+def export_peft(model_or_spec, adapters, index_or_indices, out_dir, *, dtype=None, names=None,
                 overwrite: bool = False, compose: bool = False, weights=None, max_rank: int | None = None,
                 base_model=None) -> list[Path]:
     """Write documents of ``adapters`` as PEFT LoRA folders; returns the folders written.
@@ -70,7 +69,7 @@ def export_peft(model_or_spec, adapters: AdapterBatch, index_or_indices, out_dir
     is in place.
     """
     spec, tree, expected_id = _resolve_model(model_or_spec, base_model)
-    if not isinstance(adapters, AdapterBatch):
+    if not _is_adapter_batch(adapters):
         raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
     _check_same_model(adapters, spec, expected_id)
     adapters.check_fits(spec, source="adapters")
@@ -136,6 +135,13 @@ def export_peft(model_or_spec, adapters: AdapterBatch, index_or_indices, out_dir
 
 
 # ----------------------------------------------------------------------------- validation
+def _is_adapter_batch(obj) -> bool:
+    """An :class:`~d2l_fast.AdapterBatch` by its interface: this module sits below :mod:`d2l_fast.adapters`
+    (``AdapterBatch.to_peft`` calls :func:`export_peft`), so it does not import the class."""
+    return all(hasattr(obj, a) for a in ("A", "B", "rank_offsets", "alpha", "model_id", "names", "check_fits",
+                                         "select", "compose"))
+
+
 def _resolve_model(model_or_spec, base_model):
     """(spec, module tree source, expected adapter model id or None)."""
     from .checkpoint import LoadedCheckpoint
@@ -143,7 +149,7 @@ def _resolve_model(model_or_spec, base_model):
     if isinstance(model_or_spec, D2LSpec):
         return model_or_spec, base_model, None
     if isinstance(model_or_spec, LoadedCheckpoint):
-        from .model import model_fingerprint
+        from .fingerprint import model_fingerprint
 
         sd = model_or_spec.state_dict
         if "head.weight" not in sd:
@@ -159,7 +165,7 @@ def _resolve_model(model_or_spec, base_model):
                     f"got {type(model_or_spec).__name__}")
 
 
-def _check_same_model(adapters: AdapterBatch, spec: D2LSpec, expected_id: str | None) -> None:
+def _check_same_model(adapters, spec: D2LSpec, expected_id: str | None) -> None:
     if expected_id is not None:
         if adapters.model_id != expected_id:
             raise ValueError(f"these adapters were made by another model: expected model id {expected_id!r}, "
@@ -188,11 +194,11 @@ def _check_indices(indices, n: int) -> list[int]:
     return out
 
 
-def _doc_name(adapters: AdapterBatch, k: int) -> str | None:
+def _doc_name(adapters, k: int) -> str | None:
     return adapters.names[k] if adapters.names else None
 
 
-def _folder_names(adapters: AdapterBatch, indices: list[int], names) -> list[str]:
+def _folder_names(adapters, indices: list[int], names) -> list[str]:
     if names is not None:
         if isinstance(names, str) or len(names) != len(indices):
             raise ValueError(f"names must be a list of {len(indices)} folder names (one per index), got {names!r:.80}")
@@ -279,7 +285,7 @@ def _peft_targets(spec: D2LSpec, model: nn.Module, paths) -> tuple[list[str] | s
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_folder(folder: Path, ad: AdapterBatch, k: int, spec: D2LSpec, paths, target_modules, layers_to_transform,
+def _write_folder(folder: Path, ad, k: int, spec: D2LSpec, paths, target_modules, layers_to_transform,
                   dtype, doc_names) -> None:
     from safetensors.torch import save_file
 

@@ -12,8 +12,6 @@ per binding.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import warnings
@@ -25,6 +23,7 @@ from .adapters import AdapterBatch, as_index_list, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .config import D2LSpec
 from .encoder import ContextEncoder
+from .fingerprint import model_fingerprint  # its home is d2l_fast.fingerprint; kept importable here
 from .hf import check_base_model, load_base_model, spec_for_model
 from .hypernet import HyperLoRA
 from .packing import PackedContexts, tokenize_prompt
@@ -50,17 +49,6 @@ def default_max_chunk_len(base_model) -> int:
     except (TypeError, ValueError):
         return DEFAULT_MAX_CHUNK_LEN
     return max(1, min(mpe, DEFAULT_MAX_CHUNK_LEN)) if mpe > 0 else DEFAULT_MAX_CHUNK_LEN
-
-
-def model_fingerprint(spec: D2LSpec, hypernet: nn.Module) -> str:
-    """Identity of (base model, hypernetwork weights): adapters made by one model refuse to bind to another."""
-    h = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    with torch.no_grad():
-        for name in ("head.weight",):
-            t = dict(hypernet.named_parameters())[name].detach().float().flatten()
-            h.update(repr(round(float(t[:4096].double().sum()), 6)).encode())
-            h.update(repr(round(float(t[-4096:].double().abs().sum()), 6)).encode())
-    return f"{spec.base_model_name_or_path}@{h.hexdigest()[:16]}"
 
 
 class D2LModel(nn.Module):
@@ -451,10 +439,10 @@ class D2LModel(nn.Module):
                 ad.check_finite(where=where)  # raises: a non-finite alpha
             # NaN/inf: select() carries the caller's cached verdict over unless a narrowing cast could overflow, so
             # this scans the used adapters only when nothing is known yet
-            known = ad._known_nonfinite()
+            known = ad.known_nonfinite()
             bad = [used[k] for k in (known if known is not None else ad.nonfinite())]
             if bad:
-                raise adapters._nonfinite_error(bad, where)
+                raise adapters.nonfinite_error(bad, where=where)
             new = {k: i for i, k in enumerate(used)}
             renumber = lambda ids: [new[i] if i >= 0 else -1 for i in as_index_list(ids)]  # noqa: E731
             binding = LoRABinding(ad, self._layer_map,
@@ -467,7 +455,7 @@ class D2LModel(nn.Module):
     def _compacted(self, adapters: AdapterBatch, used: list[int]) -> AdapterBatch:
         """``adapters.select(used)`` on this model's device and dtype, reused while the same batch (unmodified) binds
         the same adapters again — e.g. every decode step of one set of rows."""
-        versions = adapters._nonfinite_key()[1]
+        versions = adapters.tensor_versions()
         c = self._compact_cache
         if versions is not None and c is not None and c[0] is adapters and c[2] == used and len(c[1]) == len(
                 versions) and all(a is b and va == vb for (a, va), (b, vb) in zip(c[1], versions)):

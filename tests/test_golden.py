@@ -93,6 +93,7 @@ def test_case4_combine(model, cases):
     per_chunk = {"down_proj": {"A": cases["case2.lora.down_proj.A"], "B": cases["case2.lora.down_proj.B"]}}
     bias = {"down_proj": {"A": cases["params.bias_A.down_proj"], "B": cases["params.bias_B.down_proj"]}}
     out = combine_lora(per_chunk, [2, 1], bias)
+    # bitwise: without scalers combining only copies rows into place (no arithmetic), as the reference does
     close(out["down_proj"]["A"], cases["case4.combined_bias.down_proj.A"], dict(atol=0, rtol=0))
     close(out["down_proj"]["B"], cases["case4.combined_bias.down_proj.B"], dict(atol=0, rtol=0))
     out = model.combine_lora(per_chunk, torch.tensor([2, 1]), bias, scalers=torch.tensor([0.5, -1.5, 2.0]),

@@ -69,3 +69,60 @@ def test_imports_point_down():
     above = {"d2l_fast.model", "d2l_fast.compat", "d2l_fast.config"}
     assert not _package_imports("patching.py") & (above | {"d2l_fast.encoder"})
     assert not _package_imports("encoder.py") & (above | {"d2l_fast.patching"})
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """d2l_fast module → the d2l_fast modules it imports, at module level or inside functions. ``from .pkg import
+    name`` counts as an import of ``pkg.name`` when that is a module, else of ``pkg``; the parent packages Python
+    initialises on the way are not edges (every module would otherwise depend on d2l_fast/__init__.py)."""
+    files = {_module_name(p): p for p in (ROOT / "d2l_fast").rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        deps = set()
+        for name in _package_imports(str(path.relative_to(ROOT / "d2l_fast"))):
+            while name not in files and "." in name:  # an imported attribute: the module that defines it
+                name = name.rsplit(".", 1)[0]
+            if name in files and name != mod:
+                deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as [a, b, ..., a], or None."""
+    state, stack = {}, []  # state: 1 on the current path, 2 done
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_find_cycle_reports_a_cycle():  # the checker below can fail
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert {"d2l_fast", "d2l_fast.model", "d2l_fast.kernels.segmented_lora"} <= graph.keys()
+    assert "d2l_fast.adapters" in graph["d2l_fast.model"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -179,7 +179,10 @@ def test_documents_posted_together_or_concurrently_share_one_internalize_call(se
     assert batcher.calls - calls0 <= 2  # 4 concurrent posts: at most 2 packed calls (the first may run alone)
 
 
-def test_concurrent_requests_batched_each_equal_to_its_single_result(server, model):
+def test_concurrent_requests_batched_each_equal_to_its_single_result(server, model, monkeypatch):
+    """Five requests decoded together. The schedule is pinned by server-side state, not by timing: the first request
+    is admitted alone and blocks in its prefill (the test holds the decoder), the other four are submitted one by one
+    behind it, and join its batch in one admission when the decoder is released."""
     docs = [post_doc(server, t) for t in DOCS]
     lens = [6, 14, 9, 3, 11]
     singles = [reference(model, chat_ids(model, user(q)), server.d2l.store.get(d["id"])[1], n)[1]
@@ -188,6 +191,10 @@ def test_concurrent_requests_batched_each_equal_to_its_single_result(server, mod
     rows0, joins0 = engine.max_rows_seen, engine.joins_mid_batch
     engine.max_rows_seen = 0
     out, errors = [None] * 6, [None]
+    submitted, admitted = [], []  # what the real engine was given, and each admission's rows (engine thread)
+    submit, admit = engine.submit, engine._admit
+    monkeypatch.setattr(engine, "submit", lambda req: submit(req) or submitted.append(req))
+    monkeypatch.setattr(engine, "_admit", lambda new: admitted.append(list(new)) or admit(new))
 
     def ask(i):
         if i == 5:  # an unknown document among them fails alone
@@ -201,16 +208,22 @@ def test_concurrent_requests_batched_each_equal_to_its_single_result(server, mod
                                                    max_tokens=lens[i], extra_body={"documents": [docs[i]["id"]]})
 
     lock = model_lock(decoder_of(model.base_model))
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     with lock.exclusive():  # hold the decoder: the first request blocks in its prefill, the others queue up
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: engine.in_flight == 5, "5 requests in flight")
+        threads[0].start()
+        wait_until(lambda: len(admitted) == 1, "the first request to be admitted (alone)")
+        for i in range(1, 5):  # one at a time: the queue order (hence the rows' order in the batch) is fixed
+            threads[i].start()
+            wait_until(lambda n=i + 1: len(submitted) == n, f"request {i} to be queued")
+        threads[5].start()
+        threads[5].join()
+        assert engine.in_flight == 5 and len(admitted) == 1
     for t in threads:
         t.join()
+    assert [[id(r) for r in rows] for rows in admitted] == [[id(submitted[0])], [id(r) for r in submitted[1:]]]
     assert [o.choices[0].message.content for o in out[:5]] == singles
     assert "doc-" + "0" * 24 in str(errors[0])
-    assert engine.max_rows_seen >= 4 and engine.joins_mid_batch > joins0  # decoded together, joined mid-batch
+    assert engine.max_rows_seen == 5 and engine.joins_mid_batch == joins0 + 4  # decoded together, joined mid-batch
     engine.max_rows_seen = max(rows0, engine.max_rows_seen)
 
 
@@ -317,16 +330,27 @@ def test_sampling_seed_and_stop(server, model):
     assert streamed == cut.choices[0].message.content
 
 
-def test_client_disconnect_mid_stream_drops_its_row(server, model):
+def test_client_disconnect_mid_stream_drops_its_row(server, model, monkeypatch):
+    """The client leaves while its row waits for the decoder (held by the test), so the row cannot finish first
+    whatever the scheduling: the server notices the disconnect, and the engine drops the row before its first step."""
     engine = server.d2l.engine
     body = {"model": server.d2l.model_name, "messages": user(QUESTIONS[0]), "max_tokens": 400, "stream": True}
     steps0, cancelled0 = engine.steps, engine.cancelled_rows
-    with server.http.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-    wait_until(lambda: engine.in_flight == 0, "the abandoned row to leave")  # long before its 400 tokens
-    assert engine.cancelled_rows == cancelled0 + 1 and engine.steps - steps0 < 400
+    admitted, admit = [], engine._admit
+    monkeypatch.setattr(engine, "_admit", lambda new: admitted.append(list(new)) or admit(new))
+    with model_lock(decoder_of(model.base_model)).exclusive():
+        with server.http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk, sent before any token
+            # leave once the row is in the batch (blocked in its prefill); a request cancelled while still queued
+            # is skipped without a prefill instead
+            wait_until(lambda: len(admitted) == 1, "the request to be admitted")
+        submitted = admitted[0]
+        wait_until(lambda: submitted[0].cancelled, "the server to notice the disconnect")
+        assert engine.in_flight == 1 and not submitted[0].out_ids
+    wait_until(lambda: engine.in_flight == 0, "the abandoned row to leave")
+    assert engine.cancelled_rows == cancelled0 + 1 and engine.steps == steps0  # dropped after its prefill
     ok = server.oa.chat.completions.create(model=server.d2l.model_name, messages=user(QUESTIONS[1]), max_tokens=5)
     assert ok.choices[0].message.content == reference(model, chat_ids(model, user(QUESTIONS[1])), None, 5)[1]
 

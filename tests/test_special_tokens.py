@@ -7,6 +7,7 @@ import torch
 from d2l_fast import D2LModel, ModulatedPretrainedModel, PackedContexts, tokenize_context
 from d2l_fast.packing import control_token_ids, render_context
 
+from ._numerics import BATCHING
 from ._tiny import tiny_pair, tiny_tokenizer
 
 # chat-control strings of four template families; each tiny tokenizer has its family's as special tokens
@@ -55,7 +56,8 @@ def test_packing_and_native_internalize():
     # the flag reaches the hypernetwork: the injected document's adapter depends on it, the clean one's does not
     on = model.internalize([CLEAN, INJECTED])
     off = model.internalize([CLEAN, INJECTED], split_special_tokens=False)
-    torch.testing.assert_close(on[0].A["down_proj"], off[0].A["down_proj"], rtol=0, atol=0)
+    # not bitwise: the other document's tokenization changes the packed length, hence the shapes BLAS sees
+    torch.testing.assert_close(on[0].A["down_proj"], off[0].A["down_proj"], **BATCHING)
     assert not torch.allclose(on[1].A["down_proj"], off[1].A["down_proj"])
 
 
@@ -66,6 +68,7 @@ def test_drop_in_internalize():
     ref = ModulatedPretrainedModel(d2l)
     on = ref.internalize(INJECTED)["down_proj"]["A"].clone()
     want = d2l.chunk_loras(PackedContexts(chunks=[tokenize_context(tok, INJECTED)], n_chunks=[1]))["down_proj"]["A"]
+    # bitwise: ModulatedPretrainedModel.internalize is pack([text]) then chunk_loras, the same call on the same chunk
     torch.testing.assert_close(on, want, rtol=0, atol=0)
     off = ref.internalize(INJECTED, split_special_tokens=False)["down_proj"]["A"]
     raw = d2l.chunk_loras(PackedContexts(chunks=[tokenize_context(tok, INJECTED, split_special_tokens=False)],

@@ -5,10 +5,9 @@ See :mod:`d2l_fast.serving.app` for the endpoints, :mod:`d2l_fast.serving.engine
 """
 
 from .app import DocumentServer, ServerSettings, create_app
-from .engine import DecodeEngine, GenRequest, InternalizeBatcher
+from .engine import DecodeEngine, GenRequest, InternalizeBatcher  # noqa: F401 (internals, kept importable here)
 from .errors import APIError
 from .runner import BackgroundServer, serve
 from .store import DocumentStore
 
-__all__ = ["APIError", "BackgroundServer", "DecodeEngine", "DocumentServer", "DocumentStore", "GenRequest",
-           "InternalizeBatcher", "ServerSettings", "create_app", "serve"]
+__all__ = ["APIError", "BackgroundServer", "DocumentServer", "DocumentStore", "ServerSettings", "create_app", "serve"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AdapterBatch
+from ..answering import left_pad
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -326,14 +327,7 @@ class DecodeEngine:
     def _prefill(self, rows: list[GenRequest], adapters: AdapterBatch | None, index: list[int]):
         from transformers import DynamicCache
 
-        dev = self.model.device
-        n = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, n - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id, self.model.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.base_model.config)
         logits = self._forward(adapters, index, ids, mask, pos, cache, logits_to_keep=1)

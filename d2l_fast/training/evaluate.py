@@ -44,13 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import tokenize_context, tokenize_prompt
-from .gen_data import check_output_dir, left_pad, publish, staging_dir, stop_token_ids
+from ..answering import EVAL_INSTRUCTION, METHODS, greedy_answers, question_prompt
+from ..packing import tokenize_context
+from .gen_data import check_output_dir, publish, staging_dir
 from .generators import validate_record
 from .metrics import exact_match, length_bins, qa_f1, rouge_l
 
-METHODS = ("base", "in_context", "d2l")
-EVAL_INSTRUCTION = "Answer the question with the answer only, no other words.\n\nQuestion: {question}"
 EVAL_FILES = ("samples.jsonl", "summary.json", "summary.csv", "scores_vs_length.png")
 #: per task: the score the plot and the CSV lead with, then the other metrics summarised.
 TASK_METRICS = {"qa": ("qa_f1", "qa_precision", "qa_recall", "exact_match", "rougeL"), "niah": ("niah_em", "rougeL")}
@@ -173,29 +172,16 @@ class _Runner:
         self.tok = tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.system, self.instruction, self.max_chunk_len = system, instruction, max_chunk_len
-        self.stop = stop_token_ids(self.base, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
         self.device = next(self.base.parameters()).device
 
     def prompt(self, s: Sample, with_doc: bool) -> list[int]:
-        text = self.instruction.format(question=s.question.strip())
-        if with_doc:
-            text = s.context.strip() + "\n\n" + text
-        return tokenize_prompt(self.tok, text, self.system)
+        return question_prompt(self.tok, s.question, document=s.context if with_doc else None,
+                               instruction=self.instruction, system=self.system)
 
     def generate(self, prompts: list[list[int]], adapters=None, adapter_index=None) -> list[str]:
-        out = []
-        for b0 in range(0, len(prompts), self.batch_size):
-            ids, mask = left_pad(prompts[b0 : b0 + self.batch_size], self.pad, self.device)
-            kw = dict(do_sample=False, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop,
-                      pad_token_id=self.pad, temperature=None, top_p=None, top_k=None)
-            if self.d2l is not None:
-                idx = None if adapters is None else adapter_index[b0 : b0 + self.batch_size]
-                seq = self.d2l.generate(ids, mask, adapters=adapters, adapter_index=idx, **kw)
-            else:
-                seq = self.base.generate(input_ids=ids, attention_mask=mask, **kw)
-            out += [t.strip() for t in self.tok.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)]
-        return out
+        return greedy_answers(self.d2l if self.d2l is not None else self.base, prompts, tokenizer=self.tok,
+                              adapters=adapters, adapter_index=adapter_index, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.batch_size)
 
     def run(self, method: str, samples: list[Sample]) -> tuple[list[str], dict]:
         cost = {}

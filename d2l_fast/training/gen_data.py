@@ -46,7 +46,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..packing import control_token_ids, tokenize_context, tokenize_prompt
+from ..answering import gold_answer_ids, left_pad, stop_token_ids  # their home; kept importable from here
+from ..packing import tokenize_context, tokenize_prompt
 
 TEACHER_TEMPLATE = (
     "You answer questions about the information given below.\n\n"
@@ -110,41 +111,6 @@ def teacher_prompt_text(tokenizer, context: str, question: str) -> str:
                                          add_generation_prompt=True)
 
 
-def gold_answer_ids(tokenizer, question: str, answer: str) -> list[int]:
-    """Token ids of ``answer`` as the chat template renders an assistant turn after ``[user: question]``, up to
-    and including the first control token (the end of the turn); ``answer + eos`` if the template does not
-    render the prompt as a prefix of the conversation."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                          {"role": "assistant", "content": answer}], tokenize=False)
-    ctrl = control_token_ids(tokenizer)
-    if full.startswith(prompt):
-        ids = list(tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])
-        for k, t in enumerate(ids):
-            if t in ctrl:
-                return ids[: k + 1]
-    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token and its chat template closes no assistant turn")
-    return ids + [int(tokenizer.eos_token_id)]
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Generation stops at: the generation config's eos id(s), the tokenizer's eos, and the control token the
-    chat template closes an assistant turn with."""
-    ids = set()
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    with_answer = gold_answer_ids(tokenizer, "q", "a")
-    if with_answer and with_answer[-1] in control_token_ids(tokenizer):
-        ids.add(with_answer[-1])
-    return sorted(int(i) for i in ids)
-
-
 def _base_and_generate(model):
     """(HF causal LM, generate callable) for an HF model or a D2LModel (generated without adapters)."""
     from ..model import D2LModel
@@ -154,16 +120,6 @@ def _base_and_generate(model):
     if not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face causal LM or a D2LModel, got {type(model).__name__}")
     return model, lambda ids, mask, **kw: model.generate(input_ids=ids, attention_mask=mask, **kw)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, n - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
