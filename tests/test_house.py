@@ -126,3 +126,38 @@ def test_no_import_cycles():
     assert "d2l_fast.adapters" in graph["d2l_fast.model"]
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 120  # @triton.jit kernels are exempt: one kernel is one GPU program
+
+
+def _oversized(root: Path) -> list[str]:
+    import ast
+
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(root.parent)
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            out.append(f"{rel}: {n} lines (max {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    continue
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    out.append(f"{rel}:{node.lineno} {node.name}: {n} lines (max {MAX_FUNCTION_LINES})")
+    return out
+
+
+def test_modules_and_functions_stay_small():
+    assert _oversized(ROOT / "d2l_fast") == []
+
+
+def test_size_check_can_fail(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES + 1))
+    (pkg / "big.py").write_text("def f():\n" + body + "\n")
+    found = _oversized(pkg)
+    assert len(found) == 1 and "big.py:1 f:" in found[0]
