@@ -26,7 +26,7 @@ from d2l_fast.training.gen_data import OutputExistsError  # noqa: E402
 from d2l_fast.training.generators import generate_facts, generate_niah, write_records  # noqa: E402
 from d2l_fast.training.metrics import exact_match, qa_f1, rouge_l  # noqa: E402
 
-from ._tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from .._tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from d2l_fast.profiling import capture, compile_report, shapes
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_model_shapes_feed_the_compile_report_and_the_benchmark_labels():

@@ -27,7 +27,7 @@ from d2l_fast.training.reference import (
     per_context_average_ref,
 )
 
-from ._numerics import LIGER_GRAD, LIGER_LOSS, LOSS_F32, LOSS_F64, LOSS_STORED_F32
+from .._numerics import LIGER_GRAD, LIGER_LOSS, LOSS_F32, LOSS_F64, LOSS_STORED_F32
 
 F64, F32 = LOSS_F64, LOSS_F32
 

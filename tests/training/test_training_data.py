@@ -21,7 +21,7 @@ from d2l_fast.training.data import (  # noqa: E402
     split_qas,
 )
 
-from ._parquet import SCHEMA, write_rows  # noqa: E402
+from .._parquet import SCHEMA, write_rows  # noqa: E402
 
 
 def _row(rng, n_qa, K=4, V=50):

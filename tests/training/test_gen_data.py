@@ -21,7 +21,7 @@ from d2l_fast.training.gen_data import (  # noqa: E402
 )
 from d2l_fast.training.generators import generate_facts, generate_niah, write_records  # noqa: E402
 
-from ._tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from .._tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 STOP_LIKE = 73  # a token the random tiny llama generates now and then: the stop token is made to win there
 

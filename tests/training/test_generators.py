@@ -19,7 +19,7 @@ from d2l_fast.training.generators import (
     write_records,
 )
 
-from ._tiny import tiny_tokenizer
+from .._tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from d2l_fast.profiling import compile_report as cr
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MMA = {"wgmma", "mma.sync", "FMA", "none (no dot)"}
 
 

@@ -29,8 +29,8 @@ from d2l_fast.training.trainer import (  # noqa: E402
     stream_packs,
 )
 
-from ._parquet import SCHEMA, write_rows  # noqa: E402
-from ._tiny import tiny_model  # noqa: E402
+from .._parquet import SCHEMA, write_rows  # noqa: E402
+from .._tiny import tiny_model  # noqa: E402
 
 # the globals a checkpoint written by the reference pickles (spec §3.2; the golden file has exactly these)
 REFERENCE_GLOBALS = {

@@ -4,8 +4,8 @@ import torch
 
 from d2l_fast import D2LModel
 
-from ._numerics import PACKED_VS_PADDED_GRAD
-from ._tiny import tiny_pair
+from .._numerics import PACKED_VS_PADDED_GRAD
+from .._tiny import tiny_pair
 
 
 def test_hypernet_gradients_packed_equal_padded():
