@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AdapterBatch
+from ..encoder import observe_encoding
 from .errors import APIError
+from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 class _DocJob:
     text: str
     future: concurrent.futures.Future
+    progress: UploadProgress | None = None
 
 
 class InternalizeBatcher:
@@ -49,6 +52,9 @@ class InternalizeBatcher:
 
     ``submit(texts)`` returns one future per text; each resolves to ``(adapter, seconds)`` (a length-1
     :class:`AdapterBatch`; the wall time of the packed call it was part of) or raises the error of that document.
+    ``progress`` (one :class:`~d2l_fast.serving.uploads.UploadProgress` per text) is updated while the encoder
+    reads the documents; a cancelled one is dropped before its call, and a call whose documents are all
+    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`).
     """
 
     def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16):
@@ -74,10 +80,13 @@ class InternalizeBatcher:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, texts: list[str]) -> list[concurrent.futures.Future]:
+    def submit(self, texts: list[str], progress: list[UploadProgress] | None = None) -> list[concurrent.futures.Future]:
         if self._thread is None:
             raise APIError(503, "the server is shutting down", code="unavailable")
-        jobs = [_DocJob(t, concurrent.futures.Future()) for t in texts]
+        if progress is not None and len(progress) != len(texts):
+            raise ValueError(f"{len(progress)} progress records for {len(texts)} documents")
+        jobs = [_DocJob(t, concurrent.futures.Future(), None if progress is None else progress[k])
+                for k, t in enumerate(texts)]
         with self._count_lock:
             self.pending += len(jobs)
         for j in jobs:
@@ -108,22 +117,30 @@ class InternalizeBatcher:
             if stop:
                 return
 
+    def _internalize(self, group: list[_DocJob]) -> AdapterBatch:
+        with observe_encoding(GroupProgress([j.progress for j in group])):
+            return self.model.internalize([j.text for j in group])
+
     def _process(self, group: list[_DocJob]) -> None:
         group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        for j in [j for j in group if j.progress is not None and j.progress.cancelled]:
+            j.future.set_exception(UploadCancelled("the upload was cancelled"))
+        group = [j for j in group if not j.future.done()]
         if not group:
             return
         t0 = time.perf_counter()
         try:
-            ad = self.model.internalize([j.text for j in group])
+            ad = self._internalize(group)
         except Exception as e:  # one bad document must not fail the others: retry each alone
-            if len(group) == 1:
-                group[0].future.set_exception(e)
+            if len(group) == 1 or isinstance(e, UploadCancelled):
+                for j in group:
+                    j.future.set_exception(e)
                 return
             logger.info("packed internalize of %d documents failed (%s); retrying one by one", len(group), e)
             for j in group:
                 t1 = time.perf_counter()
                 try:
-                    one = self.model.internalize([j.text])
+                    one = self._internalize([j])
                 except Exception as e1:  # noqa: BLE001 - the error goes to that document's request
                     j.future.set_exception(e1)
                 else:

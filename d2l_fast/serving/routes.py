@@ -11,7 +11,7 @@ import uuid
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .engine import GenRequest
 from .errors import APIError
@@ -155,7 +155,8 @@ async def models(request: Request):
 @router.post("/v1/documents")
 async def create_documents(request: Request):
     srv, body = await read_json(request)
-    return await srv.create_documents(body)
+    out, status = await srv.create_documents(body)
+    return JSONResponse(out, status_code=status)
 
 
 @router.get("/v1/documents")
@@ -165,13 +166,21 @@ async def list_documents(request: Request):
 
 @router.get("/v1/documents/{doc_id}")
 async def get_document(doc_id: str, request: Request):
-    return check_auth(request).store.info(doc_id)
+    srv = check_auth(request)
+    p = srv.uploads.get(doc_id)
+    if doc_id not in srv.store and p is not None and p.finished is None:  # still uploading: its progress
+        return p.to_json()
+    return srv.store.info(doc_id)
+
+
+@router.get("/v1/documents/{doc_id}/progress")
+async def document_progress(doc_id: str, request: Request):
+    return check_auth(request).upload_progress(doc_id)
 
 
 @router.delete("/v1/documents/{doc_id}")
 async def delete_document(doc_id: str, request: Request):
-    await asyncio.to_thread(check_auth(request).store.delete, doc_id)
-    return {"id": doc_id, "object": "document.deleted", "deleted": True}
+    return await asyncio.to_thread(check_auth(request).delete_document, doc_id)
 
 
 @router.post("/v1/chat/completions")

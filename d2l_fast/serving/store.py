@@ -203,6 +203,10 @@ class DocumentStore:
     def resident_bytes(self) -> int:
         return self._resident_bytes
 
+    def __contains__(self, doc_id) -> bool:
+        with self._lock:
+            return doc_id in self._info
+
     def __len__(self) -> int:
         return len(self._info)
 
