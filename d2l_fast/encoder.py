@@ -52,6 +52,23 @@ def observe_encoding(fn):
         _observers.fn = old
 
 
+@contextlib.contextmanager
+def limit_row_tokens(n: int | None):
+    """Within the block, this thread's packed encoder rows hold at most ``n`` tokens (None: the caller's budget).
+
+    A chunk longer than ``n`` still runs alone in its row. Each chunk attends to itself only, so the rows a
+    chunk shares do not change what it attends to.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    old = getattr(_observers, "row_tokens", None)
+    _observers.row_tokens = n
+    try:
+        yield
+    finally:
+        _observers.row_tokens = old
+
+
 def _attention_switch(switched):
     """(pause, resume) for a yield of an encoder pass: put each config's attention implementation back, and
     switch it again."""
@@ -203,6 +220,8 @@ class ContextEncoder(nn.Module):
         """
         from . import varlen as _varlen
 
+        cap = getattr(_observers, "row_tokens", None)
+        token_budget = token_budget if cap is None else min(token_budget, cap)
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
@@ -343,4 +362,4 @@ class _PackedOutput:
         return write
 
 
-__all__ = ["ContextEncoder", "observe_encoding"]
+__all__ = ["ContextEncoder", "limit_row_tokens", "observe_encoding"]

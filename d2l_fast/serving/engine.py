@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AdapterBatch
-from ..encoder import observe_encoding
+from ..encoder import limit_row_tokens, observe_encoding
 from .errors import APIError
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
@@ -57,8 +57,10 @@ class InternalizeBatcher:
     cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`).
     """
 
-    def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16):
+    def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16,
+                 slice_tokens: int | None = None):
         self.model = model
+        self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
         self.window_s = float(window_s)
         self.max_docs = int(max_docs)
         self.max_tokens = int(max_tokens)
@@ -118,8 +120,8 @@ class InternalizeBatcher:
                 return
 
     def _internalize(self, group: list[_DocJob]) -> AdapterBatch:
-        with observe_encoding(GroupProgress([j.progress for j in group])):
-            return self.model.internalize([j.text for j in group])
+        with observe_encoding(GroupProgress([j.progress for j in group])), limit_row_tokens(self.slice_tokens):
+            return self.model.internalize([j.text for j in group], max_chunk_len=self.slice_tokens)
 
     def _process(self, group: list[_DocJob]) -> None:
         group = [j for j in group if j.future.set_running_or_notify_cancel()]

@@ -11,7 +11,7 @@ import uuid
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .engine import GenRequest
 from .errors import APIError
@@ -72,15 +72,34 @@ def choice(kind: str, text: str, finish, *, delta: bool, first: bool = False) ->
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
+class _Timing:
+    """Arrival and first-text times of one completion, for the metrics."""
+
+    def __init__(self, srv: DocumentServer, kind: str, t0: float):
+        self.srv, self.kind, self.t0, self.first = srv, kind, t0, None
+
+    def seen(self, ev: str) -> None:
+        if ev == "delta" and self.first is None:
+            self.first = time.perf_counter()
+
+    def done(self, req: GenRequest) -> None:
+        if self.srv.metrics is not None:
+            self.srv.metrics.observe_completion(self.kind, req, self.t0, self.first)
+
+
 async def complete_json(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kind: str, rid: str,
-                        created: int) -> dict:
+                        created: int, timing: _Timing | None = None) -> dict:
     """The whole completion as one JSON response, once the engine is done with the request."""
     try:
         while True:
             ev, payload = await q.get()
+            if timing is not None:
+                timing.seen(ev)
             if ev == "error":
                 raise payload
             if ev == "done":
+                if timing is not None:
+                    timing.done(req)
                 return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                         "created": created, "model": srv.model_name,
                         "choices": [choice(kind, req.text, req.finish_reason, delta=False)], "usage": usage(req),
@@ -90,7 +109,7 @@ async def complete_json(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, 
 
 
 async def sse_events(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kind: str, rid: str, created: int,
-                     include_usage: bool):
+                     include_usage: bool, timing: _Timing | None = None):
     """The completion as server-sent events (OpenAI's chunk objects, then ``data: [DONE]``)."""
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -106,9 +125,13 @@ async def sse_events(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kin
             yield sse([choice(kind, "", None, delta=True, first=True)])
         while True:
             ev, payload = await q.get()
+            if timing is not None:
+                timing.seen(ev)
             if ev == "delta":
                 yield sse([choice(kind, payload, None, delta=True)])
             elif ev == "done":
+                if timing is not None:
+                    timing.done(req)
                 yield sse([choice(kind, "", req.finish_reason, delta=True)])
                 if include_usage:
                     yield sse([], usage(req))
@@ -122,13 +145,15 @@ async def sse_events(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kin
 
 
 async def complete(request: Request, kind: str):
+    t0 = getattr(request.state, "t0", None) or time.perf_counter()
     srv, body = await read_json(request)
     req, stream, opts, q = await srv.prepare(body, kind)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    timing = _Timing(srv, kind, t0)
     if not stream:
-        return await complete_json(srv, req, q, kind, rid, created)
-    events = sse_events(srv, req, q, kind, rid, created, bool(opts.get("include_usage")))
+        return await complete_json(srv, req, q, kind, rid, created, timing)
+    events = sse_events(srv, req, q, kind, rid, created, bool(opts.get("include_usage")), timing)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -143,6 +168,29 @@ async def index():
 async def health(request: Request):
     srv = server_of(request)
     return {"status": "ok", "documents": len(srv.store), "in_flight": srv.engine.in_flight}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    srv = server_of(request)
+    if srv.metrics is None:
+        raise APIError(503, "metrics need prometheus_client: pip install 'd2l_fast[serve]'", code="unavailable")
+    data, ctype = srv.metrics.render()
+    return Response(data, media_type=ctype)
+
+
+@router.get("/version")
+async def version(request: Request):
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    srv = server_of(request)
+    return {"version": __version__, "d2l_fast": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "model": srv.model_name,
+            "base_model": str(srv.model.spec.base_model_name_or_path), "model_id": srv.model.model_id,
+            "device": str(srv.model.device)}
 
 
 @router.get("/v1/models")

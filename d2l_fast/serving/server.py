@@ -17,6 +17,8 @@ from .. import packing
 from ..adapters import AdapterBatch
 from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
+from .metrics import ServerMetrics
+from .metrics import available as metrics_available
 from .settings import ServerSettings
 from .store import ID_RE, DocumentStore, new_document_id
 from .uploads import UploadCancelled, UploadProgress, UploadRegistry
@@ -46,10 +48,14 @@ class DocumentServer:
         self.bias_rows = model.spec.lora_r if self.has_bias else 0  # rows at the end of every document's adapter
         self.store = DocumentStore(model.spec, model.model_id, memory_bytes=int(settings.adapter_memory_mb * 2**20),
                                    folder=settings.store)
-        self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0)
+        sl, mcl = settings.encode_slice_tokens, model.max_chunk_len
+        self.chunk_len = None if sl is None else (min(sl, mcl) if mcl > 0 else sl)  # None: the model's chunking
+        self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0,
+                                          slice_tokens=self.chunk_len)
         self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
         self.uploads = UploadRegistry()
+        self.metrics = ServerMetrics(self) if metrics_available() else None
         self._tasks: set = set()  # background uploads ("async": true)
 
     def start(self) -> None:
@@ -69,7 +75,7 @@ class DocumentServer:
                 raise bad_request(f"document #{i} is empty or whitespace-only; expected non-empty text", "text")
         try:
             ids = [packing.tokenize_context(self.model.tokenizer, t) for t in texts]
-            packed = self.model.pack(ids)
+            packed = self.model.pack(ids, max_chunk_len=self.chunk_len)
         except (ValueError, TypeError) as e:
             raise bad_request(f"cannot tokenize the document(s): {e}", "text") from e
         tokens = [0] * len(texts)
@@ -101,7 +107,10 @@ class DocumentServer:
         return counts, results
 
     def on_internalized(self, tokens: int, seconds: float) -> None:
-        """Called once per internalized document (the metrics replace it)."""
+        """Called once per internalized document."""
+        logger.info("internalized a document of %d tokens in %.3f s", tokens, seconds)
+        if self.metrics is not None:
+            self.metrics.observe_internalized(tokens, seconds)
 
     def _posted_texts(self, body: dict) -> tuple[list[str], list, bool]:
         has_text, has_texts = body.get("text") is not None, body.get("texts") is not None

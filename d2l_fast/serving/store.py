@@ -200,6 +200,10 @@ class DocumentStore:
             return doc_id in self._resident
 
     @property
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    @property
     def resident_bytes(self) -> int:
         return self._resident_bytes
 
