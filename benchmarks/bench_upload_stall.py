@@ -1,16 +1,17 @@
 """Upload stall (issue 17, item 1): how long a running stream waits while a ~3,000-token document is posted.
 
-    python -m pytest benchmarks/bench_upload_stall.py --benchmark-only -q -s      # or: python benchmarks/bench_upload_stall.py
+    python -m pytest benchmarks/bench_upload_stall.py --benchmark-only -q -s
+    python benchmarks/bench_upload_stall.py                   # the same, without pytest
 
 The real server (``create_app`` + uvicorn on a free 127.0.0.1 port in a background thread, as ``d2l-fast serve``
 runs it) with the real SmolLM2-135M-Instruct and a seeded random hypernetwork
 (``D2LModel.from_base(base, tok, seed=0, latent_size=64, num_blocks=2)``, fp32). One client streams a chat
 completion (official ``openai`` client, greedy, ``max_tokens=160``) and records the arrival time of every streamed
 chunk; once ``N_BEFORE`` chunks have arrived, a second client posts a ~3,000-token document
-(``POST /v1/documents``, synchronous), once per server setting in ``D2L_BENCH_STALL_SLICES`` (``--encode-slice-tokens``;
-default ``0,256``: 0 = unset, the encoder yields between decoder layers of the whole 3,000-token chunk; 256 = the
-server chunks documents and packs encoder rows to 256 tokens). Measured: the median gap between two chunks before the post, and the
-longest gap between two chunks whose interval overlaps the upload; the ratio of the two is the stall factor.
+(``POST /v1/documents``, synchronous), once per server setting in ``D2L_BENCH_STALL_SLICES``
+(``--encode-slice-tokens``; default ``0,256``: 0 = unset, the encoder yields between decoder layers of the whole
+3,000-token chunk; 256 = the server chunks documents and packs encoder rows to 256 tokens). Measured: the median
+gap between two chunks before the post, and the longest gap between two chunks whose interval overlaps the upload; the ratio of the two is the stall factor.
 Target: ≤ 3x (before encoder slicing: ~60x, 0.5 s → 9.3 s on the 2-core box). Recorded in extra_info and
 ``benchmarks/results/upload_stall_cpu.json`` (``D2L_BENCH_STALL_JSON`` overrides; empty: not written), with the
 load average (the 2-core box is shared: the numbers are noisy). Not asserted: it is a measurement.
@@ -98,7 +99,8 @@ def measure(model, slice_tokens: int | None = None) -> dict:
     during = [b - a for a, b in gaps if b > t0 and a < t1]
     median_before = statistics.median(before)
     longest = max(during) if during else None
-    return {"encode_slice_tokens": slice_tokens, "document_tokens": info["tokens"], "document_chunks": info["chunks"], "upload_s": round(t1 - t0, 3),
+    return {"encode_slice_tokens": slice_tokens, "document_tokens": info["tokens"],
+            "document_chunks": info["chunks"], "upload_s": round(t1 - t0, 3),
             "internalize_ms": info["internalize_ms"], "streamed_chunks": len(stamps),
             "median_gap_before_s": round(median_before, 4),
             "longest_gap_during_upload_s": None if longest is None else round(longest, 4),

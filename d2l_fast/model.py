@@ -331,7 +331,7 @@ class D2LModel(nn.Module):
             if over:
                 warnings.warn(f"document(s) #{', #'.join(map(str, over[:5]))} have a chunk of {max(lens)} tokens, "
                               f"beyond the base model's max_position_embeddings={window}: features past the context "
-                              f"window are unreliable; chunk with max_chunk_len<={window} (the CLI flag --max-chunk-len)",
+                              f"window are unreliable; chunk with max_chunk_len<={window} (CLI: --max-chunk-len)",
                               LongDocumentWarning,
                               stacklevel=4)
 

@@ -15,7 +15,8 @@ from ._flags import add_dataclass_flags, dataclass_kwargs
 
 NAME = "serve"
 
-POSITIVE = ("encode_slice_tokens", "max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
+POSITIVE = ("encode_slice_tokens",
+            "max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
             "default_max_tokens", "max_body_bytes")
 
 
