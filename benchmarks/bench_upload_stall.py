@@ -11,7 +11,8 @@ chunk; once ``N_BEFORE`` chunks have arrived, a second client posts a ~3,000-tok
 (``POST /v1/documents``, synchronous), once per server setting in ``D2L_BENCH_STALL_SLICES``
 (``--encode-slice-tokens``; default ``0,256``: 0 = unset, the encoder yields between decoder layers of the whole
 3,000-token chunk; 256 = the server chunks documents and packs encoder rows to 256 tokens). Measured: the median
-gap between two chunks before the post, and the longest gap between two chunks whose interval overlaps the upload; the ratio of the two is the stall factor.
+gap between two chunks before the post, and the longest gap between two chunks whose interval overlaps the upload;
+the ratio of the two is the stall factor.
 Target: ≤ 3x (before encoder slicing: ~60x, 0.5 s → 9.3 s on the 2-core box). Recorded in extra_info and
 ``benchmarks/results/upload_stall_cpu.json`` (``D2L_BENCH_STALL_JSON`` overrides; empty: not written), with the
 load average (the 2-core box is shared: the numbers are noisy). Not asserted: it is a measurement.
