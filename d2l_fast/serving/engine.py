@@ -174,6 +174,8 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence · [token generated] + frequency · its count
+    frequency_penalty: float = 0.0
     cancelled: bool = False
     # filled by the engine
     out_ids: list[int] = field(default_factory=list)
@@ -443,6 +445,9 @@ class DecodeEngine:
 
     def _pick(self, rows: list[GenRequest], logits: torch.Tensor) -> list[int]:
         logits = logits.float()
+        for i, r in enumerate(rows):
+            if (r.presence_penalty or r.frequency_penalty) and r.out_ids:
+                logits[i] -= _penalties(r, logits.shape[-1], logits.device)
         toks = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             if r.temperature > 0 and not r.cancelled:
@@ -496,6 +501,13 @@ class DecodeEngine:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             self._mask = self._mask[:, lead:]
+
+
+def _penalties(r: GenRequest, vocab: int, device) -> torch.Tensor:
+    """OpenAI's presence / frequency penalties of the tokens ``r`` generated so far, as a logit offset [vocab]."""
+    ids = torch.tensor([t for t in r.out_ids if 0 <= t < vocab], dtype=torch.long, device=device)
+    count = torch.bincount(ids, minlength=vocab).float()
+    return r.frequency_penalty * count + r.presence_penalty * (count > 0).float()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

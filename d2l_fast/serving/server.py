@@ -22,7 +22,7 @@ from .metrics import available as metrics_available
 from .settings import ServerSettings
 from .store import ID_RE, DocumentStore, new_document_id
 from .uploads import UploadCancelled, UploadProgress, UploadRegistry
-from .validation import ROLES, field_value, message_text, str_list, typename
+from .validation import ROLES, check_supported, completion_prompts, field_value, message_text, str_list, typename
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,9 @@ class DocumentServer:
         return dict(max_new_tokens=mt, stop=stop,
                     temperature=field_value(body, "temperature", "number", 0.0, lo=0.0, hi=2.0),
                     top_p=field_value(body, "top_p", "number", 1.0, lo=1e-6, hi=1.0),
-                    seed=field_value(body, "seed", "int", None, lo=-(2**63), hi=2**63 - 1))
+                    seed=field_value(body, "seed", "int", None, lo=-(2**63), hi=2**63 - 1),
+                    presence_penalty=field_value(body, "presence_penalty", "number", 0.0, lo=-2.0, hi=2.0),
+                    frequency_penalty=field_value(body, "frequency_penalty", "number", 0.0, lo=-2.0, hi=2.0))
 
     def check_model(self, body: dict) -> None:
         name = field_value(body, "model", "str")
@@ -279,38 +281,47 @@ class DocumentServer:
             raise bad_request(f"the model's chat template refuses these messages: {e}", "messages") from e
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
-    def completion_prompt(self, body: dict) -> list[int]:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-            p = p[0]
-        if not isinstance(p, str) or not p:
-            raise bad_request(f"'prompt' must be a non-empty string, got {typename(p)}", "prompt")
+    def completion_prompts(self, body: dict) -> list[list[int]]:
         if body.get("suffix") is not None or body.get("echo"):
             raise bad_request("suffix and echo are not supported by this server", "suffix")
-        return list(self.model.tokenizer(p)["input_ids"])
+        return completion_prompts(body, self.model.tokenizer, self.model.vocab_size, self.settings.max_batch)
 
-    async def prepare(self, body: dict, kind: str) -> tuple[GenRequest, bool, dict, asyncio.Queue]:
-        """Validate a completion request, build its adapter and queue it: (request, stream?, stream_options, the
-        queue its events arrive on)."""
+    async def prepare(self, body: dict, kind: str) -> tuple[list[GenRequest], bool, dict, asyncio.Queue]:
+        """Validate a completion request, build its adapter and queue it: (requests — one per prompt —, stream?,
+        stream_options, the queue their events arrive on as ``(prompt index, event, payload)``)."""
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
+        check_supported(body, kind)
         self.check_model(body)
         stream = field_value(body, "stream", "bool", False)
         opts = field_value(body, "stream_options", "object", {})
-        prompt = self.chat_prompt(body) if kind == "chat" else self.completion_prompt(body)
-        params = self.sampling(body, len(prompt))
+        prompts = [self.chat_prompt(body)] if kind == "chat" else self.completion_prompts(body)
+        params = self.sampling(body, max(len(p) for p in prompts))
         adapter = await self.request_adapter(body)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        reqs: list[GenRequest] = []
 
-        def sink(kind_, payload):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (kind_, payload))
-            except RuntimeError:  # the event loop is gone: nobody listens any more
-                req.cancelled = True
+        def sink_of(i):
+            def sink(kind_, payload):
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, (i, kind_, payload))
+                except RuntimeError:  # the event loop is gone: nobody listens any more
+                    reqs[i].cancelled = True
 
-        req = GenRequest(prompt_ids=prompt, adapter=adapter, sink=sink, **params)
-        self.engine.submit(req)
-        return req, stream, opts, q
+            return sink
+
+        reqs.extend(GenRequest(prompt_ids=p, adapter=adapter, sink=sink_of(i), **params) for i, p in enumerate(prompts))
+        if len(reqs) > 1 and self.engine.in_flight + len(reqs) > self.settings.max_queue:
+            raise APIError(429, f"too many requests in flight (limit {self.settings.max_queue}); retry later",
+                           code="queue_full")
+        try:
+            for r in reqs:
+                self.engine.submit(r)
+        except APIError:
+            for r in reqs:
+                r.cancelled = True
+            raise
+        return reqs, stream, opts, q
 
 
 __all__ = ["DocumentServer"]
