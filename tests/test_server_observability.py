@@ -100,3 +100,72 @@ def test_version_and_request_ids(server, caplog):
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "d2l_fast.serving.access"]
     assert any("request_id=abc-123" in s and "path=/health" in s and "status=200" in s for s in lines), lines
     assert any(f"request_id={new}" in s for s in lines)
+
+
+@pytest.mark.parametrize("extra", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                   {"response_format": {"type": "json_object"}}, {"logit_bias": {"1": 5}},
+                                   {"tool_choice": "auto"}, {"functions": [{"name": "f"}]}, {"top_k": 5}])
+def test_unsupported_parameters_are_a_400_naming_them(server, extra):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.oa.chat.completions.create(model=server.d2l.model_name, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=2, extra_body=extra)
+    (name,) = extra
+    assert e.value.body["param"] == name and name in e.value.body["message"]
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_penalties_outside_openai_range_are_a_400(server, name):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.oa.chat.completions.create(model=server.d2l.model_name, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=2, **{name: 2.5})
+    assert e.value.body["param"] == name
+
+
+def manual_penalized_greedy(model, ids, n, presence, frequency):
+    """Greedy decoding with OpenAI's penalties, one full forward per token (no cache, no server)."""
+    import torch
+
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model.base_model(torch.tensor([ids + out])).logits[0, -1].float()
+        count = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[-1]).float()
+        t = int((logits - frequency * count - presence * (count > 0).float()).argmax())
+        out.append(t)
+        if t == model.base_model.generation_config.eos_token_id:
+            break
+    return out
+
+
+def test_penalties_follow_openai_semantics(server, model):
+    prompt = "the the the the the the"
+    ids = list(model.tokenizer(prompt)["input_ids"])
+    plain = server.oa.completions.create(model=server.d2l.model_name, prompt=ids, max_tokens=8)
+    pen = server.oa.completions.create(model=server.d2l.model_name, prompt=ids, max_tokens=8, frequency_penalty=2.0,
+                                       presence_penalty=1.5)
+    want = manual_penalized_greedy(model, ids, 8, 1.5, 2.0)
+    eos = model.base_model.generation_config.eos_token_id
+    assert pen.choices[0].text == model.tokenizer.decode([t for t in want if t != eos], skip_special_tokens=True)
+    assert pen.choices[0].text != plain.choices[0].text  # the penalties changed the answer
+
+
+def test_completions_accept_lists_of_prompts_and_token_ids(server, model):
+    name, prompts = server.d2l.model_name, ["The river", "Bread rose in"]
+    singles = [server.oa.completions.create(model=name, prompt=p, max_tokens=5).choices[0].text for p in prompts]
+    both = server.oa.completions.create(model=name, prompt=prompts, max_tokens=5)
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == singles
+    ids = [list(model.tokenizer(p)["input_ids"]) for p in prompts]
+    assert server.oa.completions.create(model=name, prompt=ids[0], max_tokens=5).choices[0].text == singles[0]
+    as_ids = server.oa.completions.create(model=name, prompt=ids, max_tokens=5)
+    assert [c.text for c in as_ids.choices] == singles
+    assert as_ids.usage.prompt_tokens == sum(map(len, ids))
+    streamed = {0: "", 1: ""}
+    for c in server.oa.completions.create(model=name, prompt=prompts, max_tokens=5, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.text
+    assert [streamed[0], streamed[1]] == singles
+    with pytest.raises(openai.BadRequestError) as e:
+        server.oa.completions.create(model=name, prompt=[[1, 2], [10**9]], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError):
+        server.oa.completions.create(model=name, prompt="x", max_tokens=2, n=2)
