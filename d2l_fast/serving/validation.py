@@ -131,4 +131,5 @@ def message_text(content, k: int) -> str:
                       f"{typename(content)}", "messages")
 
 
-__all__ = ["ALLOWED", "ROLES", "check_supported", "completion_prompts", "field_value", "message_text", "parse_json_body", "str_list", "typename"]
+__all__ = ["ALLOWED", "ROLES", "check_supported", "completion_prompts", "field_value", "message_text",
+           "parse_json_body", "str_list", "typename"]
