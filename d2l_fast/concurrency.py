@@ -1,13 +1,20 @@
-"""Sharing one base model between threads: ordinary forwards run side by side, encoder passes run alone.
+"""Sharing one base model between threads: ordinary forwards run side by side, encoder passes run alone, in slices.
 
 A context-encoder pass changes state that every forward of the model reads: it switches the attention
 implementation on the model's config (:mod:`d2l_fast.varlen`) and installs forward hooks on decoder
 layers (:mod:`d2l_fast.encoder`). Adapter bindings are per thread already (:class:`d2l_fast.patching.LoRAContext`).
 So every base model gets one :class:`ModelLock`, kept on its decoder: each forward of the decoder holds it
 *shared* (any number at once, e.g. the decode steps of concurrent ``generate`` calls) and each encoder pass
-holds it *exclusive*. A waiting encoder pass blocks new forwards (no starvation), so a ``generate`` in
-another thread pauses between two decode steps while one packed encoder row runs, then continues. Both
-holds are reentrant per thread: the encoder's own decoder forward passes straight through.
+holds it *exclusive*. Both holds are reentrant per thread: the encoder's own decoder forward passes straight
+through.
+
+Encoder passes are sliced (as chunked prefill is in vLLM): between two decoder layers the encoder calls
+:meth:`ModelLock.yield_to_readers`, which puts the shared state back, lets every forward queued at that moment
+run, and resumes. The lock is fair by tickets: a reader that has to wait takes a ticket, and every release of
+the exclusive hold (the end of a pass or a yield) grants all tickets issued so far; a writer — also the one that
+just released — acquires only once the granted readers have entered and left. So a queued forward waits for at
+most one slice (one decoder layer of one packed encoder row), and a waiting writer still blocks forwards that
+arrive after it (no writer starvation either).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ _CREATE = threading.Lock()
 
 
 class ModelLock:
-    """A reentrant readers-writer lock (writer-preferring)."""
+    """A reentrant readers-writer lock that hands over to queued readers at every release or yield of a writer."""
 
     def __deepcopy__(self, memo):  # a copied model gets its own, free lock
         return ModelLock()
@@ -35,7 +42,21 @@ class ModelLock:
         self._writer: int | None = None
         self._writer_depth = 0
         self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._next_ticket = 0  # tickets of readers that had to wait
+        self._grant = 0  # readers holding a ticket below this enter even while a writer waits
+        self._granted_waiting = 0  # granted readers that have not entered yet (writers wait for them)
         self._local = threading.local()
+        self.handovers = 0  # releases / yields of a writer that let queued readers run
+
+    @property
+    def readers_waiting(self) -> int:
+        """Forwards queued behind a writer right now."""
+        return self._readers_waiting
+
+    @property
+    def writer_active(self) -> bool:
+        return self._writer is not None
 
     @contextlib.contextmanager
     def shared(self):
@@ -44,8 +65,17 @@ class ModelLock:
         counted = False
         if depth == 0 and self._writer != me:
             with self._cond:
-                while self._writer is not None or self._writers_waiting:
-                    self._cond.wait()
+                if self._writer is not None or self._writers_waiting:
+                    ticket = self._next_ticket
+                    self._next_ticket += 1
+                    self._readers_waiting += 1
+                    try:
+                        while self._writer is not None or (self._writers_waiting and ticket >= self._grant):
+                            self._cond.wait()
+                    finally:
+                        self._readers_waiting -= 1
+                        if ticket < self._grant:
+                            self._granted_waiting -= 1
                 self._readers += 1
             counted = True
         self._local.depth = depth + 1
@@ -59,6 +89,23 @@ class ModelLock:
                     if self._readers == 0:
                         self._cond.notify_all()
 
+    def _acquire_writer(self, me: int, depth: int) -> None:  # with self._cond held
+        self._writers_waiting += 1
+        try:
+            while self._writer is not None or self._readers or self._granted_waiting:
+                self._cond.wait()
+        finally:
+            self._writers_waiting -= 1
+        self._writer, self._writer_depth = me, depth
+
+    def _release_writer(self) -> None:  # with self._cond held
+        self._writer, self._writer_depth = None, 0
+        if self._readers_waiting:  # every reader queued now goes before any writer (the releasing one too)
+            self._grant = self._next_ticket
+            self._granted_waiting = self._readers_waiting
+            self.handovers += 1
+        self._cond.notify_all()
+
     @contextlib.contextmanager
     def exclusive(self):
         me = threading.get_ident()
@@ -69,21 +116,37 @@ class ModelLock:
                 if getattr(self._local, "depth", 0):
                     raise RuntimeError("a context-encoder pass cannot start inside a forward of the same model "
                                        "(it would wait for itself)")
-                self._writers_waiting += 1
-                try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
-                finally:
-                    self._writers_waiting -= 1
-                self._writer, self._writer_depth = me, 1
+                self._acquire_writer(me, 1)
         try:
             yield
         finally:
             with self._cond:
                 self._writer_depth -= 1
                 if self._writer_depth == 0:
-                    self._writer = None
-                    self._cond.notify_all()
+                    self._release_writer()
+
+    def yield_to_readers(self, pause=None, resume=None) -> bool:
+        """Called by the thread holding the exclusive hold: if forwards are queued, let them run, then hold again.
+
+        ``pause()`` runs (still exclusive) before the hand-over and should put back the shared state the writer
+        changed; ``resume()`` runs once the hold is back. Returns whether forwards were waiting (False: nothing
+        happened).
+        """
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:
+                raise RuntimeError("yield_to_readers needs the exclusive hold of the calling thread")
+            if not self._readers_waiting:
+                return False
+            depth = self._writer_depth
+        if pause is not None:
+            pause()
+        with self._cond:
+            self._release_writer()
+            self._acquire_writer(me, depth)
+        if resume is not None:
+            resume()
+        return True
 
 
 def model_lock(model: nn.Module) -> ModelLock:

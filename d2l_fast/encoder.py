@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -28,6 +29,61 @@ logger = logging.getLogger(__name__)
 
 class _Stop(Exception):
     pass
+
+
+_observers = threading.local()
+
+
+@contextlib.contextmanager
+def observe_encoding(fn):
+    """Within the block, this thread's encoder passes report their progress to ``fn(event, a, b)``.
+
+    Events: ``("row", i, j)`` before a packed row of chunks i..j-1 starts, ``("layer", l, n)`` before decoder layer
+    l of the n the row runs (the points where the pass yields to queued forwards), ``("chunks", done, total)``
+    after a row. ``fn`` may raise to abandon the pass (e.g. a cancelled upload); the lock is released as usual.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    old = getattr(_observers, "fn", None)
+    _observers.fn = fn
+    try:
+        yield
+    finally:
+        _observers.fn = old
+
+
+@contextlib.contextmanager
+def limit_row_tokens(n: int | None):
+    """Within the block, this thread's packed encoder rows hold at most ``n`` tokens (None: the caller's budget).
+
+    A chunk longer than ``n`` still runs alone in its row. Each chunk attends to itself only, so the rows a
+    chunk shares do not change what it attends to.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    old = getattr(_observers, "row_tokens", None)
+    _observers.row_tokens = n
+    try:
+        yield
+    finally:
+        _observers.row_tokens = old
+
+
+def _attention_switch(switched):
+    """(pause, resume) for a yield of an encoder pass: put each config's attention implementation back, and
+    switch it again."""
+    now: list = []
+
+    def pause():
+        now[:] = [c._attn_implementation for c, _ in switched]
+        for c, before in switched:
+            c._attn_implementation = before
+
+    def resume():
+        for (c, _), impl in zip(switched, now):
+            c._attn_implementation = impl
+
+    return pause, resume
 
 
 #: attention scores a varlen encoder pass may hold at once, per token of ``token_budget`` (a 8192-token budget
@@ -77,25 +133,50 @@ class ContextEncoder(nn.Module):
     def n_features(self) -> int:
         return self.n_kept + 1 if self.encoder_type == "per_layer_activations" else 1
 
-    def _run(self, input_ids, attention_mask=None, position_ids=None, sink=None) -> list[torch.Tensor]:
-        """Run the truncated decoder; feature maps are returned, or handed to ``sink(j, hs)`` as they appear."""
+    def _run(self, input_ids, attention_mask=None, position_ids=None, sink=None, switched=()) -> list[torch.Tensor]:
+        """Run the truncated decoder; feature maps are returned, or handed to ``sink(j, hs)`` as they appear.
+
+        The pass holds the model's lock exclusively and yields it between two layers to the forwards queued
+        meanwhile (:meth:`~d2l_fast.concurrency.ModelLock.yield_to_readers`): ``switched`` holds (config, its
+        attention implementation before this pass) pairs, put back while other forwards run. The hooks act on
+        this thread's forward only.
+        """
         dec = decoder_of(self.model)
         k, kind = self.n_kept, self.encoder_type
         capture = _Capture(sink)
         handles = []
+        me = threading.get_ident()
+        lock = self._lock
+        pause, resume = _attention_switch(switched)
+        observer = getattr(_observers, "fn", None)
+
+        def yield_hook(j):
+            def hook(mod, args, kwargs):
+                if threading.get_ident() == me:
+                    if observer is not None:
+                        observer("layer", j, k)
+                    lock.yield_to_readers(pause, resume)
+
+            return hook
 
         def pre_hook(mod, args, kwargs):
+            if threading.get_ident() != me:
+                return
             capture.emit(args[0] if args else kwargs["hidden_states"])
             if kind == "embed_only":
                 raise _Stop
 
         def post_hook(mod, args, kwargs, out):
+            if threading.get_ident() != me:
+                return
             hs = out[0] if isinstance(out, (tuple, list)) else out
             capture.emit(dec.norm(hs))
             raise _Stop
 
-        with self._lock.exclusive():  # hooks on shared layers: no other thread's forward may run meanwhile
+        with lock.exclusive():  # hooks on shared layers and a switched config: other forwards wait between layers
             try:
+                for j in range(1, k):  # a slice: one decoder layer of this row
+                    handles.append(dec.layers[j].register_forward_pre_hook(yield_hook(j), with_kwargs=True))
                 if kind == "per_layer_activations":
                     for j in range(k):
                         handles.append(dec.layers[j].register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -139,6 +220,8 @@ class ContextEncoder(nn.Module):
         """
         from . import varlen as _varlen
 
+        cap = getattr(_observers, "row_tokens", None)
+        token_budget = token_budget if cap is None else min(token_budget, cap)
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
@@ -153,9 +236,10 @@ class ContextEncoder(nn.Module):
             self._encode_padded(chunks, offsets, token_budget, max_pad_ratio, out)
         return out.buffer
 
-    def _encode_pass(self, out: _PackedOutput, dest, input_ids, attention_mask=None, position_ids=None, valid=None):
+    def _encode_pass(self, out: _PackedOutput, dest, input_ids, attention_mask=None, position_ids=None, valid=None,
+                     switched=()):
         """One truncated forward whose feature maps (their ``valid`` positions, all if None) go to rows ``dest``."""
-        self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid))
+        self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid), switched=switched)
 
     def _encode_varlen(self, chunks, offsets, token_budget: int, out: _PackedOutput) -> None:
         """Consecutive chunks packed into rows of at most ``token_budget`` tokens, each chunk attending to itself."""
@@ -164,17 +248,26 @@ class ContextEncoder(nn.Module):
         dev = next(self.model.parameters()).device
         lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
         max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
+        observer = getattr(_observers, "fn", None)
         for i, j in _budget_rows(lens, token_budget):
             ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
             pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
             dest = torch.arange(offsets[i], offsets[j], device=dev)
-            with self._lock.exclusive(), _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
-                self._encode_pass(out, dest, ids, position_ids=pos)
+            if observer is not None:
+                observer("row", i, j)
+            with self._lock.exclusive():
+                cfgs = _varlen._configs(self.model)
+                switched = list(zip(cfgs, [c._attn_implementation for c in cfgs]))
+                with _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
+                    self._encode_pass(out, dest, ids, position_ids=pos, switched=switched)
+            if observer is not None:
+                observer("chunks", j, len(lens))
 
     def _encode_padded(self, chunks, offsets, token_budget: int, max_pad_ratio: float, out: _PackedOutput) -> None:
         """Right-padded micro-batches of similar lengths (longest first); padded positions are dropped."""
         dev = next(self.model.parameters()).device
         lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        observer, done = getattr(_observers, "fn", None), 0
         for idx in _padded_batches(lens, token_budget, max_pad_ratio):
             longest = lens[idx[0]]
             ids = torch.zeros(len(idx), longest, dtype=torch.long)
@@ -184,10 +277,15 @@ class ContextEncoder(nn.Module):
                 mask[row, : lens[ci]] = True
             dest = torch.cat([torch.arange(offsets[ci], offsets[ci + 1]) for ci in idx]).to(dev)
             ids, mask = ids.to(dev), mask.to(dev)
+            if observer is not None:
+                observer("row", done, done + len(idx))
             if len(idx) == 1:  # a single row has no padding: no mask
                 self._encode_pass(out, dest, ids)
             else:
                 self._encode_pass(out, dest, ids, attention_mask=mask.long(), valid=mask)
+            done += len(idx)
+            if observer is not None:
+                observer("chunks", done, len(lens))
 
 
 def _budget_rows(lens: list[int], token_budget: int) -> list[tuple[int, int]]:
@@ -264,4 +362,4 @@ class _PackedOutput:
         return write
 
 
-__all__ = ["ContextEncoder"]
+__all__ = ["ContextEncoder", "limit_row_tokens", "observe_encoding"]

@@ -311,15 +311,16 @@ class D2LModel(nn.Module):
             if split:
                 warnings.warn(f"{len(split)} document(s) (#{', #'.join(map(str, split[:5]))}) exceed the default "
                               f"chunk length {mcl} (the encoder's context window less the chat affixes) and were "
-                              f"split into chunks; pass max_chunk_len= to choose, or max_chunk_len=0 to encode whole "
-                              f"(reference behaviour)",
+                              f"split into chunks; pass max_chunk_len= (the CLI flag --max-chunk-len) to choose, or "
+                              f"max_chunk_len=0 to encode whole (reference behaviour)",
                               LongDocumentWarning, stacklevel=4)
         if isinstance(window, int) and window > 0:
             over = sorted({packed.chunk_to_doc[c] for c, n in enumerate(lens) if n > window})
             if over:
                 warnings.warn(f"document(s) #{', #'.join(map(str, over[:5]))} have a chunk of {max(lens)} tokens, "
                               f"beyond the base model's max_position_embeddings={window}: features past the context "
-                              f"window are unreliable; chunk with max_chunk_len<={window}", LongDocumentWarning,
+                              f"window are unreliable; chunk with max_chunk_len<={window} (CLI: --max-chunk-len)",
+                              LongDocumentWarning,
                               stacklevel=4)
 
     @torch.no_grad()

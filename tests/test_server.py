@@ -491,13 +491,36 @@ def test_limits_auth_and_queue(model):
 
 
 def test_serve_cli_errors(capsys, tmp_path):
-    assert main(["serve"]) == 1
-    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--untrained"]) == 1
+    assert "--base-model" in capsys.readouterr().err
     assert main(["serve", "--untrained", "--base-model", str(tmp_path / "missing")]) == 1
     assert "not a local folder" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")
     assert main(["serve", "--checkpoint", "c", "--store", str(tmp_path / "f")]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+def test_serve_cli_busy_port_version_and_defaults(capsys, tmp_path):
+    import socket
+
+    from d2l_fast import __version__
+    from d2l_fast.cli import build_parser
+
+    with socket.socket() as s:  # a busy port: one line, before any model is read (the base model is missing)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--untrained", "--base-model", str(tmp_path / "missing"), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "not a local folder" not in err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"d2l-fast {__version__}"
+    serve = next(a for a in build_parser()._actions if a.dest == "cmd").choices["serve"]
+    for a in serve._actions:
+        if a.dest != "help":
+            assert a.help and ("default" in a.help or a.default in (None, False)), a.dest
+    assert "smollm2-135m" in next(a.help for a in serve._actions if a.dest == "checkpoint")
 
 
 def test_serve_cli_runs_a_real_server(model, tmp_path):

@@ -37,6 +37,9 @@ COMMANDS = (demo, ask, profile, info, convert, internalize, bench, export_peft, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2l-fast", description="Fast Doc-to-LoRA", allow_abbrev=False)
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"d2l-fast {__version__}")
     p.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     p.add_argument("--progress", action="store_true", help="show transformers' progress bars (off by default)")
     sub = p.add_subparsers(dest="cmd", required=True)

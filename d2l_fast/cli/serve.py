@@ -15,14 +15,15 @@ from ._flags import add_dataclass_flags, dataclass_kwargs
 
 NAME = "serve"
 
-POSITIVE = ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
+POSITIVE = ("encode_slice_tokens",
+            "max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
             "default_max_tokens", "max_body_bytes")
 
 
 def add_parser(sub):
     sv = sub.add_parser(NAME, help="OpenAI-compatible document server: documents → adapters, batched chat")
-    sv.add_argument("--checkpoint", help="trained D2L checkpoint: a bundled name (smollm2-135m), the reference's "
-                    "pytorch_model.bin or a pickle-free folder")
+    sv.add_argument("--checkpoint", help="trained D2L checkpoint: a bundled name, the reference's "
+                    "pytorch_model.bin or a pickle-free folder (default: the bundled smollm2-135m)")
     sv.add_argument("--base-model", help="local HF folder (default: the one the checkpoint names); with --untrained "
                     "also 'smollm2-135m'")
     sv.add_argument("--subfolder", help="the checkpoint's subfolder (hub layout)")
@@ -35,7 +36,8 @@ def add_parser(sub):
     sv.add_argument("--max-chunk-len", type=positive_int, default=None,
                     help="templated tokens per document chunk (default: the model's)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                    help="uvicorn's log level (default: info)")
+                    help="log level of uvicorn and of d2l_fast's own lines (request log, internalize) "
+                    "(default: info)")
     add_dataclass_flags(sv, ServerSettings, types={k: positive_int for k in POSITIVE})
     sv.add_argument("--max-body-mb", type=float, default=None,
                     help="the request body limit in MiB (overrides --max-body-bytes; kept for older scripts)")
@@ -69,20 +71,42 @@ def run(args) -> int:
             raise CLIError(f"--store {args.store!r} is a file; expected a folder (created if missing)")
         check_output_parent(store)
     settings = settings_from_args(args)
+    logging.getLogger("d2l_fast").setLevel(args.log_level.upper())
+    _check_port(args.host, args.port)  # a busy port: one line now, not after the model has loaded
     model = _model(args)
     app = create_app(model, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who reaches it can use it",
                                             args.host)
-    print(f"d2l-fast serve: {app.state.d2l.model_name} on http://{args.host}:{args.port} "
-          f"(OpenAI base_url http://{args.host}:{args.port}/v1)", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"d2l-fast serve: {app.state.d2l.model_name} on {url} — web page {url}/ , OpenAI base_url {url}/v1 , "
+          f"metrics {url}/metrics", flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CLIError(f"--host {host!r} cannot be resolved: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server running there? "
+                           "choose another --port)") from None
+
+
 def _model(args):
+    if args.checkpoint is None and not args.untrained:
+        args.checkpoint = "smollm2-135m"  # as ask: the bundled checkpoint
     if args.checkpoint is None:
-        if not args.untrained or args.base_model is None:
+        if args.base_model is None:
             raise CLIError("give --checkpoint (a trained D2L checkpoint), or --untrained with --base-model for a "
                            "demo with a seeded random hypernetwork")
         return _untrained_model(args)

@@ -33,7 +33,9 @@ import torch
 
 from ..adapters import AdapterBatch
 from ..answering import left_pad
+from ..encoder import limit_row_tokens, observe_encoding
 from .errors import APIError
+from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 class _DocJob:
     text: str
     future: concurrent.futures.Future
+    progress: UploadProgress | None = None
 
 
 class InternalizeBatcher:
@@ -50,10 +53,15 @@ class InternalizeBatcher:
 
     ``submit(texts)`` returns one future per text; each resolves to ``(adapter, seconds)`` (a length-1
     :class:`AdapterBatch`; the wall time of the packed call it was part of) or raises the error of that document.
+    ``progress`` (one :class:`~d2l_fast.serving.uploads.UploadProgress` per text) is updated while the encoder
+    reads the documents; a cancelled one is dropped before its call, and a call whose documents are all
+    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`).
     """
 
-    def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16):
+    def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16,
+                 slice_tokens: int | None = None):
         self.model = model
+        self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
         self.window_s = float(window_s)
         self.max_docs = int(max_docs)
         self.max_tokens = int(max_tokens)
@@ -75,10 +83,13 @@ class InternalizeBatcher:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, texts: list[str]) -> list[concurrent.futures.Future]:
+    def submit(self, texts: list[str], progress: list[UploadProgress] | None = None) -> list[concurrent.futures.Future]:
         if self._thread is None:
             raise APIError(503, "the server is shutting down", code="unavailable")
-        jobs = [_DocJob(t, concurrent.futures.Future()) for t in texts]
+        if progress is not None and len(progress) != len(texts):
+            raise ValueError(f"{len(progress)} progress records for {len(texts)} documents")
+        jobs = [_DocJob(t, concurrent.futures.Future(), None if progress is None else progress[k])
+                for k, t in enumerate(texts)]
         with self._count_lock:
             self.pending += len(jobs)
         for j in jobs:
@@ -109,22 +120,30 @@ class InternalizeBatcher:
             if stop:
                 return
 
+    def _internalize(self, group: list[_DocJob]) -> AdapterBatch:
+        with observe_encoding(GroupProgress([j.progress for j in group])), limit_row_tokens(self.slice_tokens):
+            return self.model.internalize([j.text for j in group], max_chunk_len=self.slice_tokens)
+
     def _process(self, group: list[_DocJob]) -> None:
         group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        for j in [j for j in group if j.progress is not None and j.progress.cancelled]:
+            j.future.set_exception(UploadCancelled("the upload was cancelled"))
+        group = [j for j in group if not j.future.done()]
         if not group:
             return
         t0 = time.perf_counter()
         try:
-            ad = self.model.internalize([j.text for j in group])
+            ad = self._internalize(group)
         except Exception as e:  # one bad document must not fail the others: retry each alone
-            if len(group) == 1:
-                group[0].future.set_exception(e)
+            if len(group) == 1 or isinstance(e, UploadCancelled):
+                for j in group:
+                    j.future.set_exception(e)
                 return
             logger.info("packed internalize of %d documents failed (%s); retrying one by one", len(group), e)
             for j in group:
                 t1 = time.perf_counter()
                 try:
-                    one = self.model.internalize([j.text])
+                    one = self._internalize([j])
                 except Exception as e1:  # noqa: BLE001 - the error goes to that document's request
                     j.future.set_exception(e1)
                 else:
@@ -156,6 +175,8 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence · [token generated] + frequency · its count
+    frequency_penalty: float = 0.0
     cancelled: bool = False
     # filled by the engine
     out_ids: list[int] = field(default_factory=list)
@@ -418,6 +439,9 @@ class DecodeEngine:
 
     def _pick(self, rows: list[GenRequest], logits: torch.Tensor) -> list[int]:
         logits = logits.float()
+        for i, r in enumerate(rows):
+            if (r.presence_penalty or r.frequency_penalty) and r.out_ids:
+                logits[i] -= _penalties(r, logits.shape[-1], logits.device)
         toks = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             if r.temperature > 0 and not r.cancelled:
@@ -471,6 +495,13 @@ class DecodeEngine:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             self._mask = self._mask[:, lead:]
+
+
+def _penalties(r: GenRequest, vocab: int, device) -> torch.Tensor:
+    """OpenAI's presence / frequency penalties of the tokens ``r`` generated so far, as a logit offset [vocab]."""
+    ids = torch.tensor([t for t in r.out_ids if 0 <= t < vocab], dtype=torch.long, device=device)
+    count = torch.bincount(ids, minlength=vocab).float()
+    return r.frequency_penalty * count + r.presence_penalty * (count > 0).float()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

@@ -11,7 +11,7 @@ import uuid
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .engine import GenRequest
 from .errors import APIError
@@ -56,42 +56,64 @@ async def read_json(request: Request) -> tuple[DocumentServer, dict]:
     return srv, parse_json_body(b"".join(data))
 
 
-def usage(req: GenRequest) -> dict:
-    p, c = len(req.prompt_ids), len(req.out_ids)
+def usage(reqs: list[GenRequest]) -> dict:
+    p, c = sum(len(r.prompt_ids) for r in reqs), sum(len(r.out_ids) for r in reqs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def choice(kind: str, text: str, finish, *, delta: bool, first: bool = False) -> dict:
+def choice(kind: str, text: str, finish, *, delta: bool, first: bool = False, index: int = 0) -> dict:
     """One entry of ``choices`` of a chat or text completion (a streamed delta or the whole message)."""
     if kind == "chat":
         if delta:
             d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-async def complete_json(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kind: str, rid: str,
-                        created: int) -> dict:
-    """The whole completion as one JSON response, once the engine is done with the request."""
+class _Timing:
+    """Arrival and first-text times of one completion (per prompt), for the metrics."""
+
+    def __init__(self, srv: DocumentServer, kind: str, t0: float):
+        self.srv, self.kind, self.t0, self.first = srv, kind, t0, {}
+
+    def seen(self, i: int, ev: str) -> None:
+        if ev == "delta" and i not in self.first:
+            self.first[i] = time.perf_counter()
+
+    def done(self, i: int, req: GenRequest) -> None:
+        if self.srv.metrics is not None:
+            self.srv.metrics.observe_completion(self.kind, req, self.t0, self.first.get(i))
+
+
+async def complete_json(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.Queue, kind: str, rid: str,
+                        created: int, timing: _Timing | None = None) -> dict:
+    """The whole completion as one JSON response, once the engine is done with every prompt of the request."""
     try:
-        while True:
-            ev, payload = await q.get()
+        left = len(reqs)
+        while left:
+            i, ev, payload = await q.get()
+            if timing is not None:
+                timing.seen(i, ev)
             if ev == "error":
                 raise payload
             if ev == "done":
-                return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                        "created": created, "model": srv.model_name,
-                        "choices": [choice(kind, req.text, req.finish_reason, delta=False)], "usage": usage(req),
-                        "system_fingerprint": None}
+                left -= 1
+                if timing is not None:
+                    timing.done(i, reqs[i])
+        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+                "model": srv.model_name, "system_fingerprint": None, "usage": usage(reqs),
+                "choices": [choice(kind, r.text, r.finish_reason, delta=False, index=i) for i, r in enumerate(reqs)]}
     finally:
-        req.cancelled = True  # finished already, or the client went away: the row leaves the batch
+        for r in reqs:
+            r.cancelled = True  # finished already, or the client went away: the rows leave the batch
 
 
-async def sse_events(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kind: str, rid: str, created: int,
-                     include_usage: bool):
-    """The completion as server-sent events (OpenAI's chunk objects, then ``data: [DONE]``)."""
+async def sse_events(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.Queue, kind: str, rid: str,
+                     created: int, include_usage: bool, timing: _Timing | None = None):
+    """The completion as server-sent events (OpenAI's chunk objects, then ``data: [DONE]``); several prompts
+    interleave, each chunk naming its ``index``."""
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def sse(choices, use=None):
@@ -104,31 +126,40 @@ async def sse_events(srv: DocumentServer, req: GenRequest, q: asyncio.Queue, kin
     try:
         if kind == "chat":
             yield sse([choice(kind, "", None, delta=True, first=True)])
-        while True:
-            ev, payload = await q.get()
+        left = len(reqs)
+        while left:
+            i, ev, payload = await q.get()
+            if timing is not None:
+                timing.seen(i, ev)
             if ev == "delta":
-                yield sse([choice(kind, payload, None, delta=True)])
+                yield sse([choice(kind, payload, None, delta=True, index=i)])
             elif ev == "done":
-                yield sse([choice(kind, "", req.finish_reason, delta=True)])
-                if include_usage:
-                    yield sse([], usage(req))
-                break
+                left -= 1
+                if timing is not None:
+                    timing.done(i, reqs[i])
+                yield sse([choice(kind, "", reqs[i].finish_reason, delta=True, index=i)])
             else:
                 yield f"data: {json.dumps(payload.to_json())}\n\n"
                 break
+        else:
+            if include_usage:
+                yield sse([], usage(reqs))
         yield "data: [DONE]\n\n"
     finally:
-        req.cancelled = True  # a client that disconnects mid-stream: its row is dropped at the next step
+        for r in reqs:
+            r.cancelled = True  # a client that disconnects mid-stream: its rows are dropped at the next step
 
 
 async def complete(request: Request, kind: str):
+    t0 = getattr(request.state, "t0", None) or time.perf_counter()
     srv, body = await read_json(request)
-    req, stream, opts, q = await srv.prepare(body, kind)
+    reqs, stream, opts, q = await srv.prepare(body, kind)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    timing = _Timing(srv, kind, t0)
     if not stream:
-        return await complete_json(srv, req, q, kind, rid, created)
-    events = sse_events(srv, req, q, kind, rid, created, bool(opts.get("include_usage")))
+        return await complete_json(srv, reqs, q, kind, rid, created, timing)
+    events = sse_events(srv, reqs, q, kind, rid, created, bool(opts.get("include_usage")), timing)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -145,6 +176,29 @@ async def health(request: Request):
     return {"status": "ok", "documents": len(srv.store), "in_flight": srv.engine.in_flight}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    srv = server_of(request)
+    if srv.metrics is None:
+        raise APIError(503, "metrics need prometheus_client: pip install 'd2l_fast[serve]'", code="unavailable")
+    data, ctype = srv.metrics.render()
+    return Response(data, media_type=ctype)
+
+
+@router.get("/version")
+async def version(request: Request):
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    srv = server_of(request)
+    return {"version": __version__, "d2l_fast": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "model": srv.model_name,
+            "base_model": str(srv.model.spec.base_model_name_or_path), "model_id": srv.model.model_id,
+            "device": str(srv.model.device)}
+
+
 @router.get("/v1/models")
 async def models(request: Request):
     srv = check_auth(request)
@@ -155,7 +209,8 @@ async def models(request: Request):
 @router.post("/v1/documents")
 async def create_documents(request: Request):
     srv, body = await read_json(request)
-    return await srv.create_documents(body)
+    out, status = await srv.create_documents(body)
+    return JSONResponse(out, status_code=status)
 
 
 @router.get("/v1/documents")
@@ -165,13 +220,21 @@ async def list_documents(request: Request):
 
 @router.get("/v1/documents/{doc_id}")
 async def get_document(doc_id: str, request: Request):
-    return check_auth(request).store.info(doc_id)
+    srv = check_auth(request)
+    p = srv.uploads.get(doc_id)
+    if doc_id not in srv.store and p is not None and p.finished is None:  # still uploading: its progress
+        return p.to_json()
+    return srv.store.info(doc_id)
+
+
+@router.get("/v1/documents/{doc_id}/progress")
+async def document_progress(doc_id: str, request: Request):
+    return check_auth(request).upload_progress(doc_id)
 
 
 @router.delete("/v1/documents/{doc_id}")
 async def delete_document(doc_id: str, request: Request):
-    await asyncio.to_thread(check_auth(request).store.delete, doc_id)
-    return {"id": doc_id, "object": "document.deleted", "deleted": True}
+    return await asyncio.to_thread(check_auth(request).delete_document, doc_id)
 
 
 @router.post("/v1/chat/completions")

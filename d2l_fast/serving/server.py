@@ -9,6 +9,7 @@ copy (:meth:`~d2l_fast.AdapterBatch.rescaled`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import time
 
@@ -16,9 +17,14 @@ from .. import packing
 from ..adapters import AdapterBatch
 from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
+from .metrics import ServerMetrics
+from .metrics import available as metrics_available
 from .settings import ServerSettings
 from .store import ID_RE, DocumentStore, new_document_id
-from .validation import ROLES, field_value, message_text, str_list, typename
+from .uploads import UploadCancelled, UploadProgress, UploadRegistry
+from .validation import ROLES, check_supported, completion_prompts, field_value, message_text, str_list, typename
+
+logger = logging.getLogger(__name__)
 
 
 class DocumentServer:
@@ -42,9 +48,15 @@ class DocumentServer:
         self.bias_rows = model.spec.lora_r if self.has_bias else 0  # rows at the end of every document's adapter
         self.store = DocumentStore(model.spec, model.model_id, memory_bytes=int(settings.adapter_memory_mb * 2**20),
                                    folder=settings.store)
-        self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0)
+        sl, mcl = settings.encode_slice_tokens, model.max_chunk_len
+        self.chunk_len = None if sl is None else (min(sl, mcl) if mcl > 0 else sl)  # None: the model's chunking
+        self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0,
+                                          slice_tokens=self.chunk_len)
         self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
+        self.uploads = UploadRegistry()
+        self.metrics = ServerMetrics(self) if metrics_available() else None
+        self._tasks: set = set()  # background uploads ("async": true)
 
     def start(self) -> None:
         self.batcher.start()
@@ -63,7 +75,7 @@ class DocumentServer:
                 raise bad_request(f"document #{i} is empty or whitespace-only; expected non-empty text", "text")
         try:
             ids = [packing.tokenize_context(self.model.tokenizer, t) for t in texts]
-            packed = self.model.pack(ids)
+            packed = self.model.pack(ids, max_chunk_len=self.chunk_len)
         except (ValueError, TypeError) as e:
             raise bad_request(f"cannot tokenize the document(s): {e}", "text") from e
         tokens = [0] * len(texts)
@@ -76,19 +88,31 @@ class DocumentServer:
                                     "(--max-document-tokens)", param="text", code="document_too_large")
         return ids, list(zip(tokens, packed.n_chunks))
 
-    async def internalize(self, texts: list[str]) -> tuple[list[tuple[int, int]], list[tuple[AdapterBatch, float]]]:
-        """(tokens, chunks) and (adapter, seconds) per document; the documents are tokenized once."""
-        ids, counts = await asyncio.to_thread(self.tokenize, texts)
-        futs = self.batcher.submit(ids)
+    async def internalize(self, texts: list[str], progress: list[UploadProgress] | None = None,
+                          tokenized=None) -> tuple[list[tuple[int, int]], list[tuple[AdapterBatch, float]]]:
+        """(tokens, chunks) and (adapter, seconds) per document; the documents are tokenized once (``tokenized``:
+        :meth:`tokenize` 's result when the caller has it)."""
+        ids, counts = tokenized if tokenized is not None else await asyncio.to_thread(self.tokenize, texts)
+        futs = self.batcher.submit(ids, progress)
         results = []
         for f in futs:
             try:
                 results.append(await asyncio.wrap_future(f))
+            except UploadCancelled as e:
+                raise APIError(409, f"the upload was cancelled: {e}", code="upload_cancelled") from e
             except ValueError as e:
                 raise bad_request(f"cannot internalize the document: {e}", "text") from e
+        for (tokens, _), (_, dt) in zip(counts, results):
+            self.on_internalized(tokens, dt)
         return counts, results
 
-    async def create_documents(self, body: dict) -> dict:
+    def on_internalized(self, tokens: int, seconds: float) -> None:
+        """Called once per internalized document."""
+        logger.info("internalized a document of %d tokens in %.3f s", tokens, seconds)
+        if self.metrics is not None:
+            self.metrics.observe_internalized(tokens, seconds)
+
+    def _posted_texts(self, body: dict) -> tuple[list[str], list, bool]:
         has_text, has_texts = body.get("text") is not None, body.get("texts") is not None
         if has_text == has_texts:
             raise bad_request("give exactly one of 'text' (one document) or 'texts' (an array of documents)", "text")
@@ -104,15 +128,71 @@ class DocumentServer:
             raise bad_request(f"{len(names)} names for {len(texts)} texts", "names")
         if names is None:
             names = [name if len(texts) == 1 else (f"{name} #{i}" if name else None) for i in range(len(texts))]
-        counts, results = await self.internalize(texts)
-        docs = []
-        for nm, (tokens, chunks), (ad, dt) in zip(names, counts, results):
-            doc_id = new_document_id()
-            info = {"object": "document", "name": nm, "tokens": tokens, "chunks": chunks, "rank": ad.ranks[0],
-                    "has_bias": self.has_bias, "created": int(time.time()), "internalize_ms": round(dt * 1e3, 3),
-                    "batch_size": len(texts)}
-            docs.append(await asyncio.to_thread(self.store.add, doc_id, ad, info))
-        return docs[0] if has_text else {"object": "list", "data": docs}
+        return texts, names, has_text
+
+    async def create_documents(self, body: dict) -> tuple[dict, int]:
+        """(response, HTTP status): the stored documents (200), or with ``"async": true`` their progress records
+        at once (202) while the upload goes on (``GET /v1/documents/{id}/progress``)."""
+        texts, names, one = self._posted_texts(body)
+        background = field_value(body, "async", "bool", False)
+        tokenized = await asyncio.to_thread(self.tokenize, texts)
+        doc_ids = [new_document_id() for _ in texts]
+        progress = [self.uploads.add(UploadProgress(d, chunks_total=c, tokens=t))
+                    for d, (t, c) in zip(doc_ids, tokenized[1])]
+        if background:
+            task = asyncio.get_running_loop().create_task(self._upload(texts, names, doc_ids, progress, tokenized))
+            self._tasks.add(task)
+            task.add_done_callback(self._upload_done)
+            out = [p.to_json() for p in progress]
+            return (out[0] if one else {"object": "list", "data": out}), 202
+        docs = await self._upload(texts, names, doc_ids, progress, tokenized)
+        return (docs[0] if one else {"object": "list", "data": docs}), 200
+
+    def _upload_done(self, task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the progress records hold the error
+
+    async def _upload(self, texts, names, doc_ids, progress, tokenized) -> list[dict]:
+        try:
+            counts, results = await self.internalize(texts, progress, tokenized)
+            docs = []
+            for doc_id, nm, p, (tokens, chunks), (ad, dt) in zip(doc_ids, names, progress, counts, results):
+                if p.cancelled:
+                    continue
+                info = {"object": "document", "name": nm, "tokens": tokens, "chunks": chunks, "rank": ad.ranks[0],
+                        "has_bias": self.has_bias, "created": int(time.time()), "internalize_ms": round(dt * 1e3, 3),
+                        "batch_size": len(texts)}
+                docs.append(await asyncio.to_thread(self.store.add, doc_id, ad, info))
+                p.finish("ready")
+        except Exception as e:
+            msg = e.message if isinstance(e, APIError) else f"{type(e).__name__}: {e}"
+            for p in progress:
+                if p.finished is None:
+                    p.finish("cancelled" if p.cancelled else "failed", msg)
+            if not isinstance(e, APIError):
+                logger.exception("upload of %s failed", doc_ids)
+            raise
+        return docs
+
+    def upload_progress(self, doc_id: str) -> dict:
+        p = self.uploads.get(doc_id)
+        if p is not None and (p.status != "ready" or doc_id in self.store):
+            return p.to_json()
+        info = self.store.info(doc_id)  # 404 for an unknown id
+        return {"id": doc_id, "object": "document.progress", "status": "ready", "chunks_done": info.get("chunks"),
+                "chunks_total": info.get("chunks"), "tokens": info.get("tokens"), "fraction": 1.0,
+                "elapsed_ms": None, "encode_ms": info.get("internalize_ms"), "error": None}
+
+    def delete_document(self, doc_id: str) -> dict:
+        """Delete a stored document, or cancel an upload still in progress (it is then never stored)."""
+        p = self.uploads.get(doc_id)
+        if p is not None and p.finished is None:
+            p.cancelled = True
+            p.finish("cancelled", "cancelled by DELETE")
+            return {"id": doc_id, "object": "document.deleted", "deleted": True, "cancelled": True}
+        self.store.delete(doc_id)
+        return {"id": doc_id, "object": "document.deleted", "deleted": True}
 
     # ------------------------------------------------------------------ adapters of a request
     def combine(self, parts: list[AdapterBatch], context: float, bias: float, *,
@@ -172,7 +252,9 @@ class DocumentServer:
         return dict(max_new_tokens=mt, stop=stop,
                     temperature=field_value(body, "temperature", "number", 0.0, lo=0.0, hi=2.0),
                     top_p=field_value(body, "top_p", "number", 1.0, lo=1e-6, hi=1.0),
-                    seed=field_value(body, "seed", "int", None, lo=-(2**63), hi=2**63 - 1))
+                    seed=field_value(body, "seed", "int", None, lo=-(2**63), hi=2**63 - 1),
+                    presence_penalty=field_value(body, "presence_penalty", "number", 0.0, lo=-2.0, hi=2.0),
+                    frequency_penalty=field_value(body, "frequency_penalty", "number", 0.0, lo=-2.0, hi=2.0))
 
     def check_model(self, body: dict) -> None:
         name = field_value(body, "model", "str")
@@ -199,38 +281,47 @@ class DocumentServer:
             raise bad_request(f"the model's chat template refuses these messages: {e}", "messages") from e
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
-    def completion_prompt(self, body: dict) -> list[int]:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-            p = p[0]
-        if not isinstance(p, str) or not p:
-            raise bad_request(f"'prompt' must be a non-empty string, got {typename(p)}", "prompt")
+    def completion_prompts(self, body: dict) -> list[list[int]]:
         if body.get("suffix") is not None or body.get("echo"):
             raise bad_request("suffix and echo are not supported by this server", "suffix")
-        return list(self.model.tokenizer(p)["input_ids"])
+        return completion_prompts(body, self.model.tokenizer, self.model.vocab_size, self.settings.max_batch)
 
-    async def prepare(self, body: dict, kind: str) -> tuple[GenRequest, bool, dict, asyncio.Queue]:
-        """Validate a completion request, build its adapter and queue it: (request, stream?, stream_options, the
-        queue its events arrive on)."""
+    async def prepare(self, body: dict, kind: str) -> tuple[list[GenRequest], bool, dict, asyncio.Queue]:
+        """Validate a completion request, build its adapter and queue it: (requests — one per prompt —, stream?,
+        stream_options, the queue their events arrive on as ``(prompt index, event, payload)``)."""
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
+        check_supported(body, kind)
         self.check_model(body)
         stream = field_value(body, "stream", "bool", False)
         opts = field_value(body, "stream_options", "object", {})
-        prompt = self.chat_prompt(body) if kind == "chat" else self.completion_prompt(body)
-        params = self.sampling(body, len(prompt))
+        prompts = [self.chat_prompt(body)] if kind == "chat" else self.completion_prompts(body)
+        params = self.sampling(body, max(len(p) for p in prompts))
         adapter = await self.request_adapter(body)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        reqs: list[GenRequest] = []
 
-        def sink(kind_, payload):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (kind_, payload))
-            except RuntimeError:  # the event loop is gone: nobody listens any more
-                req.cancelled = True
+        def sink_of(i):
+            def sink(kind_, payload):
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, (i, kind_, payload))
+                except RuntimeError:  # the event loop is gone: nobody listens any more
+                    reqs[i].cancelled = True
 
-        req = GenRequest(prompt_ids=prompt, adapter=adapter, sink=sink, **params)
-        self.engine.submit(req)
-        return req, stream, opts, q
+            return sink
+
+        reqs.extend(GenRequest(prompt_ids=p, adapter=adapter, sink=sink_of(i), **params) for i, p in enumerate(prompts))
+        if len(reqs) > 1 and self.engine.in_flight + len(reqs) > self.settings.max_queue:
+            raise APIError(429, f"too many requests in flight (limit {self.settings.max_queue}); retry later",
+                           code="queue_full")
+        try:
+            for r in reqs:
+                self.engine.submit(r)
+        except APIError:
+            for r in reqs:
+                r.cancelled = True
+            raise
+        return reqs, stream, opts, q
 
 
 __all__ = ["DocumentServer"]

@@ -202,8 +202,16 @@ class DocumentStore:
             return doc_id in self._resident
 
     @property
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    @property
     def resident_bytes(self) -> int:
         return self._resident_bytes
+
+    def __contains__(self, doc_id) -> bool:
+        with self._lock:
+            return doc_id in self._info
 
     def __len__(self) -> int:
         return len(self._info)

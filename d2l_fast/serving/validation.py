@@ -70,6 +70,52 @@ def str_list(body: dict, name: str, *, max_len: int, allow_str: bool = False) ->
     return v
 
 
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
+           "presence_penalty", "frequency_penalty", "logprobs", "documents", "document", "context_scaling",
+           "bias_scaling"}
+#: the body fields each endpoint implements; any other field with a non-null value is a 400 naming it
+ALLOWED = {"chat": _COMMON | {"messages", "max_completion_tokens"},
+           "completion": _COMMON | {"prompt", "best_of", "echo", "suffix"}}
+
+
+def check_supported(body: dict, kind: str) -> None:
+    """A 400 naming the first body field (sorted) this server does not implement (tools, response_format, ...)."""
+    extra = sorted(k for k, v in body.items() if k not in ALLOWED[kind] and v is not None)
+    if extra:
+        raise bad_request(f"the parameter {extra[0]!r} is not supported by this server"
+                          f"{f' (nor {extra[1:]})' if len(extra) > 1 else ''}; supported: {sorted(ALLOWED[kind])}",
+                          extra[0])
+
+
+def completion_prompts(body: dict, tokenizer, vocab_size: int, max_prompts: int) -> list[list[int]]:
+    """The prompt(s) of a text completion as token ids: a string, an array of strings, an array of token ids or an
+    array of arrays of token ids (OpenAI's four forms)."""
+    p = body.get("prompt")
+    if isinstance(p, str):
+        p = [p]
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        p = [p]
+    if not isinstance(p, list) or not p:
+        raise bad_request(f"'prompt' must be a non-empty string, array of strings, array of token ids or array of "
+                          f"arrays of token ids, got {typename(p)}", "prompt")
+    if len(p) > max_prompts:
+        raise bad_request(f"'prompt' holds {len(p)} prompts, at most {max_prompts} are allowed", "prompt")
+    out = []
+    for k, x in enumerate(p):
+        if isinstance(x, str) and x:
+            out.append(list(tokenizer(x)["input_ids"]))
+        elif (isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)):
+            bad = [t for t in x if not 0 <= t < vocab_size]
+            if bad:
+                raise bad_request(f"prompt[{k}] has token id {bad[0]} outside the vocabulary (0..{vocab_size - 1})",
+                                  "prompt")
+            out.append(list(x))
+        else:
+            raise bad_request(f"prompt[{k}] must be a non-empty string or a non-empty array of token ids, got "
+                              f"{typename(x)}", "prompt")
+    return out
+
+
 def message_text(content, k: int) -> str:
     if isinstance(content, str):
         return content
@@ -85,4 +131,5 @@ def message_text(content, k: int) -> str:
                       f"{typename(content)}", "messages")
 
 
-__all__ = ["ROLES", "field_value", "message_text", "parse_json_body", "str_list", "typename"]
+__all__ = ["ALLOWED", "ROLES", "check_supported", "completion_prompts", "field_value", "message_text",
+           "parse_json_body", "str_list", "typename"]
