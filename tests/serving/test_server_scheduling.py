@@ -11,7 +11,7 @@ from d2l_fast import D2LModel
 from d2l_fast.concurrency import ModelLock, model_lock
 from d2l_fast.hf import decoder_of
 
-from ._tiny import tiny_model, tiny_tokenizer
+from .._tiny import tiny_model, tiny_tokenizer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")

@@ -14,7 +14,7 @@ from d2l_fast.cli import main
 from d2l_fast.concurrency import model_lock
 from d2l_fast.hf import decoder_of
 
-from ._tiny import tiny_pair
+from .._tiny import tiny_pair
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

@@ -18,7 +18,7 @@ import pytest
 
 from d2l_fast import D2LModel
 
-from ._tiny import tiny_pair
+from .._tiny import tiny_pair
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")

@@ -7,7 +7,7 @@ import pytest
 
 from d2l_fast import D2LModel
 
-from ._tiny import tiny_pair
+from .._tiny import tiny_pair
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

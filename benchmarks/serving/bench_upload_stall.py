@@ -40,7 +40,7 @@ DOC_TOKENS = 3000
 TARGET = 3.0
 # server --encode-slice-tokens per run (0: none, the model's chunking: slices are whole decoder layers of the row)
 SLICES = [int(x) or None for x in os.environ.get("D2L_BENCH_STALL_SLICES", "0,256").split(",")]
-RESULTS = os.environ.get("D2L_BENCH_STALL_JSON", str(pathlib.Path(__file__).parent / "results" /
+RESULTS = os.environ.get("D2L_BENCH_STALL_JSON", str(pathlib.Path(__file__).parents[1] / "results" /
                                                      "upload_stall_cpu.json"))
 SENTENCES = ["The ferry to Orla leaves at {h} o'clock from pier {k}, and the captain, a woman named Ines Varga, "
              "logs the weather in a green book.",
