@@ -1,4 +1,12 @@
-"""Autograd function and public functional of the latent cross-attention readout."""
+"""Forward/backward math, the ``torch.library`` custom ops and the public functional of the latent readout.
+
+The same layering as ``segmented_lora/function.py``: :func:`_latent_readout_fwd` and :func:`_latent_readout_bwd`
+hold the math; the custom ops ``d2l_fast::latent_readout`` (differentiable, via ``register_autograd``) and
+``d2l_fast::latent_readout_backward`` and the eager :class:`LatentReadoutFunction` call them.
+:func:`latent_readout` validates its inputs, then calls the op while ``torch.compile`` traces it (one graph node,
+no break) and the autograd Function otherwise (the op's Python dispatch layers are pure overhead in eager mode;
+the numbers are in ``segmented_lora/function.py``'s docstring).
+"""
 from __future__ import annotations
 
 import math
@@ -24,13 +32,82 @@ _MODES = ("auto", "absorbed", "plain")
 _BACKENDS = ("auto", "torch", "triton")
 
 
-class LatentReadoutFunction(torch.autograd.Function):
-    """Fused latent cross-attention readout with a recompute backward.
+def _latent_readout_fwd(q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, max_seqlen: int,
+                        n_kv_heads: int, eps: float, scale: float, mode: str, backend: str) -> torch.Tensor:
+    """The readout ``[n_seg, n_q, H, hd]`` in q's dtype, on ``backend`` in the (resolved) ``mode``; no autograd."""
+    rstd = rstd_in if rstd_in is not None else compute_rstd(context, eps)
+    if backend == "triton":
+        out = latent_readout_triton_fwd(
+            q, context, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd,
+            n_kv_heads=n_kv_heads, scale=scale, mode=mode,
+        )  # fmt: skip
+    else:
+        cu_cpu = cu_seqlens.to("cpu", torch.int64)
+        out = readout_torch(
+            q, context, cu_cpu, k_weight, v_weight, norm_weight, rstd,
+            n_kv_heads=n_kv_heads, scale=scale, mode=mode,
+        )  # fmt: skip
+    return out.to(q.dtype)
 
-    Forward runs the chosen form (absorbed or plain) on the chosen backend and saves only the inputs.
-    Backward recomputes the forward with the differentiable torch implementation (`torch_impl.py`, same form,
-    fp32) one segment group at a time under `enable_grad`, and calls `torch.autograd.grad` for
-    q, ctx, k_weight, v_weight, ctx_norm_weight (and ctx_rstd when the caller passed it).
+
+def _latent_readout_bwd(grad_out, q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, n_kv_heads: int,
+                        eps: float, scale: float, mode: str, want: _ReadoutGrads) -> _ReadoutGrads:
+    """Gradients of the readout w.r.t. the inputs ``want`` names (bools; the others come back None).
+
+    Recomputes the forward with the differentiable torch implementation (`torch_impl.py`, same form, fp32) one
+    segment group at a time under `enable_grad` and calls `torch.autograd.grad`; ``want.rstd`` only counts when
+    the caller passed ``rstd_in``."""
+    fn = readout_absorbed_torch if mode == "absorbed" else readout_plain_torch
+    n_seg, n_q, H, hd = q.shape
+    cu_cpu = cu_seqlens.to("cpu", torch.int64)
+    cu = cu_cpu.tolist()
+    rows = n_q * H if mode == "absorbed" else n_q * (H // n_kv_heads)
+    width = context.shape[1] if mode == "absorbed" else 2 * n_kv_heads * hd
+    chunk = pick_cpu_chunk(cu_cpu[1:] - cu_cpu[:-1], rows)
+    grad_out = grad_out.float()
+
+    inputs = _ReadoutGrads(q, context, k_weight, v_weight, norm_weight, rstd_in)
+    want = want._replace(rstd=rstd_in is not None and bool(want.rstd))
+    acc = _ReadoutGrads(*(torch.zeros(x.shape, dtype=torch.float32, device=x.device) if w else None
+                          for x, w in zip(inputs, want)))
+    wanted = [name for name in _ReadoutGrads._fields if getattr(want, name)]
+    wk_l = k_weight.detach().requires_grad_(bool(want.k_weight))
+    wv_l = v_weight.detach().requires_grad_(bool(want.v_weight))
+    w_l = norm_weight.detach().requires_grad_(bool(want.norm_weight))
+    for s0, s1 in segment_groups(cu, max(1, _GROUP_ELEMS // max(width, 1))):
+        t0, t1 = cu[s0], cu[s1]
+        with torch.enable_grad():
+            q_g = q[s0:s1].detach().requires_grad_(bool(want.q))
+            c_g = context[t0:t1].detach().requires_grad_(bool(want.context))
+            r_g = rstd_in[t0:t1].detach().requires_grad_(want.rstd) if rstd_in is not None \
+                else compute_rstd(c_g, eps)
+            plan = make_chunk_plan(cu_cpu[s0 : s1 + 1] - t0, chunk, context.device)
+            out = fn(q_g, c_g, plan, wk_l, wv_l, w_l, r_g, n_kv_heads=n_kv_heads, scale=scale)
+            if not wanted or not out.requires_grad:
+                continue
+            leaves = _ReadoutGrads(q_g, c_g, wk_l, wv_l, w_l, r_g if rstd_in is not None else None)
+            grads = torch.autograd.grad(out, [getattr(leaves, name) for name in wanted], grad_out[s0:s1],
+                                        allow_unused=True)
+        for name, g in zip(wanted, grads):
+            if g is None:
+                continue
+            full, rows = getattr(acc, name), getattr(_GRAD_ROWS, name)
+            if rows == "segments":
+                full[s0:s1] += g
+            elif rows == "tokens":
+                full[t0:t1] += g
+            else:  # weights: summed over the segment groups in a fixed order
+                full += g
+    return _ReadoutGrads(*(None if g is None else g.to(x.dtype) for g, x in zip(acc, inputs)))
+
+
+class LatentReadoutFunction(torch.autograd.Function):
+    """Fused latent cross-attention readout with a recompute backward (eager autograd).
+
+    Forward (:func:`_latent_readout_fwd`) runs the chosen form (absorbed or plain) on the chosen backend and saves
+    only the inputs. Backward (:func:`_latent_readout_bwd`) recomputes the forward with the differentiable torch
+    implementation (`torch_impl.py`, same form, fp32) one segment group at a time and calls `torch.autograd.grad`
+    for q, ctx, k_weight, v_weight, ctx_norm_weight (and ctx_rstd when the caller passed it).
     Why recompute in torch: it is exact for both forms, costs one extra forward, stores nothing
     but the inputs, and keeps this version free of hand-written backward kernels.
     Determinism: dq of a segment sums its key chunks with `_SegmentSum` (a sequential index_add on
@@ -40,81 +117,21 @@ class LatentReadoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, meta):
-        max_seqlen, n_kv_heads, eps, scale, mode, backend = meta
-        rstd = rstd_in if rstd_in is not None else compute_rstd(context, eps)
-        if backend == "triton":
-            out = latent_readout_triton_fwd(
-                q, context, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd,
-                n_kv_heads=n_kv_heads, scale=scale, mode=mode,
-            )  # fmt: skip
-        else:
-            cu_cpu = cu_seqlens.to("cpu", torch.int64)
-            out = readout_torch(
-                q, context, cu_cpu, k_weight, v_weight, norm_weight, rstd,
-                n_kv_heads=n_kv_heads, scale=scale, mode=mode,
-            )  # fmt: skip
         # backward recomputes from the inputs: only they are saved
         ctx.save_for_backward(q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in)
         ctx.meta = meta
-        return out.to(q.dtype)
+        return _latent_readout_fwd(q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, *meta)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in = ctx.saved_tensors
         max_seqlen, n_kv_heads, eps, scale, mode, backend = ctx.meta
-        needs = ctx.needs_input_grad
-        fn = readout_absorbed_torch if mode == "absorbed" else readout_plain_torch
-        n_seg, n_q, H, hd = q.shape
-        cu_cpu = cu_seqlens.to("cpu", torch.int64)
-        cu = cu_cpu.tolist()
-        rows = n_q * H if mode == "absorbed" else n_q * (H // n_kv_heads)
-        width = context.shape[1] if mode == "absorbed" else 2 * n_kv_heads * hd
-        chunk = pick_cpu_chunk(cu_cpu[1:] - cu_cpu[:-1], rows)
-        grad_out = grad_out.float()
-
-        # gradients by input name; the forward's inputs are (q, context, cu_seqlens, k_weight, v_weight,
-        # norm_weight, rstd_in, meta); ctx_rstd only has a gradient when the caller passed it
-        inputs = _ReadoutGrads(q, context, k_weight, v_weight, norm_weight, rstd_in)
-        want = _ReadoutGrads(q=needs[0], context=needs[1], k_weight=needs[3], v_weight=needs[4],
-                             norm_weight=needs[5], rstd=rstd_in is not None and needs[6])
-        acc = _ReadoutGrads(*(torch.zeros(x.shape, dtype=torch.float32, device=x.device) if w else None
-                              for x, w in zip(inputs, want)))
-        wanted = [name for name in _ReadoutGrads._fields if getattr(want, name)]
-        wk_l = k_weight.detach().requires_grad_(want.k_weight)
-        wv_l = v_weight.detach().requires_grad_(want.v_weight)
-        w_l = norm_weight.detach().requires_grad_(want.norm_weight)
-        for s0, s1 in segment_groups(cu, max(1, _GROUP_ELEMS // max(width, 1))):
-            t0, t1 = cu[s0], cu[s1]
-            with torch.enable_grad():
-                q_g = q[s0:s1].detach().requires_grad_(want.q)
-                c_g = context[t0:t1].detach().requires_grad_(want.context)
-                r_g = rstd_in[t0:t1].detach().requires_grad_(want.rstd) if rstd_in is not None \
-                    else compute_rstd(c_g, eps)
-                plan = make_chunk_plan(cu_cpu[s0 : s1 + 1] - t0, chunk, context.device)
-                out = fn(q_g, c_g, plan, wk_l, wv_l, w_l, r_g, n_kv_heads=n_kv_heads, scale=scale)
-                if not wanted or not out.requires_grad:
-                    continue
-                leaves = _ReadoutGrads(q_g, c_g, wk_l, wv_l, w_l, r_g if rstd_in is not None else None)
-                grads = torch.autograd.grad(out, [getattr(leaves, name) for name in wanted], grad_out[s0:s1],
-                                            allow_unused=True)
-            for name, g in zip(wanted, grads):
-                if g is None:
-                    continue
-                full, rows = getattr(acc, name), getattr(_GRAD_ROWS, name)
-                if rows == "segments":
-                    full[s0:s1] += g
-                elif rows == "tokens":
-                    full[t0:t1] += g
-                else:  # weights: summed over the segment groups in a fixed order
-                    full += g
-
-        def cast(g, x):
-            return None if g is None else g.to(x.dtype)
-
-        return (
-            cast(acc.q, q), cast(acc.context, context), None, cast(acc.k_weight, k_weight),
-            cast(acc.v_weight, v_weight), cast(acc.norm_weight, norm_weight), cast(acc.rstd, rstd_in), None,
-        )  # fmt: skip
+        # the forward's inputs are (q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, meta)
+        n = ctx.needs_input_grad
+        want = _ReadoutGrads(q=n[0], context=n[1], k_weight=n[3], v_weight=n[4], norm_weight=n[5], rstd=n[6])
+        g = _latent_readout_bwd(grad_out, q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in,
+                                n_kv_heads, eps, scale, mode, want)
+        return g.q, g.context, None, g.k_weight, g.v_weight, g.norm_weight, g.rstd, None
 
 
 class _ReadoutGrads(NamedTuple):
@@ -143,6 +160,67 @@ def resolve_mode(mode: str, q: torch.Tensor, ctx: torch.Tensor, n_kv_heads: int)
     return choose_mode(ReadoutProblem(n_seg, n_q, H, n_kv_heads, hd, D, T, 0))
 
 
+# ------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("d2l_fast::latent_readout", mutates_args=())
+def _latent_readout_op(q: torch.Tensor, ctx: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       k_weight: torch.Tensor, v_weight: torch.Tensor, norm_weight: torch.Tensor,
+                       ctx_rstd: torch.Tensor | None, n_kv_heads: int, eps: float, softmax_scale: float, mode: str,
+                       backend: str) -> torch.Tensor:  # fmt: skip
+    with torch.no_grad():
+        return _latent_readout_fwd(q, ctx, cu_seqlens, k_weight, v_weight, norm_weight, ctx_rstd, max_seqlen,
+                                   n_kv_heads, eps, softmax_scale, mode, backend)  # fmt: skip
+
+
+@_latent_readout_op.register_fake
+def _(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, ctx_rstd, n_kv_heads, eps, softmax_scale,
+      mode, backend):  # fmt: skip
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("d2l_fast::latent_readout_backward", mutates_args=())
+def _latent_readout_backward_op(grad: torch.Tensor, q: torch.Tensor, ctx: torch.Tensor, cu_seqlens: torch.Tensor,
+                                k_weight: torch.Tensor, v_weight: torch.Tensor, norm_weight: torch.Tensor,
+                                ctx_rstd: torch.Tensor | None, n_kv_heads: int, eps: float, softmax_scale: float,
+                                mode: str, needs: list[bool]) -> list[torch.Tensor]:  # fmt: skip
+    # the dispatcher runs an op's implementation with autograd dispatch excluded; the recompute backward needs it
+    # (without this every gradient would silently be zero)
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradCPU)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        grads = _latent_readout_bwd(grad, q, ctx, cu_seqlens, k_weight, v_weight, norm_weight, ctx_rstd, n_kv_heads,
+                                    eps, softmax_scale, mode, _ReadoutGrads(*needs))  # fmt: skip
+    # an op returns tensors only: an empty tensor stands for "not needed"
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@_latent_readout_backward_op.register_fake
+def _(grad, q, ctx, cu_seqlens, k_weight, v_weight, norm_weight, ctx_rstd, n_kv_heads, eps, softmax_scale, mode,
+      needs):  # fmt: skip
+    ins = _ReadoutGrads(q, ctx, k_weight, v_weight, norm_weight, ctx_rstd)
+    return [t.new_empty(t.shape) if (n and t is not None) else q.new_empty(0) for t, n in zip(ins, needs)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, c, cu, max_seqlen, wk, wv, w, rstd, n_kv, eps, scale, mode, backend = inputs
+    ctx.save_for_backward(q, c, cu, wk, wv, w, rstd)
+    ctx.args = (n_kv, eps, scale, mode)
+    ctx.has_rstd = rstd is not None
+
+
+def _op_backward(ctx, grad):
+    q, c, cu, wk, wv, w, rstd = ctx.saved_tensors
+    n = ctx.needs_input_grad  # the op's inputs: q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd
+    needs = [bool(n[0]), bool(n[1]), bool(n[4]), bool(n[5]), bool(n[6]), bool(n[7]) and ctx.has_rstd]
+    if not any(needs):
+        return (None,) * 13
+    g = torch.ops.d2l_fast.latent_readout_backward(grad.contiguous(), q, c, cu, wk, wv, w, rstd, *ctx.args, needs)
+    g = _ReadoutGrads(*(gi if ni else None for gi, ni in zip(g, needs)))
+    return (g.q, g.context, None, None, g.k_weight, g.v_weight, g.norm_weight, g.rstd, None, None, None, None, None)
+
+
+torch.library.register_autograd("d2l_fast::latent_readout", _op_backward, setup_context=_op_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public functional
 def _check(cond: bool, msg: str, exc=ValueError):
     if not cond:
         raise exc(msg)
@@ -262,5 +340,9 @@ def latent_readout(
     mode = resolve_mode(mode, q, ctx, n_kv_heads)
     hd = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
+    if torch.compiler.is_compiling():
+        return torch.ops.d2l_fast.latent_readout(q, ctx, cu_seqlens, int(max_seqlen), k_weight, v_weight,
+                                                 ctx_norm_weight, ctx_rstd, n_kv_heads, float(eps), scale, mode,
+                                                 backend)  # fmt: skip
     meta = (int(max_seqlen), n_kv_heads, float(eps), scale, mode, backend)
     return LatentReadoutFunction.apply(q, ctx, cu_seqlens, k_weight, v_weight, ctx_norm_weight, ctx_rstd, meta)

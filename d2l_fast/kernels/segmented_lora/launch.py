@@ -50,7 +50,7 @@ def _validate(x, A, B, meta, out) -> None:
         raise ValueError(f"A and B must have the same R_total, got A.shape={tuple(A.shape)} B.shape={tuple(B.shape)}")
     if meta.n_tokens != x.shape[0]:
         raise ValueError(f"meta.n_tokens must equal x.shape[0]: expected {x.shape[0]}, got {meta.n_tokens}")
-    need = max((g.rank_start + g.rank_len for g in meta.groups), default=0)
+    need = max([0, *(g.rank_start + g.rank_len for g in meta.groups)])  # (max(..., default=) stops dynamo)
     if need > A.shape[0]:
         raise ValueError(f"meta uses rank rows up to {need}, but A/B have R_total={A.shape[0]}")
     if out is not None and tuple(out.shape) != (x.shape[0], B.shape[1]):
