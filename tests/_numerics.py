@@ -86,8 +86,8 @@ CUDA_KERNEL = {
 }
 
 
-# The kernels as torch.library custom ops vs the functional API: the same kernels on both sides (only the
-# summation order of a recomputed backward may differ), fp32.
+# The compiled path (the torch.library ops under torch.compile) vs the eager path of the same public functions:
+# the same kernels on both sides (only the summation order of a recomputed backward may differ), fp32.
 OPS = dict(atol=1e-5, rtol=1e-5)
 
 
