@@ -14,6 +14,7 @@ import time
 
 from .. import packing
 from ..adapters import AdapterBatch
+from ..answering import layout_messages, model_settings
 from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
 from .settings import ServerSettings
@@ -45,6 +46,7 @@ class DocumentServer:
         self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0)
         self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
+        self.checkpoint_settings = model_settings(model)  # chunk length, prompt layout, what it reads: /v1/models
 
     def start(self) -> None:
         self.batcher.start()
@@ -192,6 +194,8 @@ class DocumentServer:
             if role not in ROLES:
                 raise bad_request(f"messages[{k}].role must be one of {sorted(ROLES)}, got {role!r}", "messages")
             conv.append({"role": ROLES[role], "content": message_text(m.get("content"), k)})
+        if field_value(body, "trained_prompt", "bool", self.settings.trained_prompt):
+            conv = layout_messages(conv, self.model.prompt_layout)
         tok = self.model.tokenizer
         try:
             text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)

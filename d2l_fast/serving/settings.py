@@ -29,6 +29,8 @@ class ServerSettings:
     max_body_bytes: int = _opt(8 << 20, "request body limit in bytes; larger bodies are answered 413")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $D2L_API_KEY if set)")
     batch_window_ms: float = _opt(5.0, "documents posted within this window are internalized in one call")
+    trained_prompt: bool = _opt(True, "chat user turns in the prompt layout the checkpoint was trained with (its "
+                                "model card); a request's 'trained_prompt': false sends them as they are")
 
     def __post_init__(self):
         for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
