@@ -10,7 +10,10 @@
 * :func:`stop_token_ids` — eos ids and the control token that closes an assistant turn; :func:`gold_answer_ids`;
 * :func:`left_pad` — ragged prompt ids → left-padded ``(ids, attention_mask)``;
 * :func:`greedy_answers` — batched greedy generation of a D2LModel (with or without adapters) or of a plain
-  Hugging Face causal LM, decoded and stripped.
+  Hugging Face causal LM, decoded and stripped;
+* :func:`layout_of` — the prompt layout a call uses: what it gives, else the model's own (its checkpoint's model
+  card, :attr:`~d2l_fast.D2LModel.prompt_layout`); :func:`layout_messages` applies one to chat messages (the
+  server's chat turns); :func:`model_settings` — a model's chunk length, prompt layout and what it reads.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .model_card import DEFAULT_PROMPT, check_instruction
 from .packing import control_token_ids, tokenize_prompt
 
 METHODS = ("base", "in_context", "d2l")
@@ -84,6 +88,41 @@ def question_prompt(tokenizer, question: str, *, document: str | None = None, in
     return tokenize_prompt(tokenizer, text, system)
 
 
+def layout_of(model, system: str | None = None, instruction: str | None = None) -> dict:
+    """``{"system", "instruction"}`` of a call: ``system`` / ``instruction`` when either is given (the other: no
+    system turn / the bare question), else ``model.prompt_layout`` (the layout its checkpoint was trained with),
+    else the bare question with no system turn."""
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"system must be a string or None, got {system!r}")
+    if system is None and instruction is None:
+        own = getattr(model, "prompt_layout", None)
+        return dict(own) if own else dict(DEFAULT_PROMPT)
+    return {"system": system, "instruction": check_instruction("{question}" if instruction is None else instruction)}
+
+
+def layout_messages(messages: list[dict], layout: dict | None) -> list[dict]:
+    """Chat ``messages`` (``{"role", "content"}``) in a prompt layout: every user turn's content becomes
+    ``instruction.format(question=content)``, and ``layout["system"]`` (when not None) opens the conversation if it
+    has no system message. ``layout`` None: the messages unchanged (a copy)."""
+    if layout is None:
+        return [dict(m) for m in messages]
+    ins = check_instruction(layout.get("instruction", "{question}"))
+    out = [dict(m, content=ins.format(question=m["content"].strip())) if m.get("role") == "user" else dict(m)
+           for m in messages]
+    if layout.get("system") is not None and not any(m.get("role") == "system" for m in out):
+        out.insert(0, {"role": "system", "content": layout["system"]})
+    return out
+
+
+def model_settings(model) -> dict:
+    """What a :class:`~d2l_fast.D2LModel` uses by default and was trained to read: ``max_chunk_len`` (templated
+    tokens per chunk, ``<= 0``: no chunking), ``prompt_layout`` (None: bare questions) and ``reads`` (the model
+    card's description, None when it has none)."""
+    reads = (getattr(model, "model_card", None) or {}).get("reads")
+    return {"max_chunk_len": int(model.max_chunk_len), "prompt_layout": getattr(model, "prompt_layout", None),
+            "reads": reads}
+
+
 def greedy_answers(model, prompts: Sequence[list[int]], *, tokenizer=None, adapters=None,
                    adapter_index: Sequence[int] | None = None, max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers (decoded, stripped) to templated prompt ids, ``batch_size`` left-padded prompts at a time,
@@ -121,12 +160,13 @@ def greedy_answers(model, prompts: Sequence[list[int]], *, tokenizer=None, adapt
 
 
 def compare_answers(model, documents: list[str], questions: list[str], *, methods=("d2l",), max_new_tokens: int = 64,
-                    system: str | None = None, instruction: str = "{question}", max_chunk_len: int | None = None,
+                    system: str | None = None, instruction: str | None = None, max_chunk_len: int | None = None,
                     batch_size: int = 8, adapters=None) -> dict[str, list[str]]:
     """Answer ``questions[i]`` about ``documents[i]`` greedily with each of ``methods`` (see :data:`METHODS`).
 
-    The prompt is :func:`question_prompt` (no system message when ``system`` is None), as ``d2l-fast eval``
-    builds it; generation stops at the chat template's end of turn. ``adapters``: the documents'
+    The prompt is :func:`question_prompt` in the layout of :func:`layout_of` (``system`` / ``instruction``; neither
+    given: the model's own, i.e. its checkpoint's model card), as ``d2l-fast eval`` builds it; generation stops at
+    the chat template's end of turn. ``max_chunk_len`` None: the model's. ``adapters``: the documents'
     :class:`~d2l_fast.AdapterBatch` (adapter i for document i) if already internalized. Returns
     ``{method: answers}``.
     """
@@ -153,10 +193,7 @@ def compare_answers(model, documents: list[str], questions: list[str], *, method
     for v, what in ((max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
-    if not isinstance(instruction, str) or "{question}" not in instruction:
-        raise ValueError(f"instruction must be a string containing {{question}}, got {instruction!r}")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"system must be a string or None, got {system!r}")
+    layout = layout_of(model, system, instruction)
     if adapters is not None:
         if not isinstance(adapters, AdapterBatch) or len(adapters) != len(documents):
             raise ValueError(f"adapters must be an AdapterBatch with one adapter per document ({len(documents)}), "
@@ -168,7 +205,7 @@ def compare_answers(model, documents: list[str], questions: list[str], *, method
     out = {}
     for m in methods:
         prompts = [question_prompt(model.tokenizer, q, document=d if m == "in_context" else None,
-                                   instruction=instruction, system=system) for d, q in zip(documents, questions)]
+                                   **layout) for d, q in zip(documents, questions)]
         d2l = m == "d2l"
         out[m] = greedy_answers(model, prompts, adapters=adapters if d2l else None,
                                 adapter_index=list(range(len(prompts))) if d2l else None,
@@ -176,5 +213,5 @@ def compare_answers(model, documents: list[str], questions: list[str], *, method
     return out
 
 
-__all__ = ["EVAL_INSTRUCTION", "METHODS", "compare_answers", "gold_answer_ids", "greedy_answers", "left_pad",
-           "question_prompt", "stop_token_ids"]
+__all__ = ["EVAL_INSTRUCTION", "METHODS", "compare_answers", "gold_answer_ids", "greedy_answers", "layout_messages",
+           "layout_of", "left_pad", "model_settings", "question_prompt", "stop_token_ids"]

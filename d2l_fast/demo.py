@@ -30,6 +30,8 @@ from .smollm2 import (  # their home is d2l_fast.smollm2; kept importable from h
 
 __all__ = [
     "DEMO_PRETRAINED",
+    "TASK_LABELS",
+    "UNTRAINED_MAX_CHUNK_LEN",
     "SMOLLM2_GGUF",
     "SMOLLM2_INSTALL_HINT",
     "answer_is_correct",
@@ -120,16 +122,25 @@ def demo_checkpoint(checkpoint: str | None = None, *, untrained: bool = False) -
     return checkpoint
 
 
-def run_demo(*, n_docs: int = 8, max_new_tokens: int = 24, max_chunk_len: int = 256, seed: int = 0,
+#: the untrained demo's chunk length (a pretrained checkpoint uses its model card's)
+UNTRAINED_MAX_CHUNK_LEN = 256
+#: what the demo calls each kind of document it shows
+TASK_LABELS = {"niah": "needles (one 4-digit number)", "qa": "facts (held-out entities)"}
+
+
+def run_demo(*, n_docs: int = 8, max_new_tokens: int = 24, max_chunk_len: int | None = None, seed: int = 0,
              init_scale: float = 2.0, threads: int = 0, checkpoint: str | None = None, untrained: bool = False) -> int:
     """SmolLM2-135M + a Doc-to-LoRA hypernetwork: internalize documents in one packed call, answer their questions
     in one batched generate (one adapter per row) and with the base model (no document); print stage timings.
 
     With a pretrained hypernetwork (``checkpoint``: a name or path; by default the bundled
     :data:`DEMO_PRETRAINED` when this build ships it) the documents are :func:`pretrained_demo_docs` (NIAH and
-    held-out facts) and each answer is shown next to the gold one. Otherwise (``untrained``, or nothing shipped):
+    held-out facts; at least one of each when ``n_docs >= 2``), each answer is shown next to the base model's and the
+    gold one, with a tally per kind; the model card's chunk length (``max_chunk_len`` None) and prompt layout are
+    used and what the card says it reads is printed. Otherwise (``untrained``, or nothing shipped):
     a seeded untrained hypernetwork on the bundled :func:`demo_docs`; ``seed`` / ``init_scale`` (std of the random
-    ``scaler_B``, 0 = the reference init: every adapter is zero) apply to it only."""
+    ``scaler_B``, 0 = the reference init: every adapter is zero) apply to it only; it chunks at
+    ``max_chunk_len`` (None: :data:`UNTRAINED_MAX_CHUNK_LEN`)."""
     from .model import D2LModel
 
     name = demo_checkpoint(checkpoint, untrained=untrained)
@@ -139,6 +150,7 @@ def run_demo(*, n_docs: int = 8, max_new_tokens: int = 24, max_chunk_len: int = 
     if name is not None:
         return _run_pretrained_demo(name, n_docs=n_docs, max_new_tokens=max_new_tokens, max_chunk_len=max_chunk_len)
     docs = demo_docs()[:n_docs]
+    max_chunk_len = UNTRAINED_MAX_CHUNK_LEN if max_chunk_len is None else max_chunk_len
     t = {}
     t0 = time.perf_counter()
     base, tok = load_smollm2()
@@ -178,44 +190,57 @@ def run_demo(*, n_docs: int = 8, max_new_tokens: int = 24, max_chunk_len: int = 
     return 0
 
 
-def _run_pretrained_demo(name: str, *, n_docs: int, max_new_tokens: int, max_chunk_len: int) -> int:
-    from .answering import compare_answers
-    from .zoo import pretrained, prompt_layout, read_model_card, resolve
+def _run_pretrained_demo(name: str, *, n_docs: int, max_new_tokens: int, max_chunk_len: int | None) -> int:
+    from .answering import compare_answers, model_settings
+    from .zoo import pretrained, read_model_card, resolve
 
     t = {}
     _, _, folder = resolve(name)
-    card = read_model_card(folder)
+    card = read_model_card(folder)  # a bad card: an error before the model loads
     t0 = time.perf_counter()
-    model = pretrained(name, max_chunk_len=max_chunk_len)
+    model = pretrained(name, max_chunk_len=max_chunk_len)  # None: the card's chunk length
     t["load SmolLM2 + pretrained hypernetwork"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.hypernet.parameters())
     steps = f", {card['steps']} training steps" if isinstance(card.get("steps"), int) else ""
     print(f"hypernetwork: {n_params / 1e6:.1f} M parameters, TRAINED ({name}{steps}; {folder})")
+    settings = model_settings(model)
+    if settings["reads"]:
+        print(f"trained to read: {settings['reads']}")
+    layout = settings["prompt_layout"]
+    print(f"settings: chunks of at most {settings['max_chunk_len']} templated tokens; questions asked as "
+          + (f"{layout['instruction']!r} (system {layout['system']!r})" if layout else "the bare question")
+          + " — the checkpoint's own (model card)")
     docs = pretrained_demo_docs(model.tokenizer, n_docs)
     texts, questions = [d["text"] for d in docs], [d["question"] for d in docs]
-    layout = prompt_layout(card)
     t0 = time.perf_counter()
     packed = model.pack(texts)
     adapters = model.internalize(texts, names=[d["title"] for d in docs])
     t["internalize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     answers = compare_answers(model, texts, questions, methods=("d2l",), adapters=adapters,
-                              max_new_tokens=max_new_tokens, batch_size=len(docs), **layout)["d2l"]
+                              max_new_tokens=max_new_tokens, batch_size=len(docs))["d2l"]
     t["generate (batched, one adapter per row)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_answers = compare_answers(model, texts, questions, methods=("base",), max_new_tokens=max_new_tokens,
-                                   batch_size=len(docs), **layout)["base"]
+                                   batch_size=len(docs))["base"]
     t["generate (same batch, base model, no document)"] = time.perf_counter() - t0
     print(f"internalized {len(docs)} documents (needle-in-a-haystack and held-out facts) in ONE packed call: "
-          f"{packed.total_tokens} context tokens, {len(packed.chunks)} chunks (max_chunk_len={max_chunk_len}); "
-          "the questions are asked WITHOUT the documents in the prompt")
-    ok_a = ok_b = 0
-    for d, a, b in zip(docs, answers, base_answers):
-        ca, cb = answer_is_correct(d["task"], a, d["answer"]), answer_is_correct(d["task"], b, d["answer"])
-        ok_a, ok_b = ok_a + ca, ok_b + cb
-        print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}{'  ✓' if ca else ''}\n"
-              f"  base model:   {b}{'  ✓' if cb else ''}\n  gold answer:  {d['answer']}")
-    print(f"\ncorrect: with adapter {ok_a}/{len(docs)}, base model (no document) {ok_b}/{len(docs)}")
+          f"{packed.total_tokens} context tokens, {len(packed.chunks)} chunks (max_chunk_len="
+          f"{settings['max_chunk_len']}); the questions are asked WITHOUT the documents in the prompt")
+    tally = {}
+    for task, label in TASK_LABELS.items():
+        rows = [(d, a, b) for d, a, b in zip(docs, answers, base_answers) if d["task"] == task]
+        if rows:
+            print(f"\n== {label} ==")
+        for d, a, b in rows:
+            ca, cb = answer_is_correct(task, a, d["answer"]), answer_is_correct(task, b, d["answer"])
+            n, oa, ob = tally.get(task, (0, 0, 0))
+            tally[task] = (n + 1, oa + ca, ob + cb)
+            print(f"\n[{d['title']}] Q: {d['question']}\n  with adapter: {a}{'  ✓' if ca else ''}\n"
+                  f"  base model:   {b}{'  ✓' if cb else ''}\n  gold answer:  {d['answer']}")
+    print(f"\n{'correct':<32s} {'with adapter':>13s} {'base model (no document)':>25s}")
+    for task, (n, oa, ob) in tally.items():
+        print(f"{TASK_LABELS[task]:<32s} {f'{oa}/{n}':>13s} {f'{ob}/{n}':>25s}")
     print("\nstage timings (CPU threads: %d)" % torch.get_num_threads())
     for k, v in t.items():
         print(f"  {k:<48s} {v:7.2f} s")

@@ -26,6 +26,7 @@ from .encoder import ContextEncoder
 from .fingerprint import model_fingerprint  # its home is d2l_fast.fingerprint; kept importable here
 from .hf import check_base_model, load_base_model, spec_for_model
 from .hypernet import HyperLoRA
+from .model_card import card_folder, check_instruction, prompt_layout, read_model_card
 from .packing import PackedContexts, tokenize_prompt
 from .patching import LoRABinding, patch_model
 
@@ -106,6 +107,10 @@ class D2LModel(nn.Module):
         self._cast_cache: tuple | None = None
         self._compact_cache: tuple | None = None  # (source batch, its tensor versions, used, compact batch)
         self.compact_adapters = True
+        #: the checkpoint's model card (:mod:`d2l_fast.model_card`) and its prompt layout ``{"system",
+        #: "instruction"}`` for text questions (None: the bare question, no system turn); set by from_checkpoint
+        self.model_card: dict = {}
+        self.prompt_layout: dict | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -116,6 +121,8 @@ class D2LModel(nn.Module):
 
         ``base_model``: None (load the hub id stored in the checkpoint), a local folder / hub id, or an
         already-loaded HF causal LM. ``tokenizer``: None (load from the same place), a path, or a tokenizer.
+        A checkpoint folder's ``model_card.json`` gives the defaults: its ``max_chunk_len`` (unless given) and
+        its prompt layout for text questions (:attr:`prompt_layout`; see :mod:`d2l_fast.model_card`).
         """
         from .checkpoint import split_reference_state_dict
         from .packing import get_tokenizer
@@ -127,6 +134,10 @@ class D2LModel(nn.Module):
         else:
             ckpt = load_checkpoint(checkpoint, subfolder=subfolder)
         spec = ckpt.spec
+        folder = card_folder(ckpt.source)  # its model card's settings are this model's defaults
+        card = read_model_card(folder) if folder is not None else {}
+        if kwargs.get("max_chunk_len") is None and card.get("max_chunk_len") is not None:
+            kwargs["max_chunk_len"] = card["max_chunk_len"]
         src = base_model if base_model is not None else spec.base_model_name_or_path
         if isinstance(src, nn.Module):
             model = src
@@ -171,6 +182,7 @@ class D2LModel(nn.Module):
         hypernet.to(device=dev, dtype=hypernet_dtype).eval()
         out = cls(model, hypernet, tokenizer, **kwargs)
         out._tokenizer_note = tokenizer_note
+        out.model_card, out.prompt_layout = card, (prompt_layout(card) if card else None)
         return out
 
     @classmethod
@@ -539,7 +551,14 @@ class D2LModel(nn.Module):
         with self.bind(adapters, adapter_index, rows_per_index=k):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def encode_prompts(self, prompts: list[str], *, system: str | None = None):
+    def encode_prompts(self, prompts: list[str], *, system: str | None = None, instruction: str | None = None):
+        """Left-padded ``(ids, mask)`` of questions as chat turns: ``instruction.format(question=...)`` after
+        ``system``. Neither given: the model's :attr:`prompt_layout` (its checkpoint's model card), else the bare
+        question with no system turn; pass ``instruction="{question}"`` for fully formatted prompts."""
+        if system is None and instruction is None and self.prompt_layout:
+            system, instruction = self.prompt_layout["system"], self.prompt_layout["instruction"]
+        if instruction is not None:
+            check_instruction(instruction)
         if self.tokenizer is None:
             raise self.tokenizer_required("encoding text prompts")
         if isinstance(prompts, str):
@@ -547,7 +566,8 @@ class D2LModel(nn.Module):
         prompts = list(prompts)
         if not prompts:
             raise ValueError("expected at least one prompt, got an empty list")
-        rows = [tokenize_prompt(self.tokenizer, p, system) for p in prompts]
+        rows = [tokenize_prompt(self.tokenizer, p if instruction is None or not isinstance(p, str)
+                                else instruction.format(question=p.strip()), system) for p in prompts]
         n = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), n), pad, dtype=torch.long)
@@ -558,9 +578,11 @@ class D2LModel(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     def generate_text(self, prompts: list[str], adapters: AdapterBatch | None = None, adapter_index=None, *,
-                      max_new_tokens: int = 64, system: str | None = None, **kwargs) -> list[str]:
-        """Questions (text) → answers (text), row i with adapter ``adapter_index[i]``; greedy by default."""
-        ids, mask = self.encode_prompts(prompts, system=system)
+                      max_new_tokens: int = 64, system: str | None = None, instruction: str | None = None,
+                      **kwargs) -> list[str]:
+        """Questions (text) → answers (text), row i with adapter ``adapter_index[i]``; greedy by default. The prompt
+        layout (``system`` / ``instruction``, default: the checkpoint's) is :meth:`encode_prompts`'."""
+        ids, mask = self.encode_prompts(prompts, system=system, instruction=instruction)
         kwargs.setdefault("do_sample", False)
         out = self.generate(ids, mask, adapters=adapters, adapter_index=adapter_index, max_new_tokens=max_new_tokens,
                             **kwargs)

@@ -3,9 +3,10 @@
 A bundled hypernetwork is a pickle-free checkpoint folder under ``d2l_fast/data/pretrained/<name>/``:
 ``d2l_config.json`` + ``hypernet.safetensors`` (stored in float16 to keep the wheel small; loading up-casts it to
 the hypernetwork's dtype), a ``README.md`` model card for people and an optional ``model_card.json`` for code
-(training command, steps, held-out results and the prompt layout the model was trained with, see
-:func:`read_model_card`). :data:`BUNDLED` names them; a name can be known while its files are not part of a given
-build (a source checkout before the checkpoint was added): :func:`pretrained` then says so.
+(training command, steps, held-out results and the settings the model was trained with — prompt layout, chunk
+length, what it reads — see :mod:`d2l_fast.model_card`; :func:`pretrained` uses them as the model's defaults).
+:data:`BUNDLED` names them; a name can be known while its files are not part of a given build (a source checkout
+before the checkpoint was added): :func:`pretrained` then says so.
 
 ``register_pretrained(name, folder)`` adds a folder under a name for this process (tests, a private model
 collection); :func:`unregister_pretrained` removes it again. Bundled names cannot be replaced or removed.
@@ -16,7 +17,6 @@ The base model of every bundled entry is ``"smollm2-135m"``: SmolLM2-135M-Instru
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import threading
@@ -26,17 +26,21 @@ import torch
 
 from .answering import METHODS, compare_answers  # their home is d2l_fast.answering; kept importable here
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, LoadedCheckpoint, load_checkpoint
+from .model_card import (  # their home is d2l_fast.model_card; kept importable here
+    DEFAULT_PROMPT,
+    MODEL_CARD_JSON,
+    prompt_layout,
+    read_model_card,
+)
 
 SMOLLM2_BASE = "smollm2-135m"
 #: the name :func:`pretrained`, ``d2l-fast ask`` and ``d2l-fast demo`` use by default
 DEFAULT_PRETRAINED = "smollm2-135m"
-MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_README = "README.md"
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "data" / "pretrained"
 # names a checkpoint may store for SmolLM2-135M-Instruct: the Hub id, or the folder load_smollm2 converts it into
 _SMOLLM2_NAMES = ("huggingfacetb/smollm2-135m-instruct", "smollm2-135m-instruct", "smollm2-135m", "smollm2")
-# the prompt layout of `d2l-fast gen-data`'s student sequences: one user turn with the bare question, no system
-_DEFAULT_PROMPT = {"system": None, "instruction": "{question}"}
+_DEFAULT_PROMPT = DEFAULT_PROMPT  # kept importable under its old private name
 
 
 #: ``compare_answers`` methods: the document internalized, no document, the document in the prompt
@@ -156,39 +160,6 @@ def is_smollm2_name(name: str) -> bool:
     return text in _SMOLLM2_NAMES or pathlib.PurePath(text).name in _SMOLLM2_NAMES
 
 
-def read_model_card(folder) -> dict:
-    """The ``model_card.json`` of a checkpoint folder as a dict (``{}`` when there is none).
-
-    Known fields (all optional): ``training_command`` (str), ``steps`` (int), ``heldout`` (object of results),
-    ``prompt`` (``{"system": str | null, "instruction": str with "{question}"}``: the prompt layout the model
-    was trained with; default: the bare question, no system message, as ``d2l-fast gen-data`` writes it).
-    """
-    path = pathlib.Path(folder) / MODEL_CARD_JSON
-    if not path.is_file():
-        return {}
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable model card: {e}") from e
-    if not isinstance(card, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(card).__name__}")
-    prompt = card.get("prompt")
-    if prompt is not None:
-        if not isinstance(prompt, dict) or set(prompt) - {"system", "instruction"}:
-            raise ValueError(f"{path}: 'prompt' must be an object with 'system' and/or 'instruction', got {prompt!r}")
-        if not isinstance(prompt.get("system"), (str, type(None))):
-            raise ValueError(f"{path}: prompt.system must be a string or null, got {prompt.get('system')!r}")
-        ins = prompt.get("instruction", "{question}")
-        if not isinstance(ins, str) or "{question}" not in ins:
-            raise ValueError(f"{path}: prompt.instruction must be a string containing {{question}}, got {ins!r}")
-    return card
-
-
-def prompt_layout(card: dict | None) -> dict:
-    """``{"system": ..., "instruction": ...}`` of a model card (the defaults for what it leaves out)."""
-    return {**_DEFAULT_PROMPT, **((card or {}).get("prompt") or {})}
-
-
 def _check_dtype_device(dtype, device):
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
@@ -239,6 +210,8 @@ def pretrained(name: str | os.PathLike = DEFAULT_PRETRAINED, *, device=None, dty
             base; for a path, SmolLM2 when the checkpoint names it, else the model the checkpoint names).
         hypernet_dtype: the hypernetwork's dtype; float16 checkpoints are up-cast to it.
         **kwargs: passed to :class:`~d2l_fast.D2LModel` (``max_chunk_len``, ``user_defined_scaling``, ...).
+            ``max_chunk_len`` None (default) takes the model card's, and text questions use the card's prompt
+            layout (``model.prompt_layout``), see :mod:`d2l_fast.model_card`.
 
     Raises:
         ValueError: an unknown name (the message lists the known ones), a bad ``dtype`` / ``device``.
@@ -268,6 +241,7 @@ def pretrained(name: str | os.PathLike = DEFAULT_PRETRAINED, *, device=None, dty
 __all__ = [
     "BUNDLED",
     "DEFAULT_PRETRAINED",
+    "MODEL_CARD_JSON",
     "METHODS",
     "PretrainedEntry",
     "PretrainedNotAvailableError",

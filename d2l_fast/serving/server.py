@@ -15,6 +15,7 @@ import time
 
 from .. import packing
 from ..adapters import AdapterBatch
+from ..answering import layout_messages, model_settings
 from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
 from .metrics import ServerMetrics
@@ -57,6 +58,7 @@ class DocumentServer:
         self.uploads = UploadRegistry()
         self.metrics = ServerMetrics(self) if metrics_available() else None
         self._tasks: set = set()  # background uploads ("async": true)
+        self.checkpoint_settings = model_settings(model)  # chunk length, prompt layout, what it reads: /v1/models
 
     def start(self) -> None:
         self.batcher.start()
@@ -274,6 +276,8 @@ class DocumentServer:
             if role not in ROLES:
                 raise bad_request(f"messages[{k}].role must be one of {sorted(ROLES)}, got {role!r}", "messages")
             conv.append({"role": ROLES[role], "content": message_text(m.get("content"), k)})
+        if field_value(body, "trained_prompt", "bool", self.settings.trained_prompt):
+            conv = layout_messages(conv, self.model.prompt_layout)
         tok = self.model.tokenizer
         try:
             text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)

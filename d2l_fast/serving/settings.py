@@ -33,6 +33,8 @@ class ServerSettings:
                                            "a running stream waits at most one decoder layer over N tokens per "
                                            "token during an upload (changes the adapters of longer documents: they "
                                            "are chunked; default: the model's chunking)")
+    trained_prompt: bool = _opt(True, "chat user turns in the prompt layout the checkpoint was trained with (its "
+                                "model card); a request's 'trained_prompt': false sends them as they are")
 
     def __post_init__(self):
         for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
