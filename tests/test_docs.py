@@ -113,6 +113,23 @@ def test_readme_layout_is_marked_for_sync():
     assert "<!-- layout: keep in sync -->" in README.read_text(encoding="utf-8")
 
 
+def _layout_block() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("<!-- layout: keep in sync -->")
+    a = text.index("```", start) + 3
+    return text[a:text.index("```", a)]
+
+
+def test_readme_layout_names_every_module_and_folder():
+    block = _layout_block()
+    pkg = ROOT / "d2l_fast"
+    names = [p.name for p in pkg.glob("*.py")] + [p.name + "/" for p in pkg.iterdir()
+                                                    if p.is_dir() and not p.name.startswith("__")]
+    names += [p.name + "/" for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith("__")]
+    missing = [n for n in sorted(names) if n not in block]
+    assert not missing, f"README layout does not mention: {missing}"
+
+
 def test_heading_slugs_follow_github():
     assert heading_slug("Drop-in (same names and semantics as the reference `ctx_to_lora`)") == (
         "drop-in-same-names-and-semantics-as-the-reference-ctx_to_lora")
