@@ -33,6 +33,9 @@ class ServerSettings:
                                            "a running stream waits at most one decoder layer over N tokens per "
                                            "token during an upload (changes the adapters of longer documents: they "
                                            "are chunked; default: the model's chunking)")
+    allow_runtime_lora_loading: bool = _opt(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                                            "(vLLM's runtime LoRA API): the server then reads PEFT folders from "
+                                            "local paths a client names; off by default")
 
     def __post_init__(self):
         for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
@@ -47,6 +50,9 @@ class ServerSettings:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"ServerSettings.{k} must be a non-negative number, got {v!r}")
+        if not isinstance(self.allow_runtime_lora_loading, bool):
+            raise ValueError(f"ServerSettings.allow_runtime_lora_loading must be a bool, got "
+                             f"{self.allow_runtime_lora_loading!r}")
         for k in ("model_name", "store", "api_key"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):
