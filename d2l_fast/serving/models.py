@@ -75,17 +75,25 @@ class RuntimeAdapters:
 
     def add(self, item: LoadedAdapter, *, replace: bool = False) -> None:
         with self._lock:
-            old = self._items.get(item.name)
-            if old is not None and not replace:
+            if item.name in self._items and not replace:
                 raise bad_request(f"the lora adapter {item.name!r} has already been loaded (unload it first, or "
                                   "pass \"load_inplace\": true)", "lora_name")
-            used = sum(a.nbytes for a in self._items.values()) - (old.nbytes if old is not None else 0)
-            if used + item.nbytes > self.memory_bytes:
-                raise APIError(413, f"the adapter needs {item.nbytes} bytes; with the {used} bytes of the adapters "
-                                    f"loaded already that is more than this server's adapter memory budget of "
-                                    f"{self.memory_bytes} bytes (--adapter-memory-mb)", param="lora_path",
-                               code="adapter_too_large")
+            self._check_room(item.nbytes, item.name)
             self._items[item.name] = item
+
+    def check_room(self, nbytes: int, name: str | None = None) -> None:
+        """A 413 unless ``nbytes`` more fit the budget (the adapter named ``name``, if loaded, being replaced)."""
+        with self._lock:
+            self._check_room(nbytes, name)
+
+    def _check_room(self, nbytes: int, name: str | None) -> None:
+        old = self._items.get(name) if name is not None else None
+        used = sum(a.nbytes for a in self._items.values()) - (old.nbytes if old is not None else 0)
+        if used + nbytes > self.memory_bytes:
+            raise APIError(413, f"the adapter needs {nbytes} bytes; with the {used} bytes of the adapters loaded "
+                                f"already that is more than this server's adapter memory budget of "
+                                f"{self.memory_bytes} bytes (--adapter-memory-mb)", param="lora_path",
+                           code="adapter_too_large")
 
     def remove(self, name: str) -> LoadedAdapter:
         with self._lock:

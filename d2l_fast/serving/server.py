@@ -330,10 +330,15 @@ class DocumentServer:
         replace = field_value(body, "load_inplace", "bool", False)
         if not replace and self.loras.get(name) is not None:
             raise bad_request(f"the lora adapter {name!r} has already been loaded", "lora_name")
-        budget = self.loras.memory_bytes
+        folder = pathlib.Path(path).expanduser()
+        try:  # a weights file larger than the room left: 413 before anything is read
+            size = (folder / "adapter_model.safetensors").stat().st_size
+        except (OSError, ValueError):
+            size = 0  # missing or unreadable: the loader names the problem
+        self.loras.check_room(size, name)
         try:
-            ad = await asyncio.to_thread(load_peft_adapter, pathlib.Path(path).expanduser(), self.model, name=name,
-                                         max_bytes=max(budget, 1))
+            ad = await asyncio.to_thread(load_peft_adapter, folder, self.model, name=name,
+                                         max_bytes=max(self.loras.memory_bytes, 1))
         except (PeftFormatError, OSError, ValueError, TypeError) as e:
             raise bad_request(f"cannot load the LoRA adapter from 'lora_path' {path!r}: {e}", "lora_path") from e
         ad = ad.to(device=self.model.device, dtype=self.model.hypernet.head.weight.dtype)
