@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from d2l_fast import D2LModel
-from d2l_fast.export import PeftFormatError, export_peft, load_peft_adapter
+from d2l_fast.export import export_peft
+from d2l_fast.peft_import import PeftFormatError, load_peft_adapter
 
 from ._tiny import tiny_pair
 

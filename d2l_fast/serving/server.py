@@ -319,7 +319,7 @@ class DocumentServer:
     async def load_lora(self, body: dict) -> str:
         """``POST /v1/load_lora_adapter`` (vLLM's API): load the PEFT folder ``lora_path`` as the model
         ``lora_name``; every problem with the folder is a 400 naming it."""
-        from ..export import PeftFormatError, load_peft_adapter
+        from ..peft_import import PeftFormatError, load_peft_adapter
 
         self._runtime_lora_body(body, {"lora_name", "lora_path", "load_inplace"})
         name = self.loras.check_name(body.get("lora_name"), self.model_name)
