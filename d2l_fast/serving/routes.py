@@ -11,7 +11,7 @@ import uuid
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .engine import GenRequest
 from .errors import APIError
@@ -88,7 +88,7 @@ class _Timing:
 
 
 async def complete_json(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.Queue, kind: str, rid: str,
-                        created: int, timing: _Timing | None = None) -> dict:
+                        created: int, timing: _Timing | None = None, model: str | None = None) -> dict:
     """The whole completion as one JSON response, once the engine is done with every prompt of the request."""
     try:
         left = len(reqs)
@@ -103,7 +103,7 @@ async def complete_json(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.
                 if timing is not None:
                     timing.done(i, reqs[i])
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": srv.model_name, "system_fingerprint": None, "usage": usage(reqs),
+                "model": model or srv.model_name, "system_fingerprint": None, "usage": usage(reqs),
                 "choices": [choice(kind, r.text, r.finish_reason, delta=False, index=i) for i, r in enumerate(reqs)]}
     finally:
         for r in reqs:
@@ -111,13 +111,13 @@ async def complete_json(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.
 
 
 async def sse_events(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.Queue, kind: str, rid: str,
-                     created: int, include_usage: bool, timing: _Timing | None = None):
+                     created: int, include_usage: bool, timing: _Timing | None = None, model: str | None = None):
     """The completion as server-sent events (OpenAI's chunk objects, then ``data: [DONE]``); several prompts
     interleave, each chunk naming its ``index``."""
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def sse(choices, use=None):
-        d = {"id": rid, "object": chunk_obj, "created": created, "model": srv.model_name, "choices": choices,
+        d = {"id": rid, "object": chunk_obj, "created": created, "model": model or srv.model_name, "choices": choices,
              "system_fingerprint": None}
         if include_usage:
             d["usage"] = use
@@ -153,13 +153,13 @@ async def sse_events(srv: DocumentServer, reqs: list[GenRequest], q: asyncio.Que
 async def complete(request: Request, kind: str):
     t0 = getattr(request.state, "t0", None) or time.perf_counter()
     srv, body = await read_json(request)
-    reqs, stream, opts, q = await srv.prepare(body, kind)
+    reqs, stream, opts, q, model = await srv.prepare(body, kind)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     timing = _Timing(srv, kind, t0)
     if not stream:
-        return await complete_json(srv, reqs, q, kind, rid, created, timing)
-    events = sse_events(srv, reqs, q, kind, rid, created, bool(opts.get("include_usage")), timing)
+        return await complete_json(srv, reqs, q, kind, rid, created, timing, model)
+    events = sse_events(srv, reqs, q, kind, rid, created, bool(opts.get("include_usage")), timing, model)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -201,9 +201,25 @@ async def version(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    srv = check_auth(request)
-    return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
-                                        "owned_by": "d2l_fast", **srv.checkpoint_settings}]}
+    """The served model (no ``parent``), every stored document and every loaded adapter (``parent``: the base)."""
+    return {"object": "list", "data": check_auth(request).model_cards()}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    return check_auth(request).model_card(model_id)
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request):
+    srv, body = await read_json(request)
+    return PlainTextResponse(await srv.load_lora(body))
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request):
+    srv, body = await read_json(request)
+    return PlainTextResponse(srv.unload_lora(body))
 
 
 @router.post("/v1/documents")

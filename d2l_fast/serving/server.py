@@ -20,6 +20,7 @@ from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
 from .metrics import ServerMetrics
 from .metrics import available as metrics_available
+from .models import LoadedAdapter, RuntimeAdapters, model_card
 from .settings import ServerSettings
 from .store import ID_RE, DocumentStore, new_document_id
 from .uploads import UploadCancelled, UploadProgress, UploadRegistry
@@ -56,6 +57,7 @@ class DocumentServer:
         self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
         self.uploads = UploadRegistry()
+        self.loras = RuntimeAdapters(int(settings.adapter_memory_mb * 2**20))  # POST /v1/load_lora_adapter
         self.metrics = ServerMetrics(self) if metrics_available() else None
         self._tasks: set = set()  # background uploads ("async": true)
         self.checkpoint_settings = model_settings(model)  # chunk length, prompt layout, what it reads: /v1/models
@@ -212,12 +214,23 @@ class DocumentServer:
         cat = AdapterBatch.concat(parts).rescaled(context=context, bias=bias, bias_rows=self.bias_rows, inplace=True)
         return AdapterBatch(cat.A, cat.B, [0, cat.rank_offsets[-1]], cat.alpha, cat.model_id)  # rows as one adapter
 
-    async def request_adapter(self, body: dict) -> AdapterBatch | None:
+    async def request_adapter(self, body: dict, model: str | None = None) -> AdapterBatch | None:
+        """The adapter of a request: the model's (a document id or a loaded adapter's name as ``model``) first,
+        then ``documents`` in order, then the inline ``document``; ``model=<doc id>`` is ``documents=[<doc id>]``."""
         ids = str_list(body, "documents", max_len=self.settings.max_documents_per_request, allow_str=True)
         text = field_value(body, "document", "str", None)
         c = field_value(body, "context_scaling", "number", 1.0, lo=-100.0, hi=100.0)
         b = field_value(body, "bias_scaling", "number", 1.0, lo=-100.0, hi=100.0)
         parts = []
+        if model is not None and model != self.model_name:
+            if model in (ids or []):
+                raise bad_request(f"{model!r} is both the model and one of 'documents'; name it once (the model's "
+                                  "adapter is composed with the listed documents)", "documents")
+            loaded = self.loras.get(model)
+            if loaded is not None:
+                parts.append(loaded.adapter)
+            else:
+                parts.append((await asyncio.to_thread(self.store.get, model))[1])
         for doc_id in ids or []:
             if not ID_RE.match(doc_id):
                 raise not_found(f"document {doc_id!r} not found", "documents", "document_not_found")
@@ -258,11 +271,92 @@ class DocumentServer:
                     presence_penalty=field_value(body, "presence_penalty", "number", 0.0, lo=-2.0, hi=2.0),
                     frequency_penalty=field_value(body, "frequency_penalty", "number", 0.0, lo=-2.0, hi=2.0))
 
-    def check_model(self, body: dict) -> None:
+    def check_model(self, body: dict) -> str:
+        """The request's ``model``: the served model, a stored document's id or a loaded adapter's name (404
+        otherwise)."""
         name = field_value(body, "model", "str")
-        if name != self.model_name:
-            raise not_found(f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model",
-                            "model_not_found")
+        if name != self.model_name and name not in self.store and self.loras.get(name) is None:
+            raise not_found(f"the model {name!r} does not exist; this server serves {self.model_name!r}, its stored "
+                            "documents (by id) and the adapters loaded at run time (GET /v1/models lists them)",
+                            "model", "model_not_found")
+        return name
+
+    # ------------------------------------------------------------------ models (documents and adapters as models)
+    def model_cards(self) -> list[dict]:
+        """``GET /v1/models``: the served model, then every stored document, then every loaded adapter."""
+        base = self.model_name
+        cards = [model_card(base, self.created, parent=None, root=str(self.model.spec.base_model_name_or_path),
+                            max_model_len=self.context_window, **self.checkpoint_settings)]
+        cards += [model_card(i["id"], i.get("created", self.created), parent=base, root=i["id"],
+                             max_model_len=self.context_window, name=i.get("name"))
+                  for i in self.store.list()]
+        cards += [model_card(a.name, a.created, parent=base, root=a.path, max_model_len=self.context_window)
+                  for a in self.loras.list()]
+        return cards
+
+    def model_card(self, model_id: str) -> dict:
+        """``GET /v1/models/{id}``; 404 (OpenAI's shape) for an unknown id."""
+        if model_id == self.model_name:
+            return self.model_cards()[0]
+        loaded = self.loras.get(model_id)
+        if loaded is not None:
+            return model_card(loaded.name, loaded.created, parent=self.model_name, root=loaded.path,
+                              max_model_len=self.context_window)
+        if ID_RE.match(model_id) and model_id in self.store:
+            i = self.store.info(model_id)
+            return model_card(model_id, i.get("created", self.created), parent=self.model_name, root=model_id,
+                              max_model_len=self.context_window, name=i.get("name"))
+        raise not_found(f"the model {model_id!r} does not exist", "model", "model_not_found")
+
+    def _runtime_lora_body(self, body: dict, fields: set) -> None:
+        if not self.settings.allow_runtime_lora_loading:
+            raise APIError(403, "runtime LoRA loading is off on this server; start it with "
+                                "--allow-runtime-lora-loading to load and unload adapters at run time",
+                           code="runtime_lora_loading_disabled")
+        extra = sorted(k for k, v in body.items() if k not in fields and v is not None)
+        if extra:
+            raise bad_request(f"the parameter {extra[0]!r} is not supported here; supported: {sorted(fields)}",
+                              extra[0])
+
+    async def load_lora(self, body: dict) -> str:
+        """``POST /v1/load_lora_adapter`` (vLLM's API): load the PEFT folder ``lora_path`` as the model
+        ``lora_name``; every problem with the folder is a 400 naming it."""
+        from ..peft_import import PeftFormatError, load_peft_adapter
+
+        self._runtime_lora_body(body, {"lora_name", "lora_path", "load_inplace"})
+        name = self.loras.check_name(body.get("lora_name"), self.model_name)
+        path = body.get("lora_path")
+        if not isinstance(path, str) or not path:
+            raise bad_request(f"'lora_path' must be a non-empty string (a PEFT adapter folder on the server), got "
+                              f"{path!r:.80}", "lora_path")
+        replace = field_value(body, "load_inplace", "bool", False)
+        if not replace and self.loras.get(name) is not None:
+            raise bad_request(f"the lora adapter {name!r} has already been loaded", "lora_name")
+        folder = pathlib.Path(path).expanduser()
+        try:  # a weights file larger than the room left: 413 before anything is read
+            size = (folder / "adapter_model.safetensors").stat().st_size
+        except (OSError, ValueError):
+            size = 0  # missing or unreadable: the loader names the problem
+        self.loras.check_room(size, name)
+        try:
+            ad = await asyncio.to_thread(load_peft_adapter, folder, self.model, name=name,
+                                         max_bytes=max(self.loras.memory_bytes, 1))
+        except (PeftFormatError, OSError, ValueError, TypeError) as e:
+            raise bad_request(f"cannot load the LoRA adapter from 'lora_path' {path!r}: {e}", "lora_path") from e
+        ad = ad.to(device=self.model.device, dtype=self.model.hypernet.head.weight.dtype)
+        self.loras.add(LoadedAdapter(name, path, ad), replace=replace)
+        logger.info("loaded LoRA adapter %r (rank %d) from %s", name, ad.ranks[0], path)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload_lora(self, body: dict) -> str:
+        """``POST /v1/unload_lora_adapter`` (vLLM's API); 404 for a name that is not loaded."""
+        self._runtime_lora_body(body, {"lora_name", "lora_int_id"})
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"'lora_name' must be a non-empty string, got {name!r:.80}", "lora_name")
+        self.loras.remove(name)
+        logger.info("unloaded LoRA adapter %r", name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     def chat_prompt(self, body: dict) -> list[int]:
         msgs = body.get("messages")
@@ -290,18 +384,19 @@ class DocumentServer:
             raise bad_request("suffix and echo are not supported by this server", "suffix")
         return completion_prompts(body, self.model.tokenizer, self.model.vocab_size, self.settings.max_batch)
 
-    async def prepare(self, body: dict, kind: str) -> tuple[list[GenRequest], bool, dict, asyncio.Queue]:
+    async def prepare(self, body: dict, kind: str) -> tuple[list[GenRequest], bool, dict, asyncio.Queue, str]:
         """Validate a completion request, build its adapter and queue it: (requests — one per prompt —, stream?,
-        stream_options, the queue their events arrive on as ``(prompt index, event, payload)``)."""
+        stream_options, the queue their events arrive on as ``(prompt index, event, payload)``, the model name
+        the response carries)."""
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be 'chat' or 'completion', got {kind!r}")
         check_supported(body, kind)
-        self.check_model(body)
+        model = self.check_model(body)
         stream = field_value(body, "stream", "bool", False)
         opts = field_value(body, "stream_options", "object", {})
         prompts = [self.chat_prompt(body)] if kind == "chat" else self.completion_prompts(body)
         params = self.sampling(body, max(len(p) for p in prompts))
-        adapter = await self.request_adapter(body)
+        adapter = await self.request_adapter(body, model)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         reqs: list[GenRequest] = []
 
@@ -325,7 +420,7 @@ class DocumentServer:
             for r in reqs:
                 r.cancelled = True
             raise
-        return reqs, stream, opts, q
+        return reqs, stream, opts, q, model
 
 
 __all__ = ["DocumentServer"]

@@ -35,6 +35,9 @@ class ServerSettings:
                                            "are chunked; default: the model's chunking)")
     trained_prompt: bool = _opt(True, "chat user turns in the prompt layout the checkpoint was trained with (its "
                                 "model card); a request's 'trained_prompt': false sends them as they are")
+    allow_runtime_lora_loading: bool = _opt(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                                            "(vLLM's runtime LoRA API): the server then reads PEFT folders from "
+                                            "local paths a client names; off by default")
 
     def __post_init__(self):
         for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
@@ -49,6 +52,9 @@ class ServerSettings:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"ServerSettings.{k} must be a non-negative number, got {v!r}")
+        if not isinstance(self.allow_runtime_lora_loading, bool):
+            raise ValueError(f"ServerSettings.allow_runtime_lora_loading must be a bool, got "
+                             f"{self.allow_runtime_lora_loading!r}")
         for k in ("model_name", "store", "api_key"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):

@@ -1,7 +1,7 @@
 """The web page at `/` in a real headless Chromium (selenium) against a real server with a tiny model: layout on a
 phone (390×844) and a desktop (1280×900), accessible names, two independent histories in compare mode, stop,
-cut-off marker, stale documents, numeric validation, delete confirmation, upload elapsed time + cancel, auto-scroll,
-and the API-key flow.
+cut-off marker, stale documents, numeric validation, delete confirmation, upload elapsed time + cancel, upload
+progress (polled) reaching done and cancel deleting the upload on the server, auto-scroll, and the API-key flow.
 
 A pure-ASGI wrapper around the app records the chat request bodies the page sends, can slow the streamed response
 down (so that Stop and auto-scroll have a stream to act on) and can hold a document upload until the client goes
@@ -17,6 +17,8 @@ import shutil
 import pytest
 
 from d2l_fast import D2LModel
+from d2l_fast.concurrency import model_lock
+from d2l_fast.hf import decoder_of
 
 from .._tiny import tiny_pair
 
@@ -118,7 +120,7 @@ def server(model):
     app = create_app(model)
     rec = Recorder(app)
     with BackgroundServer(rec) as srv:
-        srv.rec, srv.name = rec, app.state.d2l.model_name
+        srv.rec, srv.name, srv.d2l = rec, app.state.d2l.model_name, app.state.d2l
         srv.client = httpx.Client(base_url=srv.url, timeout=60)
         yield srv
         srv.client.close()
@@ -413,6 +415,51 @@ def test_upload_shows_elapsed_time_and_can_be_cancelled(page, server):
     js(d, "onUploadProgress(2, 5)")  # the hook for the server's progress reports
     bar = by_id(d, "upload-progress")
     assert bar.is_displayed() and bar.get_attribute("value") == "2" and bar.get_attribute("max") == "5"
+
+
+RECORD_PROGRESS = """window.__progress = [];
+    const orig = window.onUploadProgress;
+    window.onUploadProgress = (done, total) => { window.__progress.push([done, total]); orig(done, total); };"""
+
+
+def test_upload_progress_reaches_done_and_cancel_deletes_on_the_server(page, server, model):
+    d = page
+    long_doc = " ".join([DOC] * 6)  # many chunks of max_chunk_len=24 tokens
+    js(d, RECORD_PROGRESS)
+    by_id(d, "doc-text").send_keys(long_doc)
+    by_id(d, "internalize-btn").click()
+    WebDriverWait(d, 60).until(lambda d: "internalized in" in by_id(d, "doc-status").text)
+    calls = js(d, "return window.__progress")
+    totals = {t for _, t in calls if t > 0}
+    assert len(totals) == 1 and totals.pop() >= 3, calls  # one document of several chunks
+    n = max(t for _, t in calls)
+    assert [n, n] in calls, calls  # the bar reached done
+    seen = [c for c, t in calls if t > 0]
+    assert seen == sorted(seen), calls  # never goes backwards
+    doc_id = by_id(d, "doc-status").get_attribute("data-doc-id")
+    assert server.client.get(f"/v1/documents/{doc_id}").json()["chunks"] == n
+
+    # cancel: the encoder is held (the model's decoder lock), so the upload is still running when Cancel is pressed
+    js(d, RECORD_PROGRESS)
+    by_id(d, "doc-text").clear()
+    by_id(d, "doc-text").send_keys(long_doc.replace("fox", "owl"))
+    before = {x["id"] for x in server.client.get("/v1/documents").json()["data"]}
+    with model_lock(decoder_of(model.base_model)).exclusive():
+        by_id(d, "internalize-btn").click()
+        WebDriverWait(d, 30).until(lambda d: "chunk(s)" in by_id(d, "doc-status").text)  # acknowledged, polling
+        assert by_id(d, "upload-progress").is_displayed()
+        ups = [p for p in server.d2l.uploads._items.values() if p.finished is None]
+        assert len(ups) == 1
+        up_id = ups[0].doc_id
+        by_id(d, "cancel-upload-btn").click()
+        WebDriverWait(d, 20).until(lambda d: "cancelled" in by_id(d, "doc-status").text)
+        prog = server.client.get(f"/v1/documents/{up_id}/progress").json()
+        assert prog["status"] == "cancelled" and "DELETE" in prog["error"]  # the page's DELETE reached the server
+    assert by_id(d, "internalize-btn").is_enabled() and not by_id(d, "cancel-upload-btn").is_displayed()
+    WebDriverWait(d, 30).until(lambda d: server.client.get(f"/v1/documents/{up_id}/progress").json()["status"]
+                               == "cancelled")
+    assert server.client.get(f"/v1/documents/{up_id}").status_code == 404  # never stored
+    assert {x["id"] for x in server.client.get("/v1/documents").json()["data"]} == before
 
 
 def test_auto_scroll_follows_a_streaming_answer(page, server):

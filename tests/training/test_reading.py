@@ -172,7 +172,7 @@ def test_chunked_dataset_matches_internalize_chunks(tmp_path):
     from d2l_fast.training.gen_data import generate_data
     from d2l_fast.training.reading_run import chunk_dataset
 
-    from ._tiny import tiny_model, tiny_tokenizer
+    from .._tiny import tiny_model, tiny_tokenizer
 
     tok, m = tiny_tokenizer("llama"), tiny_model("llama")
     recs = R.generate_long_docs(tok, split="train", bins=((200, 400),), n_per_bin=2, seed=0)

@@ -164,3 +164,12 @@ def test_bench_passes_pytest_args_from_any_folder(tmp_path, monkeypatch, capfd):
     out = capfd.readouterr().out
     assert rc == 0, out[-3000:]
     assert "bench_segmented_lora.py::" in out and "bench_e2e.py::" not in out
+
+
+def test_bench_help_shows_d2l_fast_usage_first(capfd):
+    rc = main(["bench", "--help"])
+    out = capfd.readouterr().out
+    assert rc == 0, out[-2000:]
+    assert out.startswith("usage: d2l-fast bench [pytest args]"), out[:300]
+    own, pytest_part = out.index("d2l-fast bench -k"), out.find("pytest's own options")
+    assert 0 < own < pytest_part and "--benchmark-only" in out
