@@ -10,7 +10,7 @@ import pytest
 from d2l_fast import AdapterBatch
 from d2l_fast.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from d2l_fast.cli._flags import add_dataclass_flags, flag_name
 from d2l_fast.cli.serve import settings_from_args
 from d2l_fast.serving import ServerSettings
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def subparser(name):
