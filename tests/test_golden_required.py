@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_TEST = "tests/test_cli.py::test_info_and_convert"  # uses the golden_dir fixture
+GOLDEN_TEST = "tests/cli/test_cli.py::test_info_and_convert"  # uses the golden_dir fixture
 
 
 def _pytest(tmp_path, **env_extra):
