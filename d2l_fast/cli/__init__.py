@@ -28,11 +28,12 @@ from . import (
     profile,
     serve,
     train,
+    view,
 )
 from ._common import USER_ERRORS, CLIError, benchmarks_dir, hf_progress_bars
 
 COMMANDS = (demo, ask, profile, info, convert, internalize, bench, export_peft, serve, compile_report, gen_data,
-            eval, train)
+            eval, train, view)
 
 
 def build_parser() -> argparse.ArgumentParser:

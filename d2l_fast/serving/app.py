@@ -118,6 +118,11 @@ def create_app(model, settings: ServerSettings | None = None, **overrides):
     _install_error_handlers(app)
     _install_request_middleware(app)
     app.include_router(router)
+    if settings.data_dir is not None:
+        from .viewer import DataViewer, router as viewer_router
+
+        app.state.viewer = DataViewer(settings.data_dir)
+        app.include_router(viewer_router)
     return app
 
 

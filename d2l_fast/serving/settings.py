@@ -38,6 +38,8 @@ class ServerSettings:
     allow_runtime_lora_loading: bool = _opt(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
                                             "(vLLM's runtime LoRA API): the server then reads PEFT folders from "
                                             "local paths a client names; off by default")
+    data_dir: str | None = _opt(None, "folder of generated data and 'd2l-fast eval' outputs (*.jsonl) to browse at "
+                                "/view (the data viewer; read-only)")
 
     def __post_init__(self):
         for k in ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
@@ -55,7 +57,7 @@ class ServerSettings:
         if not isinstance(self.allow_runtime_lora_loading, bool):
             raise ValueError(f"ServerSettings.allow_runtime_lora_loading must be a bool, got "
                              f"{self.allow_runtime_lora_loading!r}")
-        for k in ("model_name", "store", "api_key"):
+        for k in ("model_name", "store", "api_key", "data_dir"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"ServerSettings.{k} must be a string or None, got {type(v).__name__}")
