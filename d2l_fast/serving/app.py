@@ -119,7 +119,8 @@ def create_app(model, settings: ServerSettings | None = None, **overrides):
     _install_request_middleware(app)
     app.include_router(router)
     if settings.data_dir is not None:
-        from .viewer import DataViewer, router as viewer_router
+        from .viewer import DataViewer
+        from .viewer import router as viewer_router
 
         app.state.viewer = DataViewer(settings.data_dir)
         app.include_router(viewer_router)
