@@ -61,6 +61,9 @@ class ServerSettings:
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"ServerSettings.{k} must be a string or None, got {type(v).__name__}")
+        if self.data_dir is not None and self.api_key is not None:
+            raise ValueError("ServerSettings.data_dir with api_key: the data viewer (/view) does not check the API "
+                             "key; browse the folder with `d2l-fast view DIR` on a loopback port instead")
 
 
 __all__ = ["ServerSettings"]

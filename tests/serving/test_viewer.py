@@ -195,3 +195,11 @@ def test_page_in_chromium(server, tmp_path):
         assert d.save_screenshot(str(path)) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         d.quit()
+
+
+def test_data_dir_refused_with_an_api_key(tmp_path):
+    from d2l_fast.serving import ServerSettings
+
+    with pytest.raises(ValueError, match="does not check the API key"):
+        ServerSettings(data_dir=str(tmp_path), api_key="sesame")
+    assert ServerSettings(data_dir=str(tmp_path)).data_dir == str(tmp_path)
