@@ -4,8 +4,6 @@ the `serve --data-dir` mount, the `d2l-fast view` command's argument errors, and
 Chromium (pick a file, filter by bin, read the rows shown; screenshot to tmp_path)."""
 
 import json
-import os
-import shutil
 
 import pytest
 
@@ -15,8 +13,8 @@ pytest.importorskip("fastapi")
 from d2l_fast.serving import BackgroundServer  # noqa: E402
 from d2l_fast.serving.viewer import DataViewer, create_viewer_app  # noqa: E402
 
-CHROMIUM = os.environ.get("D2L_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("D2L_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
+from ._browser import needs_chromium, start_chromium  # noqa: E402
+
 METHODS = ("d2l", "base", "in_prompt")
 BINS = ("0-512", "512-1024")
 
@@ -157,21 +155,13 @@ def test_serve_data_dir_mounts_viewer(data):
             assert c.get("/health").status_code == 200
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                    reason="needs chromium + chromedriver")
+@needs_chromium
 def test_page_in_chromium(server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    d = start_chromium()
     try:
         d.get(server.url + "/view")
         wait = WebDriverWait(d, 30)

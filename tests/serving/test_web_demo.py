@@ -9,36 +9,26 @@ import pytest
 from d2l_fast import D2LModel
 
 from .._tiny import tiny_pair
+from ._browser import needs_chromium, start_chromium
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from d2l_fast.serving import BackgroundServer, create_app  # noqa: E402
 
-CHROMIUM = os.environ.get("D2L_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("D2L_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
 DOC = ("The keeper of the old mill wrote every storm into a blue ledger, and the river rose twice that spring "
        "while the fox watched the boats from under the bridge near the bakery.")
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                                reason="needs chromium + chromedriver (install.sh installs them: apt-get install "
-                                       "chromium chromium-driver)")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
 def browser():
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv = start_chromium()
     try:
         yield drv
     finally:
