@@ -19,6 +19,7 @@ from .kernels.latent_readout import latent_readout
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 from .model import D2LModel
 from .packing import PackedContexts, get_tokenizer, tokenize_context, tokenize_prompt
+from .peft_import import load_peft_adapter
 from .zoo import pretrained
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -39,6 +40,7 @@ __all__ = [
     "export_peft",
     "get_tokenizer",
     "latent_readout",
+    "load_peft_adapter",
     "load_checkpoint",
     "merge_chunk_loras",
     "pretrained",

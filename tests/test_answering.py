@@ -52,7 +52,7 @@ def test_public_api_lists():
     import d2l_fast
     import d2l_fast.serving as serving
 
-    assert {"latent_readout", "compare_answers", "export_peft"} <= set(d2l_fast.__all__)
+    assert {"latent_readout", "compare_answers", "export_peft", "load_peft_adapter"} <= set(d2l_fast.__all__)
     assert not {"DecodeEngine", "GenRequest", "InternalizeBatcher"} & set(serving.__all__)
     assert all(hasattr(d2l_fast, n) for n in d2l_fast.__all__) and all(hasattr(serving, n) for n in serving.__all__)
     from d2l_fast.serving import DecodeEngine, GenRequest, InternalizeBatcher  # noqa: F401 (still importable)

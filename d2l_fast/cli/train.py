@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 from ._common import CLIError
 
@@ -62,17 +60,12 @@ def add_train_flags(t) -> None:
 def run(args) -> int:
     import dataclasses
 
+    from ..training.config import read_config_json
     from ..training.trainer import TrainConfig, Trainer, TrainingDivergedError
 
     d = {}
     if args.config:
-        path = pathlib.Path(args.config)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CLIError(f"{path}: not a readable JSON config ({e})") from None
-        if not isinstance(d, dict):
-            raise CLIError(f"{path}: expected a JSON object of settings, got {type(d).__name__}")
+        d = read_config_json(args.config, CLIError)
     d.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     cfg = TrainConfig.from_dict(d, source=args.config or "arguments")
     try:

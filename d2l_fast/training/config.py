@@ -8,17 +8,33 @@ field, what it must be and what it was.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
 from dataclasses import dataclass, field
 
 from ..config import ENCODER_TYPES
+from ..safe_io import read_json
 
 #: configuration fields the hypernetwork is built from (passed to :func:`~d2l_fast.hf.spec_for_model`)
 HYPERNET_FIELDS = ("latent_size", "n_latent_queries", "num_blocks", "num_self_attn_per_block", "n_heads", "head_dim",
                    "n_kv_heads", "lora_r", "target_modules")
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_json(path, error=ValueError) -> dict:
+    """A JSON settings file read through :mod:`d2l_fast.safe_io` (a regular file of at most
+    :data:`MAX_CONFIG_BYTES`); ``error`` naming the file if it is missing, unreadable, too large, or not a JSON
+    object."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise error(f"{path}: config file not found")
+    d = read_json(path, MAX_CONFIG_BYTES, what="JSON config", error=error)
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object of settings, got {type(d).__name__}")
+    return d
 
 
 class TrainConfigError(ValueError):
@@ -106,14 +122,7 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
-        path = pathlib.Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise TrainConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainConfigError(f"{path}: not a readable JSON config ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_config_json(path, TrainConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
