@@ -12,13 +12,15 @@ Batch: 16 documents x 256 tokens, one adapter each, ranks 8..72 in turn
                down_proj on h; the expand added into y in place (one read + write of y)
 * ``unfused``  the bare MLP then ``segmented_lora_(y, h, A, B)`` (the shrink re-reads h, the expand y)
 * ``act_only`` / ``gated_shrink_only`` / ``expand_only``: the pieces that differ (the elementwise op alone, the fused
-  kernel alone, the expand alone), to attribute the overhead.
+  kernel alone, the expand alone), to attribute the overhead; ``gated_shrink_only_bk64`` the fused kernel with the
+  runner-up config (to confirm the pick on the card).
 
 The target (issue 18): ``fused`` <= 1.10x ``base`` (the bare MLP).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -26,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from d2l_fast.kernels.gated_lora import gated_lora_expand_, gated_lora_shrink
+from d2l_fast.kernels.gated_lora.launch import gated_lora_shrink_fwd, shrink_plan
 from d2l_fast.kernels.gated_lora.torch_impl import gated_act
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_
 from d2l_fast.profiling.shapes import MODEL_SHAPES, PREFILL_DOCS, PREFILL_TOKENS, mlp_activation, mlp_seg_ranks
 
 MLP_MODELS = ("gemma-2-2b", "qwen3-4b", "mistral-7b")
-PROVIDERS = ("base", "fused", "unfused", "act_only", "gated_shrink_only", "expand_only")
+PROVIDERS = ("base", "fused", "unfused", "act_only", "gated_shrink_only", "gated_shrink_only_bk64", "expand_only")
 SCALE = 2.0
 
 
@@ -86,12 +89,17 @@ class MlpTensors:
             h = gated_act(F.linear(x, Wg), F.linear(x, Wu), act)
             return segmented_lora_(F.linear(h, Wd), h, A, B, meta, SCALE)
 
-        return {
+        fns = {
             "base": bare, "fused": fused, "unfused": unfused,
             "act_only": lambda: gated_act(gate0, up0, act),
             "gated_shrink_only": lambda: gated_lora_shrink(gate0, up0, A, meta, SCALE, activation=act),
             "expand_only": lambda: gated_lora_expand_(y0, s0, B, meta),
         }  # fmt: skip
+        if x.is_cuda:  # the runner-up config of the compile report (BLOCK_K 64: 139 registers, one program per SM)
+            cfg = shrink_plan(meta, self.d_ff, x.dtype, x.device).cfg
+            alt = dataclasses.replace(cfg, BLOCK_K=64, num_stages=2)
+            fns["gated_shrink_only_bk64"] = lambda: gated_lora_shrink_fwd(gate0, up0, A, meta, SCALE, act, alt)
+        return fns
 
     def flops_bytes(self) -> dict:
         T, d, f, e = self.meta.n_tokens, self.d_model, self.d_ff, self.x.element_size()

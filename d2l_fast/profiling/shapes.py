@@ -154,5 +154,5 @@ def lora_cases(shapes=None, *, prefill_tokens: dict[str, int] | None = None,
 
 
 __all__ = ["DECODE_RANK", "DECODE_ROWS", "LONG_DECODE_ROWS", "LONG_DOC_RANK", "LORA_SHAPES", "LoraCase",
-           "MLP_RANKS", "MODEL_SHAPES", "ModelShape", "mlp_activation", "mlp_seg_ranks", "PREFILL_DOCS", "PREFILL_RANKS", "PREFILL_TOKENS", "READOUT_MAIN",
-           "READOUT_NIAH", "ReadoutShape", "lora_cases"]
+           "MLP_RANKS", "MODEL_SHAPES", "ModelShape", "mlp_activation", "mlp_seg_ranks", "PREFILL_DOCS",
+           "PREFILL_RANKS", "PREFILL_TOKENS", "READOUT_MAIN", "READOUT_NIAH", "ReadoutShape", "lora_cases"]

@@ -70,10 +70,10 @@ def test_row_tiles_cover_every_row():
 
 def test_configs_gpu_rules():
     c = pick_shrink_config(4096, 256, 72, 9216, interpret=False)
-    assert (c.BLOCK_M, c.BLOCK_K, c.BLOCK_R) == (64, 64, 128) and 1 < c.SPLIT_K <= 4
+    assert (c.BLOCK_M, c.BLOCK_K, c.BLOCK_R) == (64, 32, 128) and 1 < c.SPLIT_K <= 4
     assert pick_shrink_config(16, 1, 8, 9216, interpret=False).BLOCK_R == 16  # dots need >= 16
     e = pick_expand_config(4096, 256, 72, 2304, interpret=False)
-    assert e.BLOCK_M == c.BLOCK_M and e.BLOCK_R == 64
+    assert e.BLOCK_M == c.BLOCK_M and e.BLOCK_R == 16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

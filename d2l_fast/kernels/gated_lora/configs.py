@@ -47,10 +47,12 @@ def pick_shrink_config(n_tokens: int, max_seqlen: int, max_rank: int, d_ff: int,
                        n_sms: int = 132) -> ShrinkConfig:  # fmt: skip
     """Blocks of the fused kernel for ``n_tokens`` rows of width ``d_ff`` (the MLP's intermediate size).
 
-    GPU rules: ``BLOCK_M`` 16/32/64 by the longest segment (a tile holds one run of one adapter), ``BLOCK_K`` 64,
-    ``BLOCK_R`` the next power of two >= the max rank (16..128); the intermediate dim is split into ``SPLIT_K``
-    slices until row tiles x slices reach ~4 programs per SM (the kernel is bandwidth-bound: it streams gate and
-    up once and writes h once), at most :data:`SPLIT_CAP` slices and >= 4 ``BLOCK_K`` steps per slice.
+    GPU rules: ``BLOCK_M`` 16/32/64 by the longest segment (a tile holds one run of one adapter), ``BLOCK_K`` 32,
+    ``BLOCK_R`` the next power of two >= the max rank (16..128), 8 warps and 3 stages at 64-row tiles (sm_90
+    compile: 100 registers, 40 KB shared memory, so two programs fit per SM; ``BLOCK_K`` 64 needs 139 registers,
+    one program per SM); the intermediate dim is split into ``SPLIT_K`` slices until row tiles x slices reach ~4
+    programs per SM (the kernel is bandwidth-bound: it streams gate and up once and writes h once), at most
+    :data:`SPLIT_CAP` slices and >= 4 ``BLOCK_K`` steps per slice.
     Under the interpreter: large blocks and 2 slices whenever ``d_ff`` allows (so split-K is exercised).
     """
     if interpret is None:
@@ -60,26 +62,27 @@ def pick_shrink_config(n_tokens: int, max_seqlen: int, max_rank: int, d_ff: int,
     if interpret:
         bk = _pow2_at_least(-(-d_ff // 4), 16, 128)  # >= 2 K steps per slice when d_ff allows
         return ShrinkConfig(bm, bk, br, 2 if d_ff > 2 * bk else 1, num_warps=4)
-    bk = 64
+    bk = 32
     row_tiles = max(1, -(-n_tokens // bm))
     max_split = max(1, d_ff // (4 * bk))
     split = min(SPLIT_CAP, max_split, max(1, -(-4 * n_sms // row_tiles)))
-    warps = 8 if bm * br >= 4096 or bm * bk >= 4096 else 4
+    warps = 8 if bm * br >= 4096 else 4
     return ShrinkConfig(bm, bk, br, split, num_warps=warps, num_stages=3)
 
 
 def pick_expand_config(n_tokens: int, max_seqlen: int, max_rank: int, d_model: int, interpret: bool | None = None,
                        n_sms: int = 132) -> KernelConfig:  # fmt: skip
     """Config of segmented_lora's ``_lora_expand_kernel`` (``y += (Σ_s partials_s) · B``, one read and one write of
-    y): ``BLOCK_M`` as the shrink's, ``BLOCK_R`` 16..64 (the kernel loops over rank blocks), ``BLOCK_N`` 128 (64
-    when the grid would not cover the SMs twice)."""
+    y): ``BLOCK_M`` as the shrink's, ``BLOCK_R`` 16 (the kernel loops over rank blocks; at 64-row tiles x 128
+    columns, 8 warps, sm_90: 106 registers, two programs per SM, where ``BLOCK_R`` 32 needs 130 and 64 needs 213),
+    ``BLOCK_N`` 128 (narrower when the grid would not cover the SMs twice)."""
     if interpret is None:
         interpret = interpreting()
     bm = _block_m(max_seqlen, interpret)
     if interpret:
         return KernelConfig("two_pass", bm, _pow2_at_least(d_model, 16, 128), 16,
                             _pow2_at_least(max_rank, 16, 128))  # fmt: skip
-    br = _pow2_at_least(max_rank, 16, 64)
+    br = 16
     bn = 128
     row_tiles = max(1, -(-n_tokens // bm))
     while bn > 32 and row_tiles * -(-d_model // bn) < 2 * n_sms:

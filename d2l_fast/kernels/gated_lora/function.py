@@ -102,7 +102,7 @@ def _(y, s, B, cu_seqlens, rank_start, rank_len, backend):
 
 # ------------------------------------------------------------------------------------------ public functionals
 def gated_lora_shrink(gate: torch.Tensor, up: torch.Tensor, A: torch.Tensor, meta: SegmentMeta, scale: float = 1.0,
-                      *, activation: str = "silu", backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      *, activation: str = "silu", backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Gated activation with down_proj's LoRA shrink fused in: ``(h, s)``.
 
     ``h = act(gate) * up`` (what ``down_proj`` reads, in gate's dtype, gate's leading shape) and ``s``, fp32

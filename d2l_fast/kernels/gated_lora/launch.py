@@ -12,7 +12,7 @@ from ..segmented_lora.configs import KernelConfig
 from ..segmented_lora.launch import LaunchPlan, _device_guard, _expand, _shrink
 from ..segmented_lora.launch import launch_plan as seg_launch_plan
 from ..segmented_lora.meta import SegmentMeta
-from .configs import MAX_FUSED_RANK, ShrinkConfig, pick_expand_config, pick_shrink_config
+from .configs import ShrinkConfig, pick_expand_config, pick_shrink_config
 
 __all__ = ["ACTIVATIONS", "SUPPORTED_DTYPES", "row_tiles", "shrink_plan", "expand_plan", "validate_shrink",
            "validate_expand", "partial_count", "gated_lora_shrink_fwd", "gated_lora_expand_fwd"]
