@@ -5,6 +5,12 @@ of the base model are unchanged); only its ``forward`` is replaced by one that c
 and then, if an adapter binding is active, adds ``alpha · (x Aₖᵀ) Bₖ`` for the adapter k of every
 row/segment through :func:`d2l_fast.kernels.segmented_lora.segmented_lora_` (in place, no per-token
 weight copies). With no binding active the layer is exactly the original Linear.
+
+Opt-in (``patch_model(..., fused_mlp=True)`` or :func:`set_fused_mlp`): a gated MLP (``gate_proj``, ``up_proj``,
+``down_proj``, ``act_fn`` = SiLU or GELU-tanh) whose ``down_proj`` carries the bound adapter runs its LoRA fused
+(:mod:`d2l_fast.kernels.gated_lora`): the shrink inside the activation kernel, the expand added into the bare
+down_proj's output in place. gate/up LoRA (if targeted) stays on the unfused path, and so does any forward that
+needs gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 
 from .adapters import AdapterBatch, as_index_list
 from .hf import find_target_linears
+from .kernels.gated_lora import gated_lora_expand_, gated_lora_shrink
 from .kernels.segmented_lora import SegmentMeta, segmented_lora, segmented_lora_
 
 
@@ -86,13 +93,19 @@ class LoRABinding:
         self._metas[key] = meta
         return meta
 
-    def apply(self, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def weights_for(self, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A [R, d_in], B [R, d_out])`` bound to the Linear ``key = (layer, module)``, or None."""
         layer, module = key
         li = self.layer_map.get(layer)
         if li is None or module not in self.adapters.A:
+            return None
+        return self.adapters.A[module][li], self.adapters.B[module][li]
+
+    def apply(self, key: tuple[int, str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.weights_for(key)
+        if w is None:
             return y
-        A = self.adapters.A[module][li]
-        B = self.adapters.B[module][li]
+        A, B = w
         meta = self.meta_for(x)
         x2 = x.reshape(-1, x.shape[-1])
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
@@ -130,8 +143,10 @@ def _lora_linear_forward(self, x):
     return binding.apply(self._d2l_key, x, y)
 
 
-def patch_model(model: nn.Module, modules) -> LoRAContext:
-    """Patch every targeted Linear of ``model`` once; returns the context that binds adapters to it."""
+def patch_model(model: nn.Module, modules, *, fused_mlp: bool = False) -> LoRAContext:
+    """Patch every targeted Linear of ``model`` once; returns the context that binds adapters to it.
+
+    ``fused_mlp``: also wire the fused MLP LoRA path (:func:`set_fused_mlp`)."""
     ctx = getattr(model, "_d2l_lora_context", None)
     linears = find_target_linears(model, modules)
     if ctx is None:
@@ -144,11 +159,71 @@ def patch_model(model: nn.Module, modules) -> LoRAContext:
         lin._d2l_ctx = ctx
         lin._d2l_key = key
         lin.forward = _lora_linear_forward.__get__(lin, type(lin))
+    if fused_mlp:
+        set_fused_mlp(model, True)
     return ctx
+
+
+# ------------------------------------------------------------------------------------------ fused MLP LoRA
+def mlp_activation(act_fn) -> str | None:
+    """``"silu"`` / ``"gelu_tanh"`` when ``act_fn`` computes that function (probed on fixed points), else None."""
+    if not callable(act_fn):
+        return None
+    p = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act_fn(p)
+    except Exception:  # noqa: BLE001  (an activation that cannot run on a CPU fp64 probe: not fusable)
+        return None
+    for name, ref in (("silu", torch.nn.functional.silu(p)),
+                      ("gelu_tanh", torch.nn.functional.gelu(p, approximate="tanh"))):  # fmt: skip
+        if isinstance(got, torch.Tensor) and got.shape == p.shape and torch.allclose(got.double(), ref, atol=1e-9):
+            return name
+    return None
+
+
+def _fused_mlp_forward(self, x):
+    down = self.down_proj
+    binding = down._d2l_ctx.binding
+    w = binding.weights_for(down._d2l_key) if binding is not None else None
+    if w is None or (torch.is_grad_enabled() and (x.requires_grad or w[0].requires_grad or w[1].requires_grad)):
+        return self._d2l_mlp_orig_forward(x)
+    A, B = w
+    meta = binding.meta_for(x)
+    h, s = gated_lora_shrink(self.gate_proj(x), self.up_proj(x), A, meta, binding.alpha, activation=self._d2l_act)
+    return gated_lora_expand_(down._d2l_orig_forward(h), s, B, meta)
+
+
+def set_fused_mlp(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the fused MLP LoRA path on (or off) for every gated MLP of a patched ``model`` whose ``down_proj`` is a
+    patched Linear; returns how many MLPs now run fused. MLPs with another activation keep the unfused path."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if getattr(model, "_d2l_lora_context", None) is None:
+        raise ValueError("set_fused_mlp needs a patched model: call patch_model(model, modules) first")
+    n = 0
+    for mod in model.modules():
+        down = getattr(mod, "down_proj", None)
+        if getattr(down, "_d2l_ctx", None) is None or not all(hasattr(mod, a) for a in ("gate_proj", "up_proj")):
+            continue
+        if hasattr(mod, "_d2l_mlp_orig_forward"):
+            del mod.forward
+            del mod._d2l_mlp_orig_forward, mod._d2l_act
+        act = mlp_activation(getattr(mod, "act_fn", None))
+        if enabled and act is not None:
+            mod._d2l_mlp_orig_forward = mod.forward
+            mod._d2l_act = act
+            mod.forward = _fused_mlp_forward.__get__(mod, type(mod))
+            n += 1
+    return n
 
 
 def unpatch_model(model: nn.Module) -> None:
     """Restore the original forwards of every patched Linear."""
+    for mod in model.modules():
+        if hasattr(mod, "_d2l_mlp_orig_forward"):
+            del mod.forward
+            del mod._d2l_mlp_orig_forward, mod._d2l_act
     for mod in model.modules():
         if hasattr(mod, "_d2l_orig_forward"):
             del mod.forward
@@ -157,4 +232,4 @@ def unpatch_model(model: nn.Module) -> None:
         del model._d2l_lora_context
 
 
-__all__ = ["LoRABinding", "LoRAContext", "patch_model", "unpatch_model"]
+__all__ = ["LoRABinding", "LoRAContext", "mlp_activation", "patch_model", "set_fused_mlp", "unpatch_model"]

@@ -141,6 +141,16 @@ def build_gpu_suite_tables(data: dict) -> str:
                 f"{_n(gbps, '{:.0f}')} ({_n(gbps / bw * 100 if gbps and bw else None, '{:.0f}')} %) | "
                 f"{_n(by.get('cublas_loop', {}).get('us'))} | {_n(by.get('peft', {}).get('us'))} | "
                 f"{lo.get('config', '')} |")
+    mlp = [r for r in rows if r.get("section") == "mlp_summary"]
+    if mlp:
+        out += ["", "| gated MLP + down_proj LoRA (16x256, ranks 8-72) | bare µs | fused µs (x bare) | unfused µs "
+                "(x bare) | fused kernel / act alone | target <= 1.10x |", "|---|---|---|---|---|---|"]
+        for r in mlp:
+            by = {x["provider"]: x for x in rows if x.get("section") == "mlp" and x["case"] == r["case"]}
+            out.append(f"| {r['case']} | {_n(by.get('base', {}).get('us'))} | {_n(by.get('fused', {}).get('us'))} "
+                       f"({_n(r.get('fused_vs_bare'), '{:.3f}')}) | {_n(by.get('unfused', {}).get('us'))} "
+                       f"({_n(r.get('unfused_vs_bare'), '{:.3f}')}) | {_n(r.get('gated_shrink_vs_act'), '{:.2f}')} | "
+                       f"{'met' if r.get('target_met') else 'not met'} |")
     ro = [r for r in rows if r.get("section") == "readout"]
     if ro:
         out += ["", "| readout case | provider | µs | useful TFLOP/s | % of bf16 peak | rel. error |",

@@ -16,6 +16,9 @@ each time-guarded so a slow one cannot starve the rest, each writing into gpu_su
             base (F.linear), d2l_fast (F.linear + segmented_lora_), lora_only (segmented_lora_ into a buffer),
             cublas_loop (per-adapter matmuls), peft (PEFT's mixed-adapter batch). CUDA-event times (median of
             reps), CUDA-graph replay time for lora_only, host us per call, GB/s and TFLOP/s vs the ceilings.
+  mlp       a whole gated MLP (16 docs x 256 tokens, bf16, Gemma-2-2b / Qwen3-4B / Mistral-7B) with LoRA on
+            down_proj, ranks 8..72: bare vs fused (gated_lora) vs unfused, plus the pieces (benchmarks/ops/
+            bench_fused_mlp.py); target fused <= 1.10x bare
   readout   the Perceiver readout at the Gemma-2-2b main config (26 layers x 2000 tokens, 8 queries, 16 heads
             x 128, 4 KV heads, latent 512) and NIAH (208 queries): d2l_fast (auto form) vs the materialised
             reference and vs projection + SDPA, TFLOP/s of the useful (absorbed) MACs
@@ -377,6 +380,13 @@ def sec_lora(S: Suite):
         torch.cuda.empty_cache()
 
 
+def sec_mlp(S: Suite):
+    from benchmarks.ops.bench_fused_mlp import suite_rows
+
+    for row in suite_rows(cuda_time_us, graph_time_us, spin):
+        S.row(**row)
+
+
 def sec_readout(S: Suite):
     from d2l_fast.kernels.latent_readout import latent_readout, latent_readout_ref
 
@@ -564,7 +574,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 330)))
-    ap.add_argument("--only", default="env,tests,lora,readout,e2e", help="comma list of sections")
+    ap.add_argument("--only", default="env,tests,lora,mlp,readout,e2e", help="comma list of sections")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to do", file=sys.stderr)
@@ -574,9 +584,9 @@ def main(argv=None):
         return 2
     S = Suite(a.out, a.budget_s)
     only = a.only.split(",")
-    table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "readout": (sec_readout, 60),
-             "e2e": (sec_e2e, 50)}  # fmt: skip
-    for name in ("env", "tests", "lora", "readout", "e2e"):
+    table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "mlp": (sec_mlp, 40),
+             "readout": (sec_readout, 60), "e2e": (sec_e2e, 50)}  # fmt: skip
+    for name in ("env", "tests", "lora", "mlp", "readout", "e2e"):
         if name in only:
             fn, need = table[name]
             S.section(name, lambda fn=fn: fn(S), min_left_s=need)

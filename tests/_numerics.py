@@ -86,6 +86,14 @@ CUDA_KERNEL = {
 }
 
 
+# Fused gated activation h = act(gate) * up against the fp64 formula rounded to the same dtype: fp32 differs by a few
+# ulps of exp / the product (|h| = O(1) here: 1e-6); fp16 by at most one rounding step of h (2**-10 relative, the
+# kernel rounds an fp32 value, the reference an fp64 one), so rtol 2**-9 plus an fp16 ulp at 1 as atol.
+GATED_H = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float16: dict(atol=2**-10, rtol=2**-9)}
+# The fused MLP LoRA wired into a patched HF model (torch path, fp32) vs the unfused patched model: the same math
+# (HF's activation, one BLAS shrink per run, addmm expand) in another grouping of the shrink; logits are O(1).
+FUSED_MLP_LOGITS = dict(atol=2e-5, rtol=1e-5)
+
 # The compiled path (the torch.library ops under torch.compile) vs the eager path of the same public functions:
 # the same kernels on both sides (only the summation order of a recomputed backward may differ), fp32.
 OPS = dict(atol=1e-5, rtol=1e-5)

@@ -12,6 +12,8 @@ The ops (namespace ``d2l_fast``) are registered in the kernels' ``function.py`` 
 * ``segmented_lora(x, A, B, cu_seqlens, rank_start, rank_len, scale, backend) -> delta`` (autograd: dx, dA, dB
   through ``segmented_lora_backward``)
 * ``segmented_lora_(out!, x, A, B, cu_seqlens, rank_start, rank_len, scale, backend)`` (in place, no autograd)
+* ``gated_lora_shrink(gate, up, A, cu_seqlens, rank_start, rank_len, scale, activation, backend) -> (h, s)`` and
+  ``gated_lora_expand_(y!, s, B, cu_seqlens, rank_start, rank_len, backend)`` (the fused MLP LoRA, inference only)
 * ``latent_readout(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, ctx_rstd?, n_kv_heads,
   eps, softmax_scale, mode, backend) -> out`` (autograd: q, ctx, weights, ctx_rstd through
   ``latent_readout_backward``)

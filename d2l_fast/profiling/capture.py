@@ -48,7 +48,8 @@ SMEM_LIMIT = 227 * 1024
 # ----------------------------------------------------------------------------------------------- scenarios
 @dataclass(frozen=True)
 class Scenario:
-    """One host-launcher call: ``op`` in {"prefill-fwd", "prefill-bwd", "decode-fwd", "readout"}."""
+    """One host-launcher call: ``op`` in {"prefill-fwd", "prefill-bwd", "decode-fwd", "mlp-prefill", "readout"}
+    ("mlp-prefill": the fused gated activation + down_proj LoRA shrink, then the expand into y)."""
 
     op: str
     model: str
@@ -91,6 +92,10 @@ def build_scenarios(quick: bool = False) -> list[Scenario]:
                 if r != "mix":
                     out.append(Scenario("decode-fwd", seq_lens=(1,) * DECODE_ROWS, seg_ranks=_seg_ranks(r, DECODE_ROWS),
                                         shape=f"{DECODE_ROWS}x1", **pre))
+            ranks8_72 = _shapes.mlp_seg_ranks(PREFILL_DOCS)
+            out.append(Scenario("mlp-prefill", model=name, dtype=dt, rank="8-72", d_in=inter, d_out=hidden,
+                                seq_lens=(PREFILL_LEN,) * PREFILL_DOCS, seg_ranks=ranks8_72,
+                                shape=f"{PREFILL_DOCS}x{PREFILL_LEN}"))  # fmt: skip
         for cfg in READOUT_CONFIGS[:1] if quick else READOUT_CONFIGS:
             for mode in ("absorbed",) if quick else ("absorbed", "plain"):
                 out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode))
@@ -254,6 +259,7 @@ def _fp32_precision(prec):
 
 
 def _kernel_modules():
+    from ..kernels.gated_lora import launch as gl  # noqa: F401  (imported so its kernel module is checked below)
     from ..kernels.latent_readout import function as rf
     from ..kernels.latent_readout import launch as rl
     from ..kernels.segmented_lora import kernel as sk
@@ -274,7 +280,9 @@ def _check_compiled_mode():
         if mod.interpreting():
             raise RuntimeError("compile-report needs TRITON_INTERPRET unset (pick_config selects GPU configs only "
                                "then); run it in a clean environment")
-    kernels = [getattr(m, n) for m in (sk, rl) for n in dir(m) if n.endswith("_kernel")]
+    from ..kernels.gated_lora import kernel as gk
+
+    kernels = [getattr(m, n) for m in (sk, rl, gk) for n in dir(m) if n.endswith("_kernel")]
     bad = [k for k in kernels if not isinstance(k, JITFunction)]
     if bad:
         raise RuntimeError(f"the kernels were imported under TRITON_INTERPRET ({type(bad[0]).__name__}); "
@@ -341,6 +349,9 @@ def _run_scenario(scen: Scenario, sl, rf) -> str:
 
     dev = torch.device("meta")
     dtype = getattr(torch, DTYPES[scen.dtype][0])
+    if scen.op == "mlp-prefill":
+        _run_mlp(scen, dtype, dev)
+        return ""
     if scen.op != "readout":
         T = sum(scen.seq_lens)
         offsets = [0]
@@ -372,6 +383,26 @@ def _run_scenario(scen: Scenario, sl, rf) -> str:
     rf.latent_readout(q, ctx, cu_t, max(lens), wk, wv, w, n_kv_heads=n_kv, mode=scen.mode, backend="triton",
                       ctx_rstd=rstd)
     return rf.resolve_mode("auto", q, ctx, n_kv)
+
+
+def _run_mlp(scen: Scenario, dtype, dev) -> None:
+    """The fused MLP LoRA's two launches (gated activation + shrink, expand) on meta tensors."""
+    import torch
+
+    from ..kernels.gated_lora.launch import gated_lora_expand_fwd, gated_lora_shrink_fwd
+    from ..kernels.segmented_lora import SegmentMeta
+
+    T = sum(scen.seq_lens)
+    offsets = [0]
+    for r in scen.seg_ranks:
+        offsets.append(offsets[-1] + r)
+    meta = SegmentMeta.from_lengths(list(scen.seq_lens), list(range(len(scen.seq_lens))), offsets, device=dev)
+    gate = torch.empty(T, scen.d_in, dtype=dtype, device=dev)
+    A = torch.empty(offsets[-1], scen.d_in, dtype=dtype, device=dev)
+    B = torch.empty(offsets[-1], scen.d_out, dtype=dtype, device=dev)
+    y = torch.empty(T, scen.d_out, dtype=dtype, device=dev)
+    _, s = gated_lora_shrink_fwd(gate, torch.empty_like(gate), A, meta, 2.0, _shapes.mlp_activation(scen.model))
+    gated_lora_expand_fwd(y, s, B, meta)
 
 
 # ----------------------------------------------------------------------------------------------- compile

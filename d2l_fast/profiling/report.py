@@ -31,6 +31,12 @@ def kernel_bytes(lc: Launch) -> int | None:
         segs = [(n, r) for n, r in zip(s.seq_lens, s.seg_ranks) if n > 0 and r > 0]
         BM = c.get("BLOCK_M", 1)
         BR = c.get("BLOCK_R")
+        if name == "gated_act_shrink":
+            # gate + up read and h written once over every row; A once per (row tile, all K slices); fp32 partials
+            e, d_ff = _elem(sig["gate_ptr"]), s.d_in
+            n_split = lc.grid[1] if len(lc.grid) > 1 else 1
+            return sum(3 * n * d_ff * e for n in s.seq_lens) + sum(
+                _cdiv(n, BM) * r * d_ff * e + n_split * n * r * 4 for n, r in segs)
         if name == "lora_fused_fwd":
             e, d_in, d_out = _elem(sig["x_ptr"]), s.d_in, s.d_out
             nN = _cdiv(d_out, c["BLOCK_N"])
@@ -97,6 +103,8 @@ def op_min_bytes(s: Scenario, mode: str | None = None) -> int:
         w = sum(r for n, r in zip(s.seq_lens, s.seg_ranks) if n > 0 and r > 0) * (s.d_in + s.d_out) * e
         if s.op == "prefill-bwd":  # read dy, x, A, B; write dx, dA, dB
             return T * (s.d_out + 2 * s.d_in) * e + 2 * w
+        if s.op == "mlp-prefill":  # read gate, up, A, B; write h; read + write y
+            return 3 * T * s.d_in * e + w + 2 * T * s.d_out * e
         return T * s.d_in * e + w + 2 * T * s.d_out * e
     _, n_q, H, hd, n_kv, D, lens = s.readout
     T, n_seg = sum(lens), len(lens)

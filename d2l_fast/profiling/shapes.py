@@ -68,6 +68,23 @@ PREFILL_RANKS = (16, 24, 32, 48, 64, 72)  # mixed prefill ranks, drawn per docum
 DECODE_RANK = 16
 LONG_DOC_RANK = 1032  # the merged rank of a ~128-chunk document
 LONG_DECODE_ROWS = 8
+# the fused MLP LoRA batch: PREFILL_DOCS documents of PREFILL_TOKENS tokens, ranks 8..72 in turn (both ends present)
+MLP_RANKS = (8, 16, 24, 32, 48, 64, 72)
+
+
+def mlp_seg_ranks(n_docs: int = PREFILL_DOCS) -> tuple[int, ...]:
+    """One adapter rank per document of the fused-MLP benchmark batch: :data:`MLP_RANKS` in turn."""
+    if not isinstance(n_docs, int) or n_docs < 0:
+        raise ValueError(f"n_docs must be an int >= 0, got {n_docs!r}")
+    return tuple(MLP_RANKS[i % len(MLP_RANKS)] for i in range(n_docs))
+
+
+def mlp_activation(model: str) -> str:
+    """The gated MLP's activation of a :data:`MODEL_SHAPES` model: GELU-tanh for Gemma, SiLU otherwise."""
+    if model not in MODEL_SHAPES:
+        raise ValueError(f"unknown model {model!r}; expected one of {list(MODEL_SHAPES)}")
+    return "gelu_tanh" if model.startswith("gemma") else "silu"
+
 
 
 @dataclass(frozen=True)
@@ -137,5 +154,5 @@ def lora_cases(shapes=None, *, prefill_tokens: dict[str, int] | None = None,
 
 
 __all__ = ["DECODE_RANK", "DECODE_ROWS", "LONG_DECODE_ROWS", "LONG_DOC_RANK", "LORA_SHAPES", "LoraCase",
-           "MODEL_SHAPES", "ModelShape", "PREFILL_DOCS", "PREFILL_RANKS", "PREFILL_TOKENS", "READOUT_MAIN",
-           "READOUT_NIAH", "ReadoutShape", "lora_cases"]
+           "MLP_RANKS", "MODEL_SHAPES", "ModelShape", "mlp_activation", "mlp_seg_ranks", "PREFILL_DOCS",
+           "PREFILL_RANKS", "PREFILL_TOKENS", "READOUT_MAIN", "READOUT_NIAH", "ReadoutShape", "lora_cases"]

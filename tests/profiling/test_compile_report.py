@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from d2l_fast.profiling import compile_report as cr
+from d2l_fast.profiling.shapes import mlp_seg_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MMA = {"wgmma", "mma.sync", "FMA", "none (no dot)"}
@@ -35,7 +36,7 @@ def test_quick_report_compiles_clean_bf16_configs(quick_report):
     assert "clean subprocess" in proc.stderr
     assert data["arch"] == "sm_90" and not data["failures"]
     rows = data["rows"]
-    assert {r["op"] for r in rows} == {"prefill-fwd", "decode-fwd", "readout"}
+    assert {r["op"] for r in rows} == {"prefill-fwd", "decode-fwd", "mlp-prefill", "readout"}
     for r in rows:
         assert r["error"] is None, r
         assert r["dtype"] == "bf16" and r["model"] in ("gemma-2-2b", "main 16x256")
@@ -62,6 +63,12 @@ def test_quick_report_byte_minimum_and_table(quick_report):
     decode = [o for o in data["ops"] if o["op"] == "decode-fwd"][0]
     assert decode["min_bytes"] == 2 * (cr.DECODE_ROWS * (inter + r * (inter + hidden) + 2 * hidden))
     assert all(o["ratio"] > 0 for o in data["ops"])
+    # the fused MLP LoRA: gate + up read and h written once, adapters once, y read and written once; <= 1.5x that
+    mlp = [o for o in data["ops"] if o["op"] == "mlp-prefill"]
+    assert len(mlp) == 1 and mlp[0]["kernels"] == ["gated_act_shrink", "lora_expand"]
+    ranks = sum(mlp_seg_ranks(cr.PREFILL_DOCS))
+    assert mlp[0]["min_bytes"] == 2 * (3 * T * inter + ranks * (inter + hidden) + 2 * T * hidden)
+    assert mlp[0]["ratio"] <= cr.RATIO_LIMIT
     lines = proc.stdout.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("kernel "))
     for col in ("smem", "regs", "spill", "LDL/STL", "mma", "bytes/min", "status"):

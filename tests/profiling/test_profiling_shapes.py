@@ -83,3 +83,14 @@ def test_benchmark_suites_import_only_the_package_and_their_shared_module():
                 assert all(not a.name.startswith("_") for a in node.names), path
             elif isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("bench_", "benchmarks", "shapes")), (path, node.module)
+
+
+def test_mlp_batch_ranks_and_activations():
+    ranks = shapes.mlp_seg_ranks(16)
+    assert len(ranks) == 16 and min(ranks) == 8 and max(ranks) == 72 and set(ranks) == set(shapes.MLP_RANKS)
+    assert shapes.mlp_activation("gemma-2-2b") == "gelu_tanh"
+    assert {shapes.mlp_activation(m) for m in ("qwen3-4b", "mistral-7b", "smollm2-135m")} == {"silu"}
+    with pytest.raises(ValueError, match="unknown model"):
+        shapes.mlp_activation("gpt2")
+    with pytest.raises(ValueError, match="n_docs must be an int >= 0"):
+        shapes.mlp_seg_ranks(-1)
