@@ -20,6 +20,7 @@ admission), not at every step: a leaving row only gives up its slot.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import inspect
 import logging
@@ -55,11 +56,14 @@ class InternalizeBatcher:
     :class:`AdapterBatch`; the wall time of the packed call it was part of) or raises the error of that document.
     ``progress`` (one :class:`~d2l_fast.serving.uploads.UploadProgress` per text) is updated while the encoder
     reads the documents; a cancelled one is dropped before its call, and a call whose documents are all
-    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`).
+    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`). ``call_sizes``: the
+    documents of each of the latest ``keep_calls`` calls (statistics; bounded, a server runs for months).
     """
 
     def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16,
-                 slice_tokens: int | None = None):
+                 slice_tokens: int | None = None, keep_calls: int = 256):
+        if isinstance(keep_calls, bool) or not isinstance(keep_calls, int) or keep_calls < 1:
+            raise ValueError(f"keep_calls must be a positive int, got {keep_calls!r}")
         self.model = model
         self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
         self.window_s = float(window_s)
@@ -69,7 +73,7 @@ class InternalizeBatcher:
         self._thread: threading.Thread | None = None
         self._count_lock = threading.Lock()
         self.calls = 0  # packed internalize calls made (tests check that concurrent posts share calls)
-        self.call_sizes: list[int] = []
+        self.call_sizes: collections.deque[int] = collections.deque(maxlen=keep_calls)  # docs per call, latest
         self.pending = 0  # documents submitted and not yet finished
 
     def start(self) -> None:
