@@ -19,8 +19,9 @@ each malformed request; a delete) → random warm-up (``WARMUP_FRACTION`` of the
 snapshot → the rest of the duration (or until ``D2L_SOAK_MAX_REQUESTS`` requests), RSS sampled every second (the
 peak) → settle, memory snapshot → the probe again → server stopped, a new app over the same store: every
 acknowledged, not deleted document is listed and answers a one-token chat; the probe a third time. Settle: ``IDLE_S``
-idle seconds, ``gc.collect()``, glibc ``malloc_trim(0)``; a snapshot is the RSS and what explains it (glibc heap
-in use / free / mmapped, the bytes of live CPU tensors, the adapters resident in the store, the records kept).
+idle seconds (the server trims its heap itself when idle) and ``gc.collect()``; a snapshot is the RSS and what
+explains it (glibc heap in use / free / mmapped, the bytes of live CPU tensors, the adapters resident in the
+store, the records kept), and the RSS after one more ``malloc_trim(0)`` by the harness.
 
 Contract (asserted, :func:`contract_failures`): RSS at the end within 10 % of its level after warm-up (both
 settled); no 5xx and no transport error (other than the abandoned streams, closed by the client); every 4xx is an
@@ -55,9 +56,10 @@ pytest.importorskip("uvicorn")
 SECONDS = float(os.environ.get("D2L_SOAK_SECONDS", "600"))
 MAX_REQUESTS = int(os.environ.get("D2L_SOAK_MAX_REQUESTS", "5000"))
 ADAPTER_MB = float(os.environ.get("D2L_SOAK_ADAPTER_MB", "64"))
+SERVER_TRIM = os.environ.get("D2L_SOAK_SERVER_TRIM", "1") != "0"  # 0: the server never trims its heap (A/B)
 N_THREADS = 3
 WARMUP_FRACTION = 0.2
-IDLE_S = 5.0
+IDLE_S = 8.0  # > the server's HeapTrimmer settle_s + min_interval_s
 COVER_SIZES = (100, 1000, 2500, 5000)  # upload sizes of the coverage pass (tokens)
 MAX_TOKENS = 12
 RSS_TOLERANCE = 0.10
@@ -113,12 +115,15 @@ def live_tensor_mb() -> float:
 
 
 def memory_snapshot(srv) -> dict:
-    """Settle (``IDLE_S`` idle, ``gc``, ``malloc_trim``), then the RSS of this process (server + clients) and what
-    explains it."""
+    """Settle (``IDLE_S`` idle: the server gives freed heap memory back itself once idle, :mod:`d2l_fast.serving.heap`;
+    then ``gc``): ``rss_mb`` of this process (server + clients), what explains it, and ``rss_trimmed_mb`` after one
+    more ``malloc_trim(0)`` by this harness (what the server's own trimming left to take)."""
     time.sleep(IDLE_S)
     gc.collect()
+    rss = round(proc_status_kb("VmRSS") / 1024, 1)
     malloc_trim()
-    return dict(rss_mb=round(proc_status_kb("VmRSS") / 1024, 1), malloc=malloc_stats_mb(),
+    return dict(rss_mb=rss, rss_trimmed_mb=round(proc_status_kb("VmRSS") / 1024, 1), heap_trims=srv.heap.trims,
+                heap_trim_s=round(srv.heap.seconds, 3), malloc=malloc_stats_mb(),
                 live_tensor_mb=live_tensor_mb(), adapters_resident_mb=round(srv.store.resident_bytes / 2**20, 1),
                 documents_resident=srv.store.resident_count, documents_stored=len(srv.store),
                 upload_records=len(srv.uploads._items), internalize_call_records=len(srv.batcher.call_sizes),
@@ -344,6 +349,7 @@ def test_soak_mixed_traffic(benchmark, env_info, soak_model, tmp_path):
     def soak():
         app = create_app(model, settings)
         srv = app.state.d2l
+        srv.heap.enabled = SERVER_TRIM
         with BackgroundServer(app) as server:
             name = srv.model_name
             r = httpx.post(server.url + "/v1/documents", json={"text": PROBE_DOC, "name": "probe"}, timeout=600)
@@ -380,7 +386,8 @@ def test_soak_mixed_traffic(benchmark, env_info, soak_model, tmp_path):
     info = dict(
         env_info, date=time.strftime("%Y-%m-%d %H:%M"), model="SmolLM2-135M-Instruct fp32 + pretrained smollm2-135m",
         seconds_requested=SECONDS, max_requests=MAX_REQUESTS, client_threads=N_THREADS, mix=MIX,
-        max_tokens=MAX_TOKENS, adapter_memory_mb=ADAPTER_MB, idle_s=IDLE_S, cover_sizes=COVER_SIZES,
+        max_tokens=MAX_TOKENS, adapter_memory_mb=ADAPTER_MB, server_trim=SERVER_TRIM, idle_s=IDLE_S,
+        cover_sizes=COVER_SIZES,
         cover_s=round(out["cover_s"], 1), cover_requests=out["cover_requests"], warmup_s=round(out["warmup_s"], 1),
         warmup_requests=out["warmup_requests"], main_s=round(out["main_s"], 1), requests=s.requests,
         main_requests=s.requests - out["warmup_requests"], status_by_action=dict(sorted(s.status.items())),

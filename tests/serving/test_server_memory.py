@@ -11,6 +11,7 @@ import torch
 
 from d2l_fast import D2LModel
 from d2l_fast.serving.engine import DecodeEngine, GenRequest, InternalizeBatcher
+from d2l_fast.serving.heap import HeapTrimmer
 from d2l_fast.serving.uploads import UploadProgress, UploadRegistry
 
 from .._tiny import tiny_model, tiny_tokenizer
@@ -80,3 +81,45 @@ def test_the_engine_keeps_no_adapter_once_its_batch_drains(model):
     gc.collect()
     assert [w() for w in refs] == [None] * 3, "an adapter of a finished request is still referenced"
     assert not model._compact_cache and not model._cast_cache
+
+
+def test_heap_trimmer_trims_once_per_burst_of_work_after_it_settles():
+    for bad in (dict(settle_s=-1), dict(min_interval_s="5"), dict(settle_s=True)):
+        with pytest.raises(ValueError, match="must be a non-negative number"):
+            HeapTrimmer(**bad)
+    h = HeapTrimmer(settle_s=0, min_interval_s=0)
+    if not h.available:
+        pytest.skip("no glibc malloc_trim here")
+    assert h.idle() is None and h.trims == 0  # no work yet: nothing to give back
+    h.note_work()
+    assert h.idle() is None and h.trims == 1
+    assert h.idle() is None and h.trims == 1  # nothing new since
+    slow = HeapTrimmer(settle_s=3600, min_interval_s=0)
+    slow.note_work()
+    wait = slow.idle()
+    assert wait is not None and 0 < wait <= 3600 and slow.trims == 0  # work too recent: wait, then come back
+    off = HeapTrimmer(settle_s=0, min_interval_s=0, enabled=False)
+    off.note_work()
+    assert off.idle() is None and off.trims == 0
+
+
+def test_the_server_trims_its_heap_once_idle_after_a_request(model):
+    from d2l_fast.serving import BackgroundServer, create_app
+
+    httpx = pytest.importorskip("httpx")
+    app = create_app(model)
+    srv = app.state.d2l
+    if not srv.heap.available:
+        pytest.skip("no glibc malloc_trim here")
+    srv.heap.settle_s = srv.heap.min_interval_s = 0.0
+    with BackgroundServer(app) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": srv.model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert r.status_code == 200
+        for _ in range(600):  # the engine thread trims as soon as it is idle again
+            if srv.heap.trims:
+                break
+            threading.Event().wait(0.05)
+        assert srv.heap.trims >= 1
+        metrics = httpx.get(server.url + "/metrics", timeout=60).text
+        assert "d2l_heap_trims" in metrics
