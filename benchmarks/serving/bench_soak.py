@@ -109,8 +109,11 @@ def live_tensor_mb() -> float:
         warnings.simplefilter("ignore")  # isinstance on some deprecated torch module attributes warns
         for o in gc.get_objects():
             if isinstance(o, torch.Tensor) and o.device.type == "cpu":
-                st = o.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
+                try:
+                    st = o.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+                except (RuntimeError, NotImplementedError):  # no real storage (fake / meta / traced tensors)
+                    continue
     return round(sum(seen.values()) / 2**20, 1)
 
 
