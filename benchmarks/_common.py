@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import threading
 import time
 
 
@@ -28,6 +29,68 @@ def malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_stats_mb() -> dict | None:
+    """glibc's heap over all arenas (``mallinfo2``, glibc >= 2.33), in MiB: ``heap`` (arena bytes obtained with
+    brk/mmap for small blocks), ``in_use`` (allocated in them), ``free`` (freed, kept by the allocator: where this
+    grows while ``in_use`` does not, memory is fragmented, not leaked) and ``mmapped`` (large blocks, each its own
+    mapping, e.g. tensors). None where unavailable (not glibc, older glibc)."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    m, mib = fn(), float(2**20)
+    return {"heap": round(m.arena / mib, 1), "in_use": round(m.uordblks / mib, 1), "free": round(m.fordblks / mib, 1),
+            "mmapped": round(m.hblkhd / mib, 1)}
+
+
+class RssSampler:
+    """RSS of this process sampled every ``interval_s`` in a daemon thread (``sample()`` takes one at once):
+    ``peak_mb``, and ``series`` as (seconds since start, MiB) at most every ``keep_every_s``."""
+
+    def __init__(self, interval_s: float = 1.0, keep_every_s: float = 10.0):
+        if not interval_s > 0 or not keep_every_s > 0:
+            raise ValueError(f"interval_s and keep_every_s must be > 0, got {interval_s}, {keep_every_s}")
+        self.interval_s, self.keep_every_s = float(interval_s), float(keep_every_s)
+        self.peak_mb = 0.0
+        self.series: list[tuple[float, float]] = []
+        self._t0 = time.monotonic()
+        self._stop = None
+        self._thread = None
+
+    def sample(self) -> float:
+        mb = proc_status_kb("VmRSS") / 1024
+        self.peak_mb = max(self.peak_mb, mb)
+        t = time.monotonic() - self._t0
+        if not self.series or t - self.series[-1][0] >= self.keep_every_s:
+            self.series.append((round(t, 1), round(mb, 1)))
+        return mb
+
+    def start(self) -> "RssSampler":
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+
+        self.sample()
+        self._thread = threading.Thread(target=loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.sample()
 
 
 class PeakRSS:

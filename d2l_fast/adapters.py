@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -560,4 +561,36 @@ def merge_chunk_loras(chunk_loras: dict, n_chunks: list[int], *, bias: dict | No
     return AdapterBatch(A, B, offs, alpha, model_id, names)
 
 
-__all__ = ["AdapterBatch", "as_index_list", "merge_chunk_loras"]
+class BatchCache:
+    """One value derived from an adapter batch (a cast or compacted copy), kept only while that batch is alive.
+
+    The batch is held by a weak reference: once its owner drops it, the entry (and everything it holds, e.g. the
+    copy and the batch's tensors in ``key``) is dropped with it, so a cache never keeps a large batch of finished
+    requests in memory. ``key`` is whatever the caller checks before reusing ``value``."""
+
+    def __init__(self):
+        self._entry: tuple | None = None  # (weak reference to the source batch, key, value)
+
+    def get(self, source: AdapterBatch) -> tuple | None:
+        """``(key, value)`` stored for ``source`` (the same object), or None."""
+        e = self._entry
+        return (e[1], e[2]) if e is not None and e[0]() is source else None
+
+    def put(self, source: AdapterBatch, key, value) -> None:
+        if not isinstance(source, AdapterBatch):
+            raise TypeError(f"source must be an AdapterBatch, got {type(source).__name__}")
+        self._entry = (weakref.ref(source, self._dropped), key, value)
+
+    def _dropped(self, ref) -> None:
+        e = self._entry
+        if e is not None and e[0] is ref:
+            self._entry = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __bool__(self) -> bool:
+        return self._entry is not None
+
+
+__all__ = ["AdapterBatch", "BatchCache", "as_index_list", "merge_chunk_loras"]

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from .adapters import AdapterBatch, as_index_list, merge_chunk_loras
+from .adapters import AdapterBatch, BatchCache, as_index_list, merge_chunk_loras
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .config import D2LSpec
 from .encoder import ContextEncoder
@@ -104,8 +104,9 @@ class D2LModel(nn.Module):
         self._lora_ctx = patch_model(base_model, spec.target_modules)
         self._layer_map = {b: i for i, b in enumerate(spec.layer_indices)}
         self.model_id = model_fingerprint(spec, hypernet)
-        self._cast_cache: tuple | None = None
-        self._compact_cache: tuple | None = None  # (source batch, its tensor versions, used, compact batch)
+        # copies reused across binds of the same batch (each decode step), dropped with the batch they came from
+        self._cast_cache = BatchCache()  # key: (device, dtype); value: the cast batch
+        self._compact_cache = BatchCache()  # key: (the batch's tensor versions, used); value: the compact batch
         self.compact_adapters = True
         #: the checkpoint's model card (:mod:`d2l_fast.model_card`) and its prompt layout ``{"system",
         #: "instruction"}`` for text questions (None: the bare question, no system turn); set by from_checkpoint
@@ -394,11 +395,11 @@ class D2LModel(nn.Module):
         dev, dt = self.device, self.base_dtype
         if adapters.device == dev and adapters.dtype == dt:
             return adapters
-        cached = self._cast_cache
-        if cached is not None and cached[0] is adapters and cached[1] == (dev, dt):
-            return cached[2]
+        cached = self._cast_cache.get(adapters)
+        if cached is not None and cached[0] == (dev, dt):
+            return cached[1]
         out = adapters.to(dev, dt)
-        self._cast_cache = (adapters, (dev, dt), out)
+        self._cast_cache.put(adapters, (dev, dt), out)
         return out
 
     def _check_adapters(self, adapters: AdapterBatch) -> None:
@@ -469,12 +470,15 @@ class D2LModel(nn.Module):
         """``adapters.select(used)`` on this model's device and dtype, reused while the same batch (unmodified) binds
         the same adapters again — e.g. every decode step of one set of rows."""
         versions = adapters.tensor_versions()
-        c = self._compact_cache
-        if versions is not None and c is not None and c[0] is adapters and c[2] == used and len(c[1]) == len(
-                versions) and all(a is b and va == vb for (a, va), (b, vb) in zip(c[1], versions)):
-            return c[3]
+        c = self._compact_cache.get(adapters)
+        if versions is not None and c is not None and c[0][1] == used and len(c[0][0]) == len(versions) and all(
+                a is b and va == vb for (a, va), (b, vb) in zip(c[0][0], versions)):
+            return c[1]
         ad = adapters.select(used, device=self.device, dtype=self.base_dtype)
-        self._compact_cache = (adapters, versions, list(used), ad) if versions is not None else None
+        if versions is None:
+            self._compact_cache.clear()
+        else:
+            self._compact_cache.put(adapters, (versions, list(used)), ad)
         return ad
 
     def _compaction(self, adapters, adapter_index, seg_lens, seg_adapter, rows_per_index) -> list[int] | None:

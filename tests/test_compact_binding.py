@@ -120,13 +120,13 @@ def test_bf16_resident_batch_casts_only_the_used_adapters(model):
     ad32 = resident(model, [4] * 10, seed=3)
     ad16 = ad32.to(torch.bfloat16)
     ids, mask = model.encode_prompts(QUESTIONS[:3])
-    model._cast_cache = None
+    model._cast_cache.clear()
     with torch.no_grad(), model.bind(ad16, [6, 2, 8]) as b:
         assert b.adapters.dtype == torch.float32 and len(b.adapters) == 3
         # the upcast copy holds exactly the bf16 values of the used adapters
         m = model.spec.target_modules[0]
         assert torch.equal(b.adapters.A[m], ad16.A[m][:, [24, 25, 26, 27, 8, 9, 10, 11, 32, 33, 34, 35]].float())
-    assert model._cast_cache is None  # the whole batch was never cast
+    assert not model._cast_cache  # the whole batch was never cast
     got = logits(model, ad16, [6, 2, 8], ids, mask)
     want = logits(model, ad16.to(torch.float32), [6, 2, 8], ids, mask)  # the cast the uncompacted path makes
     v = mask.bool()
@@ -291,3 +291,33 @@ def test_compaction_is_reused_by_the_next_bind_of_the_same_rows(model, monkeypat
     with torch.no_grad(), model.bind(ad, [7, 3]) as b:
         torch.testing.assert_close(b.adapters.A[m][0, 4], ad.A[m][0, ad.rank_offsets[3]])
     assert len(copies) == 3
+
+
+def test_batch_cache_entry_lives_only_as_long_as_its_batch(model):
+    from d2l_fast.adapters import BatchCache
+
+    cache, a, b = BatchCache(), resident(model, [4, 4], seed=5), resident(model, [4], seed=6)
+    with pytest.raises(TypeError, match="source must be an AdapterBatch"):
+        cache.put("not a batch", None, None)
+    cache.put(a, "key", "value")
+    assert cache.get(a) == ("key", "value") and cache.get(b) is None
+    cache.put(b, "k2", "v2")  # one entry: the newer batch replaces it
+    assert cache.get(a) is None and cache.get(b) == ("k2", "v2")
+    del a  # the older batch going away must not drop the newer entry
+    assert cache.get(b) == ("k2", "v2")
+    del b
+    assert not cache and cache._entry is None
+
+
+def test_model_caches_drop_the_copies_with_the_bound_batch(model):
+    """A server's decode batch (a concatenation of many requests' adapters) must not stay in memory through the
+    model's reuse caches once the engine drops it: the compact (and cast) copies go with their source batch."""
+    ids, mask = model.encode_prompts(QUESTIONS[:2])
+    ad16 = resident(model, RANKS, seed=7).to(torch.bfloat16)
+    logits(model, ad16, [7, 2], ids, mask)
+    assert model._compact_cache.get(ad16) is not None
+    ad16b = resident(model, RANKS, seed=8).to(torch.bfloat16)
+    logits(model, ad16b, [0, 3], ids, mask, compact=False)  # uncompacted: the whole batch is cast
+    assert model._cast_cache.get(ad16b) is not None
+    del ad16, ad16b
+    assert not model._compact_cache and not model._cast_cache

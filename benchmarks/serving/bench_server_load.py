@@ -225,7 +225,7 @@ def test_server_load_16_clients(benchmark, env_info, load_model, offline):
 
         benchmark.pedantic(concurrent, setup=one_at_a_time, rounds=ROUNDS, warmup_rounds=0, iterations=1)
         engine = dict(steps=srv.engine.steps, max_rows_seen=srv.engine.max_rows_seen,
-                      joins_mid_batch=srv.engine.joins_mid_batch, internalize_calls=srv.batcher.call_sizes)
+                      joins_mid_batch=srv.engine.joins_mid_batch, internalize_calls=list(srv.batcher.call_sizes))
     a, b = summarize(conc), summarize(seq)
     bad = mismatches(conc, offline, "concurrent") + mismatches(seq, offline, "one_at_a_time")
     speedup = a["tokens_per_s"] / b["tokens_per_s"]

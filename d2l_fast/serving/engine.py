@@ -20,6 +20,7 @@ admission), not at every step: a leaving row only gives up its slot.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import inspect
 import logging
@@ -35,6 +36,7 @@ from ..adapters import AdapterBatch
 from ..answering import left_pad
 from ..encoder import limit_row_tokens, observe_encoding
 from .errors import APIError
+from .heap import HeapTrimmer
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
 logger = logging.getLogger(__name__)
@@ -55,12 +57,16 @@ class InternalizeBatcher:
     :class:`AdapterBatch`; the wall time of the packed call it was part of) or raises the error of that document.
     ``progress`` (one :class:`~d2l_fast.serving.uploads.UploadProgress` per text) is updated while the encoder
     reads the documents; a cancelled one is dropped before its call, and a call whose documents are all
-    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`).
+    cancelled is abandoned at the next slice (its futures raise :class:`UploadCancelled`). ``call_sizes``: the
+    documents of each of the latest ``keep_calls`` calls (statistics; bounded, a server runs for months).
     """
 
     def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16,
-                 slice_tokens: int | None = None):
+                 slice_tokens: int | None = None, keep_calls: int = 256, heap: HeapTrimmer | None = None):
+        if isinstance(keep_calls, bool) or not isinstance(keep_calls, int) or keep_calls < 1:
+            raise ValueError(f"keep_calls must be a positive int, got {keep_calls!r}")
         self.model = model
+        self.heap = heap  # trims the C heap when idle (None: never)
         self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
         self.window_s = float(window_s)
         self.max_docs = int(max_docs)
@@ -69,7 +75,7 @@ class InternalizeBatcher:
         self._thread: threading.Thread | None = None
         self._count_lock = threading.Lock()
         self.calls = 0  # packed internalize calls made (tests check that concurrent posts share calls)
-        self.call_sizes: list[int] = []
+        self.call_sizes: collections.deque[int] = collections.deque(maxlen=keep_calls)  # docs per call, latest
         self.pending = 0  # documents submitted and not yet finished
 
     def start(self) -> None:
@@ -103,7 +109,10 @@ class InternalizeBatcher:
 
     def _run(self) -> None:
         while True:
-            first = self._q.get()
+            try:
+                first = self._q.get(timeout=self.heap.idle() if self.heap is not None else None)
+            except queue.Empty:
+                continue
             if first is None:
                 return
             group, deadline, stop = [first], time.monotonic() + self.window_s, False
@@ -117,6 +126,8 @@ class InternalizeBatcher:
                     break
                 group.append(j)
             self._process(group)
+            if self.heap is not None:
+                self.heap.note_work()
             if stop:
                 return
 
@@ -200,10 +211,11 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
 class DecodeEngine:
     """Continuous batched decoding in one thread (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256, heap: HeapTrimmer | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         self.model = model
+        self.heap = heap  # trims the C heap when the batch has drained (None: never)
         self.tokenizer = model.tokenizer
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
@@ -275,7 +287,7 @@ class DecodeEngine:
         while True:
             with self._cv:
                 while self._running and not self._waiting and not self._rows:
-                    self._cv.wait()
+                    self._cv.wait(self.heap.idle() if self.heap is not None else None)
                 if not self._running:
                     return
                 room = self.max_batch - len(self._rows)
@@ -300,6 +312,8 @@ class DecodeEngine:
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._ad, self._slots = [], None, None, None, []
+        if self.heap is not None:
+            self.heap.note_work()
 
     # ------------------------------------------------------------------ prefill / merge
     def _adapters_for(self, rows: list[GenRequest]) -> tuple[AdapterBatch | None, list[int]]:

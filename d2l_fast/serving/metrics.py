@@ -63,6 +63,8 @@ class ServerMetrics:
             "d2l_encoder_handovers": ("times an encoder pass let waiting forwards run (counter)",
                                       lambda: lock.handovers),
             "d2l_decode_steps": ("batched decode steps (counter)", lambda: eng.steps),
+            "d2l_heap_trims": ("times the idle server gave freed C-heap memory back to the OS (counter)",
+                               lambda: srv.heap.trims),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)

@@ -18,6 +18,7 @@ from ..adapters import AdapterBatch
 from ..answering import layout_messages, model_settings
 from .engine import DecodeEngine, GenRequest, InternalizeBatcher
 from .errors import APIError, bad_request, not_found
+from .heap import HeapTrimmer
 from .metrics import ServerMetrics
 from .metrics import available as metrics_available
 from .models import LoadedAdapter, RuntimeAdapters, model_card
@@ -52,9 +53,10 @@ class DocumentServer:
                                    folder=settings.store)
         sl, mcl = settings.encode_slice_tokens, model.max_chunk_len
         self.chunk_len = None if sl is None else (min(sl, mcl) if mcl > 0 else sl)  # None: the model's chunking
+        self.heap = HeapTrimmer()  # freed tensors back to the OS when the workers go idle (glibc)
         self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0,
-                                          slice_tokens=self.chunk_len)
-        self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
+                                          slice_tokens=self.chunk_len, heap=self.heap)
+        self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue, heap=self.heap)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
         self.uploads = UploadRegistry()
         self.loras = RuntimeAdapters(int(settings.adapter_memory_mb * 2**20))  # POST /v1/load_lora_adapter
