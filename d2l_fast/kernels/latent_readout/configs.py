@@ -146,10 +146,11 @@ def pick_config(
         n_splits = _cdiv(max_seqlen, split_len)
         return KernelConfig(BLOCK_M, BLOCK_N, BLOCK_DK, BLOCK_DV_full, n_splits, split_len, num_warps=4,
                             num_stages=1)
-    BLOCK_M = max(16, min(128, _next_pow2(n_rows), 32768 // BLOCK_DV_full))
     wide = BLOCK_DK >= 512
-    BLOCK_N = 32 if (wide and rstd_in_kernel) or BLOCK_DK > 512 else 64
     elem = torch.finfo(dtype).bits // 8
+    # fp32 operands double the query / key tiles in shared memory: half the rows at full width (sm_90: 64 rows x
+    # 512 fp32 with 32 keys per step needs 256 KB of shared memory)
+    BLOCK_M = max(16, min(128, _next_pow2(n_rows), 32768 // BLOCK_DV_full, 32 if wide and elem > 2 else 128))
     n_sm = sm_count(device)
     row_tiles = _cdiv(n_rows, BLOCK_M)
     base = n_seg * n_groups * row_tiles
@@ -158,21 +159,35 @@ def pick_config(
         block_dv = BLOCK_DV_full // n_dv
         if block_dv < 64 or (n_dv > 1 and base >= n_sm):
             continue
-        for n_splits in _split_candidates(max_seqlen, BLOCK_N):
-            split_len = _cdiv(_cdiv(max_seqlen, n_splits), BLOCK_N) * BLOCK_N
+        block_n = 32 if wide and elem > 2 else _block_n(BLOCK_DK, full=n_dv == 1, rstd_in_kernel=rstd_in_kernel)
+        for n_splits in _split_candidates(max_seqlen, block_n):
+            split_len = _cdiv(_cdiv(max_seqlen, n_splits), block_n) * block_n
             n_spl = _cdiv(max_seqlen, split_len)
-            c = _cost_us(n_prog=base * n_dv * n_spl, n_sm=n_sm, tiles=split_len // BLOCK_N, bm=BLOCK_M, bn=BLOCK_N,
+            c = _cost_us(n_prog=base * n_dv * n_spl, n_sm=n_sm, tiles=split_len // block_n, bm=BLOCK_M, bn=block_n,
                          dk=BLOCK_DK, bdv=block_dv, share=row_tiles * n_dv, elem=elem, shared_kv=shared_kv,
                          n_splits=n_spl, out_elems=n_seg * n_groups * n_rows * dim_v)
             if best is None or c < best[0] - 1e-9:
-                best = (c, block_dv, n_spl, split_len)
-    _, block_dv, n_splits, split_len = best
+                best = (c, block_n, block_dv, n_spl, split_len)
+    _, block_n, block_dv, n_splits, split_len = best
     num_warps = 8 if BLOCK_M * max(block_dv, 64) >= 8192 or wide else 4
-    # full-width absorbed tiles: 2 stages (sm_90: 255 registers, no spill, 192 KB shared); a D split keeps a
-    # second (value) tile in shared memory, so 1 stage there
+    # wide (D >= 512) tiles: 2 stages at full width; a D split keeps a second (value) tile in shared memory: 1 stage
     stages = (2 if block_dv == BLOCK_DV_full else 1) if wide else 3
-    return KernelConfig(BLOCK_M, BLOCK_N, BLOCK_DK, block_dv, n_splits, split_len, num_warps=num_warps,
+    if elem > 2:  # fp32 tiles take twice the shared memory (sm_90: 256 KB at the 16-bit stages)
+        stages = 1 if wide else 2
+    return KernelConfig(BLOCK_M, block_n, BLOCK_DK, block_dv, n_splits, split_len, num_warps=num_warps,
                         num_stages=stages)
+
+
+def _block_n(block_dk: int, full: bool, rstd_in_kernel: bool) -> int:
+    """Keys per step. sm_90 compiles (triton 3.7, 8 warps, 64 rows, D = 512, bf16; registers / spill bytes): full
+    width, rstd given, 64 keys, 2 stages: 255 / 0; rstd in the kernel: 64 keys spill (568 B), 32 keys: 255 / 0;
+    D split (256 or 128 columns, 1 stage), 64 keys: 194-254 / 0 either way, while 32 keys with the in-kernel rstd
+    spill at 128 columns (48 B)."""
+    if block_dk > 512:
+        return 32
+    if block_dk == 512 and full and rstd_in_kernel:
+        return 32
+    return 64
 
 
 # cost of one extra chunk (query gather, partial-state write and merge), in "padded key tokens";
