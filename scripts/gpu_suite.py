@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config  # noqa: E402
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_fwd  # noqa: E402
-from d2l_fast.profiling.shapes import MODEL_SHAPES, READOUT_MAIN, READOUT_NIAH, LoraCase, lora_cases  # noqa: E402
+from d2l_fast.profiling.shapes import MODEL_SHAPES, LoraCase, lora_cases  # noqa: E402
 
 DT = torch.bfloat16
 

@@ -221,6 +221,12 @@ def suite_rows(time_us, graph_us, spin, env):
     device, as the 817 us baseline was called), the pre-rewrite kernel (benchmarks/ops/readout_v1.py) in the same
     form, the op with ctx_rstd given, alternative configs, the materialised reference and projection + SDPA; CUDA
     event times, the new op's CUDA-graph time, relative errors vs the fp32 reference, % of the applicable bound."""
+    for cname, (r, layers, T) in SUITE_CASES.items():
+        yield from _suite_case(cname, r, layers, T, time_us, graph_us, spin, env)
+
+
+def _suite_case(cname, r, layers, T, time_us, graph_us, spin, env):
+    """One case of :func:`suite_rows` (a function, so the providers' closures bind this case's tensors)."""
     import torch.nn.functional as F
 
     from benchmarks.ops.readout_v1 import latent_readout_v1
@@ -228,47 +234,46 @@ def suite_rows(time_us, graph_us, spin, env):
     from d2l_fast.kernels.latent_readout.launch import latent_readout_triton_fwd
 
     dt = torch.bfloat16
-    for cname, (r, layers, T) in SUITE_CASES.items():
-        p = _suite_problem(r, layers, T, dt)
-        q, ctx, cu, wk, wv, w, n_kv = (p[k] for k in ("q", "ctx", "cu", "wk", "wv", "w", "n_kv"))
-        prob = ReadoutProblem(layers, r.n_q, r.n_heads, n_kv, r.head_dim, r.d_model, layers * T, T)
-        mode = resolve_mode("auto", q, ctx, n_kv)
-        rstd = compute_rstd(ctx, 1e-6)
-        args = (q, ctx, cu, T, wk, wv, w)
+    p = _suite_problem(r, layers, T, dt)
+    q, ctx, cu, wk, wv, w, n_kv = (p[k] for k in ("q", "ctx", "cu", "wk", "wv", "w", "n_kv"))
+    prob = ReadoutProblem(layers, r.n_q, r.n_heads, n_kv, r.head_dim, r.d_model, layers * T, T)
+    mode = resolve_mode("auto", q, ctx, n_kv)
+    rstd = compute_rstd(ctx, 1e-6)
+    args = (q, ctx, cu, T, wk, wv, w)
+    with torch.no_grad():
+        ref = latent_readout_ref(q.float(), ctx.float(), cu, wk.float(), wv.float(), w.float(), n_kv_heads=n_kv)
+
+    def sdpa():
+        c = ctx.float()
+        c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * w
+        k = (c @ wk.T).view(layers, T, n_kv, -1).transpose(1, 2)
+        v = (c @ wv.T).view(layers, T, n_kv, -1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True).transpose(1, 2)
+
+    provs = {
+        "new": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton"),
+        "old": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode),
+        "new_rstd_given": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", ctx_rstd=rstd),
+        "old_rstd_given": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode, ctx_rstd=rstd),
+        "reference_materialised": lambda: latent_readout_ref(q, ctx, cu, wk, wv, w, n_kv_heads=n_kv),
+        "projection_sdpa": sdpa,
+    }
+    if cname == "main-26x2000":
+        for alt, kw in _ALT_CONFIGS.items():
+            cfg = KernelConfig(**dict(kw, n_splits=-(-T // kw["split_len"])))
+            provs[f"new_{alt}"] = lambda cfg=cfg: latent_readout_triton_fwd(
+                q, ctx, cu, T, wk, wv, w, None, n_kv_heads=n_kv, scale=r.head_dim**-0.5, mode=mode, cfg=cfg)
+    spin()
+    times = {}
+    for prov, fn in provs.items():
         with torch.no_grad():
-            ref = latent_readout_ref(q.float(), ctx.float(), cu, wk.float(), wv.float(), w.float(), n_kv_heads=n_kv)
-
-        def sdpa():
-            c = ctx.float()
-            c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * w
-            k = (c @ wk.T).view(layers, T, n_kv, -1).transpose(1, 2)
-            v = (c @ wv.T).view(layers, T, n_kv, -1).transpose(1, 2)
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True).transpose(1, 2)
-
-        provs = {
-            "new": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton"),
-            "old": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode),
-            "new_rstd_given": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", ctx_rstd=rstd),
-            "old_rstd_given": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode, ctx_rstd=rstd),
-            "reference_materialised": lambda: latent_readout_ref(q, ctx, cu, wk, wv, w, n_kv_heads=n_kv),
-            "projection_sdpa": sdpa,
-        }
-        if cname == "main-26x2000":
-            for alt, kw in _ALT_CONFIGS.items():
-                cfg = KernelConfig(**dict(kw, n_splits=-(-T // kw["split_len"])))
-                provs[f"new_{alt}"] = lambda cfg=cfg: latent_readout_triton_fwd(
-                    q, ctx, cu, T, wk, wv, w, None, n_kv_heads=n_kv, scale=r.head_dim**-0.5, mode=mode, cfg=cfg)
-        spin()
-        times = {}
-        for prov, fn in provs.items():
-            with torch.no_grad():
-                y = fn()
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                times[prov] = t = time_us(fn, reps=10)
-                gus = graph_us(fn) if prov in ("new", "old") else None
-            yield dict(section="readout", case=cname, provider=prov, us=t, graph_us=gus, rel_err=err,
-                       **_bound(prob, mode, t, env))  # fmt: skip
-        yield dict(section="readout_summary", case=cname, mode=mode, new_us=times["new"], old_us=times["old"],
-                   speedup=times["old"] / times["new"], **_bound(prob, mode, times["new"], env))  # fmt: skip
-        del p, ref
-        torch.cuda.empty_cache()
+            y = fn()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            times[prov] = t = time_us(fn, reps=10)
+            gus = graph_us(fn) if prov in ("new", "old") else None
+        yield dict(section="readout", case=cname, provider=prov, us=t, graph_us=gus, rel_err=err,
+                   **_bound(prob, mode, t, env))  # fmt: skip
+    yield dict(section="readout_summary", case=cname, mode=mode, new_us=times["new"], old_us=times["old"],
+               speedup=times["old"] / times["new"], **_bound(prob, mode, times["new"], env))  # fmt: skip
+    del p, ref
+    torch.cuda.empty_cache()

@@ -299,7 +299,7 @@ def _triton_fwd_v1(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, w, rstd, 
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
     if mode == "absorbed":
         qt = _absorb_queries(q, k_weight, w, n_kv_heads, 1.0).to(ctx.dtype)  # [1, n_seg, R, D]
-        u = readout_attend_fwd(qt, ctx.unsqueeze(0), None, rstd, cu, max_seqlen, scale)
+        u = _attend_v1(qt, ctx.unsqueeze(0), None, rstd, cu, max_seqlen, scale)
         return _absorb_output(u, v_weight, w, n_kv_heads, q.shape)
     c = ctx.float() * rstd[:, None]
     c = c.to(ctx.dtype) * w.to(ctx.dtype)
@@ -307,7 +307,7 @@ def _triton_fwd_v1(q, ctx, cu_seqlens, max_seqlen, k_weight, v_weight, w, rstd, 
     kv = torch.matmul(c.unsqueeze(0), w_kv.transpose(1, 2))  # [2 * n_kv, T, hd]
     grp = H // n_kv_heads
     qg = q.reshape(n_seg, n_q, n_kv_heads, grp, hd).permute(2, 0, 1, 3, 4).reshape(n_kv_heads, n_seg, n_q * grp, hd)
-    u = readout_attend_fwd(qg.to(ctx.dtype), kv[:n_kv_heads], kv[n_kv_heads:], None, cu, max_seqlen, scale)
+    u = _attend_v1(qg.to(ctx.dtype), kv[:n_kv_heads], kv[n_kv_heads:], None, cu, max_seqlen, scale)
     return u.view(n_kv_heads, n_seg, n_q, grp, hd).permute(1, 2, 0, 3, 4).reshape(n_seg, n_q, H, hd)
 
 

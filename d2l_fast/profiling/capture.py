@@ -103,7 +103,8 @@ def build_scenarios(quick: bool = False) -> list[Scenario]:
             for mode in ("absorbed",) if quick else ("absorbed", "plain"):
                 out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode))
                 if not quick and cfg[0] == "main 26x2000":  # without ctx_rstd: the statistic computed on the device
-                    out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode, shape=RSTD_ON_DEVICE))
+                    out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode,
+                                        shape=RSTD_ON_DEVICE))
     return out
 
 
