@@ -391,8 +391,9 @@ def sec_mlp(S: Suite):
 
 def sec_readout(S: Suite):
     from benchmarks.ops.bench_latent_readout import suite_rows
+    from benchmarks.ops.readout_v1 import latent_readout_v1
 
-    for row in suite_rows(cuda_time_us, graph_time_us, spin, S.data.get("env", {})):
+    for row in suite_rows(cuda_time_us, graph_time_us, spin, S.data.get("env", {}), latent_readout_v1):
         S.row(**row)
 
 

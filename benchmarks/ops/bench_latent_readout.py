@@ -216,20 +216,20 @@ def _bound(prob, mode, us, env):
     return out
 
 
-def suite_rows(time_us, graph_us, spin, env):
-    """Rows of the GPU suite's readout section: per case the rewritten kernel (the public op, rstd computed on the
-    device, as the 817 us baseline was called), the pre-rewrite kernel (benchmarks/ops/readout_v1.py) in the same
-    form, the op with ctx_rstd given, alternative configs, the materialised reference and projection + SDPA; CUDA
-    event times, the new op's CUDA-graph time, relative errors vs the fp32 reference, % of the applicable bound."""
+def suite_rows(time_us, graph_us, spin, env, old):
+    """Rows of the GPU suite's readout section. Per case: the rewritten kernel (the public op, rstd computed on the
+    device, as the 817 us baseline was called), the pre-rewrite kernel ``old`` in the same form (scripts/gpu_suite.py
+    passes benchmarks/ops/readout_v1.py's ``latent_readout_v1``), both with ctx_rstd given, alternative configs, the
+    materialised reference and projection + SDPA; CUDA-event times, CUDA-graph times of new and old, relative
+    errors vs the fp32 reference, % of the applicable bound."""
     for cname, (r, layers, T) in SUITE_CASES.items():
-        yield from _suite_case(cname, r, layers, T, time_us, graph_us, spin, env)
+        yield from _suite_case(cname, r, layers, T, time_us, graph_us, spin, env, old)
 
 
-def _suite_case(cname, r, layers, T, time_us, graph_us, spin, env):
+def _suite_case(cname, r, layers, T, time_us, graph_us, spin, env, latent_readout_v1):
     """One case of :func:`suite_rows` (a function, so the providers' closures bind this case's tensors)."""
     import torch.nn.functional as F
 
-    from benchmarks.ops.readout_v1 import latent_readout_v1
     from d2l_fast.kernels.latent_readout.configs import KernelConfig
     from d2l_fast.kernels.latent_readout.launch import latent_readout_triton_fwd
 
