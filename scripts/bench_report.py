@@ -153,11 +153,19 @@ def build_gpu_suite_tables(data: dict) -> str:
                        f"{'met' if r.get('target_met') else 'not met'} |")
     ro = [r for r in rows if r.get("section") == "readout"]
     if ro:
-        out += ["", "| readout case | provider | µs | useful TFLOP/s | % of bf16 peak | rel. error |",
-                "|---|---|---|---|---|---|"]
+        # old JSON (before the issue-18 rewrite) has useful_TFLOPs; new rows give the executed form's rates and bound
+        out += ["", "| readout case | provider | µs (graph) | TFLOP/s | % of bf16 peak | GB/s | % of copy BW | "
+                "% of bound | rel. error |", "|---|---|---|---|---|---|---|---|---|"]
         for r in ro:
-            out.append(f"| {r['case']} | {r['provider']} | {_n(r['us'])} | {_n(r.get('useful_TFLOPs'))} | "
-                       f"{_n((r.get('frac_peak') or 0) * 100)} | {_n(r.get('rel_err'), '{:.1e}')} |")
+            pct = r.get("pct_of_bound")
+            out.append(f"| {r['case']} | {r['provider']} | {_n(r['us'])} ({_n(r.get('graph_us'))}) | "
+                       f"{_n(r.get('TFLOPs', r.get('useful_TFLOPs')))} | {_n((r.get('frac_peak') or 0) * 100)} | "
+                       f"{_n(r.get('GBps'))} | {_n((r.get('frac_copy_bw') or 0) * 100)} | "
+                       f"{_n(pct)}{' (' + r['bound'] + ')' if pct is not None and r.get('bound') else ''} | "
+                       f"{_n(r.get('rel_err'), '{:.1e}')} |")
+        for r in (x for x in rows if x.get("section") == "readout_summary"):
+            out.append(f"| **{r['case']}** ({r['mode']}) | new vs old | {_n(r['new_us'])} vs {_n(r['old_us'])}: "
+                       f"**{_n(r['speedup'], '{:.2f}')}×** | | | | | {_n(r.get('pct_of_bound'))} | |")
     e2e = [r for r in rows if r.get("section") == "e2e"]
     if e2e:
         out += ["", "| end to end (random Gemma-2-2b-shaped model, bf16) | result |", "|---|---|"]

@@ -1,6 +1,6 @@
 """All GPU checks in one run: CUDA tests, kernel benchmarks against same-device baselines, end to end.
 
-    PYTHONPATH=$PWD python scripts/gpu_suite.py --out /tmp/gpu            # ~5 min on an H100
+    PYTHONPATH=$PWD python scripts/gpu_suite.py --out /tmp/gpu            # ~5-6 min on an H100 (<= 8)
     python scripts/bench_report.py /tmp/gpu/gpu_suite.json                       # markdown tables
 
 Runs from a checkout with the machine's own torch/triton/transformers/peft (nothing is installed). Sections,
@@ -20,8 +20,10 @@ each time-guarded so a slow one cannot starve the rest, each writing into gpu_su
             down_proj, ranks 8..72: bare vs fused (gated_lora) vs unfused, plus the pieces (benchmarks/ops/
             bench_fused_mlp.py); target fused <= 1.10x bare
   readout   the Perceiver readout at the Gemma-2-2b main config (26 layers x 2000 tokens, 8 queries, 16 heads
-            x 128, 4 KV heads, latent 512) and NIAH (208 queries): d2l_fast (auto form) vs the materialised
-            reference and vs projection + SDPA, TFLOP/s of the useful (absorbed) MACs
+            x 128, 4 KV heads, latent 512), NIAH (208 queries) and 416 x 128 tokens: the rewritten kernel (new)
+            vs the pre-rewrite one (old, benchmarks/ops/readout_v1.py), alternative split configs, the
+            materialised reference, projection + SDPA; % of the bound that applies (benchmarks/ops/
+            bench_latent_readout.py suite_rows)
   e2e       a random Gemma-2-2b-shaped model in bf16: internalize one 2k-token document (main hypernet
             config), internalize 64 documents, then 64 rows each with its own adapter, 32 greedy tokens:
             base vs d2l_fast vs PEFT (64 adapters on every down_proj)
@@ -48,7 +50,7 @@ sys.path.insert(0, ROOT)
 from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config  # noqa: E402
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_fwd  # noqa: E402
-from d2l_fast.profiling.shapes import MODEL_SHAPES, READOUT_MAIN, READOUT_NIAH, LoraCase, lora_cases  # noqa: E402
+from d2l_fast.profiling.shapes import MODEL_SHAPES, LoraCase, lora_cases  # noqa: E402
 
 DT = torch.bfloat16
 
@@ -388,51 +390,11 @@ def sec_mlp(S: Suite):
 
 
 def sec_readout(S: Suite):
-    from d2l_fast.kernels.latent_readout import latent_readout, latent_readout_ref
+    from benchmarks.ops.bench_latent_readout import suite_rows
+    from benchmarks.ops.readout_v1 import latent_readout_v1
 
-    tf = S.data.get("env", {}).get("bf16_matmul_TFLOPs")
-    for cname, (r, layers, T) in {"main-26x2000": (READOUT_MAIN, 26, 2000), "niah-26x2000": (READOUT_NIAH, 26, 2000),
-                                  "main-416x128": (READOUT_MAIN, 26 * 16, 128)}.items():  # fmt: skip
-        n_q, H, n_kv, hd, D = r.n_q, r.n_heads, r.n_kv_heads, r.head_dim, r.d_model
-        g = torch.Generator().manual_seed(0)
-        lens = [T] * layers
-        cu = torch.tensor([0] + [T * (i + 1) for i in range(layers)], dtype=torch.int32, device="cuda")
-        q = torch.randn(layers, n_q, H, hd, generator=g).to("cuda", DT)
-        ctx = (torch.randn(sum(lens), D, generator=g) * 3).to("cuda", DT)
-        wk = (torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", DT)
-        wv = (torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", DT)
-        w = (1 + 0.2 * torch.randn(D, generator=g)).to("cuda", DT)
-        args = (q, ctx, cu, T, wk, wv, w)
-        with torch.no_grad():
-            ref = latent_readout_ref(q.float(), ctx.float(), cu, wk.float(), wv.float(), w.float(), n_kv_heads=n_kv)
-        R = n_q * H
-        useful = 2 * 2 * R * D * sum(lens)  # absorbed form: scores + weighted sum over D per token per query row
-
-        def sdpa():
-            c = ctx.float()
-            c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DT) * w
-            k = (c @ wk.T).view(layers, T, n_kv, hd).transpose(1, 2)
-            v = (c @ wv.T).view(layers, T, n_kv, hd).transpose(1, 2)
-            qq = q.transpose(1, 2)  # [layers, H, n_q, hd]
-            return F.scaled_dot_product_attention(qq, k, v, enable_gqa=True)
-
-        provs = {
-            "d2l_fast_auto": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton"),
-            "d2l_fast_absorbed": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", mode="absorbed"),
-            "d2l_fast_plain": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", mode="plain"),
-            "reference_materialised": lambda: latent_readout_ref(q, ctx, cu, wk, wv, w, n_kv_heads=n_kv),
-            "projection_sdpa": sdpa,
-        }
-        spin()
-        for prov, fn in provs.items():
-            with torch.no_grad():
-                y = fn()
-                if prov == "projection_sdpa":
-                    y = y.transpose(1, 2)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                t = cuda_time_us(fn, reps=10)
-            S.row(section="readout", case=cname, provider=prov, us=t, rel_err=err,
-                  useful_TFLOPs=useful / t / 1e6, frac_peak=(useful / t / 1e6 / tf) if tf else None)  # fmt: skip
+    for row in suite_rows(cuda_time_us, graph_time_us, spin, S.data.get("env", {}), latent_readout_v1):
+        S.row(**row)
 
 
 def gemma2_2b_model():

@@ -171,3 +171,109 @@ def test_bench_latent_readout(benchmark, case, provider):
         torch_version=torch.__version__,
         triton_version=TRITON_VERSION,
     )
+
+
+# ------------------------------------------------------------------------------------------ GPU suite section
+# scripts/gpu_suite.py's "readout" section: (config, layers, tokens per layer); the Gemma-2-2b main config and NIAH
+# over one 2000-token document (one segment per layer), and the main config over 16 chunks of 128 tokens per layer
+SUITE_CASES = {"main-26x2000": (READOUT_MAIN, 26, 2000), "niah-26x2000": (READOUT_NIAH, 26, 2000),
+               "main-416x128": (READOUT_MAIN, 26 * 16, 128)}  # fmt: skip
+# config overrides timed next to pick_config's choice on the main case (so one run says which split wins)
+_ALT_CONFIGS = {"ctx-split2-fullD": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_DK=512, BLOCK_DV=512, n_splits=1,
+                                         split_len=1024, num_warps=8, num_stages=2),
+                "ctx-split5-fullD": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_DK=512, BLOCK_DV=512, n_splits=1,
+                                         split_len=448, num_warps=8, num_stages=2)}  # fmt: skip
+
+
+def _suite_problem(r, layers, T, dt):
+    g = torch.Generator().manual_seed(0)
+    n_q, H, n_kv, hd, D = r.n_q, r.n_heads, r.n_kv_heads, r.head_dim, r.d_model
+    cu = torch.arange(layers + 1, dtype=torch.int32).mul_(T).to("cuda")
+    return dict(q=torch.randn(layers, n_q, H, hd, generator=g).to("cuda", dt),
+                ctx=(torch.randn(layers * T, D, generator=g) * 3).to("cuda", dt), cu=cu,
+                wk=(torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", dt),
+                wv=(torch.randn(n_kv * hd, D, generator=g) / D**0.5).to("cuda", dt),
+                w=(1 + 0.2 * torch.randn(D, generator=g)).to("cuda", dt), n_kv=n_kv)  # fmt: skip
+
+
+def _bound(prob, mode, us, env):
+    """FLOPs and minimum bytes of the form that runs, their rates, and the roofline bound it is held to."""
+    macs = readout_macs(prob)
+    flops = 2 * macs[mode]
+    R, e = prob.n_q * prob.n_heads, 2
+    if mode == "absorbed":  # context once (rstd on the fly), queries in, output out
+        min_bytes = prob.total_tokens * prob.d_model * e + prob.n_seg * R * prob.head_dim * e * 2
+    else:  # context once for the projection, K/V written and read once, queries in, output out
+        kv = prob.total_tokens * 2 * prob.n_kv_heads * prob.head_dim * e
+        min_bytes = prob.total_tokens * prob.d_model * e + 2 * kv + prob.n_seg * R * prob.head_dim * e * 2
+    tflops, gbps = flops / us / 1e6, min_bytes / us / 1e3
+    peak, bw = env.get("bf16_matmul_TFLOPs"), env.get("copy_GBps")
+    out = dict(mode=mode, flops=flops, min_bytes=min_bytes, TFLOPs=tflops, GBps=gbps)
+    if peak and bw:
+        t_compute, t_memory = flops / (peak * 1e6), min_bytes / (bw * 1e3)  # us at the card's measured ceilings
+        out.update(frac_peak=tflops / peak, frac_copy_bw=gbps / bw, bound="compute" if t_compute >= t_memory
+                   else "memory", pct_of_bound=100 * max(t_compute, t_memory) / us)  # fmt: skip
+    return out
+
+
+def suite_rows(time_us, graph_us, spin, env, old):
+    """Rows of the GPU suite's readout section. Per case: the rewritten kernel (the public op, rstd computed on the
+    device, as the 817 us baseline was called), the pre-rewrite kernel ``old`` in the same form (scripts/gpu_suite.py
+    passes benchmarks/ops/readout_v1.py's ``latent_readout_v1``), both with ctx_rstd given, alternative configs, the
+    materialised reference and projection + SDPA; CUDA-event times, CUDA-graph times of new and old, relative
+    errors vs the fp32 reference, % of the applicable bound."""
+    for cname, (r, layers, T) in SUITE_CASES.items():
+        yield from _suite_case(cname, r, layers, T, time_us, graph_us, spin, env, old)
+
+
+def _suite_case(cname, r, layers, T, time_us, graph_us, spin, env, latent_readout_v1):
+    """One case of :func:`suite_rows` (a function, so the providers' closures bind this case's tensors)."""
+    import torch.nn.functional as F
+
+    from d2l_fast.kernels.latent_readout.configs import KernelConfig
+    from d2l_fast.kernels.latent_readout.launch import latent_readout_triton_fwd
+
+    dt = torch.bfloat16
+    p = _suite_problem(r, layers, T, dt)
+    q, ctx, cu, wk, wv, w, n_kv = (p[k] for k in ("q", "ctx", "cu", "wk", "wv", "w", "n_kv"))
+    prob = ReadoutProblem(layers, r.n_q, r.n_heads, n_kv, r.head_dim, r.d_model, layers * T, T)
+    mode = resolve_mode("auto", q, ctx, n_kv)
+    rstd = compute_rstd(ctx, 1e-6)
+    args = (q, ctx, cu, T, wk, wv, w)
+    with torch.no_grad():
+        ref = latent_readout_ref(q.float(), ctx.float(), cu, wk.float(), wv.float(), w.float(), n_kv_heads=n_kv)
+
+    def sdpa():
+        c = ctx.float()
+        c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * w
+        k = (c @ wk.T).view(layers, T, n_kv, -1).transpose(1, 2)
+        v = (c @ wv.T).view(layers, T, n_kv, -1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True).transpose(1, 2)
+
+    provs = {
+        "new": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton"),
+        "old": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode),
+        "new_rstd_given": lambda: latent_readout(*args, n_kv_heads=n_kv, backend="triton", ctx_rstd=rstd),
+        "old_rstd_given": lambda: latent_readout_v1(*args, n_kv_heads=n_kv, mode=mode, ctx_rstd=rstd),
+        "reference_materialised": lambda: latent_readout_ref(q, ctx, cu, wk, wv, w, n_kv_heads=n_kv),
+        "projection_sdpa": sdpa,
+    }
+    if cname == "main-26x2000":
+        for alt, kw in _ALT_CONFIGS.items():
+            cfg = KernelConfig(**dict(kw, n_splits=-(-T // kw["split_len"])))
+            provs[f"new_{alt}"] = lambda cfg=cfg: latent_readout_triton_fwd(
+                q, ctx, cu, T, wk, wv, w, None, n_kv_heads=n_kv, scale=r.head_dim**-0.5, mode=mode, cfg=cfg)
+    spin()
+    times = {}
+    for prov, fn in provs.items():
+        with torch.no_grad():
+            y = fn()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            times[prov] = t = time_us(fn, reps=10)
+            gus = graph_us(fn) if prov in ("new", "old") else None
+        yield dict(section="readout", case=cname, provider=prov, us=t, graph_us=gus, rel_err=err,
+                   **_bound(prob, mode, t, env))  # fmt: skip
+    yield dict(section="readout_summary", case=cname, mode=mode, new_us=times["new"], old_us=times["old"],
+               speedup=times["old"] / times["new"], **_bound(prob, mode, times["new"], env))  # fmt: skip
+    del p, ref
+    torch.cuda.empty_cache()

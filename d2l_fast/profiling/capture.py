@@ -37,12 +37,15 @@ def _readout_config(name: str, r: _shapes.ReadoutShape, lens: tuple) -> tuple:
 READOUT_CONFIGS = (
     _readout_config("main 16x256", _shapes.READOUT_MAIN, (256,) * 16),
     _readout_config("main 1x2048", _shapes.READOUT_MAIN, (2048,)),
+    _readout_config("main 26x2000", _shapes.READOUT_MAIN, (2000,) * 26),  # the GPU suite's Gemma-2-2b case
     _readout_config("niah 1x4096", _shapes.READOUT_NIAH, (4096,)),
 )
 # label -> (torch dtype name, requested fp32 matmul precision)
 DTYPES = {"bf16": ("bfloat16", None), "fp16": ("float16", None), "fp32-tf32": ("float32", "tf32"),
           "fp32-ieee": ("float32", "ieee")}
 SMEM_LIMIT = 227 * 1024
+# Scenario.shape of a readout called without ctx_rstd (absorbed: rstd inside the kernel; plain: one extra pass)
+RSTD_ON_DEVICE = "rstd on device"
 
 
 # ----------------------------------------------------------------------------------------------- scenarios
@@ -99,6 +102,9 @@ def build_scenarios(quick: bool = False) -> list[Scenario]:
         for cfg in READOUT_CONFIGS[:1] if quick else READOUT_CONFIGS:
             for mode in ("absorbed",) if quick else ("absorbed", "plain"):
                 out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode))
+                if not quick and cfg[0] == "main 26x2000":  # without ctx_rstd: the statistic computed on the device
+                    out.append(Scenario("readout", model=cfg[0], dtype=dt, readout=cfg, mode=mode,
+                                        shape=RSTD_ON_DEVICE))
     return out
 
 
@@ -381,7 +387,7 @@ def _run_scenario(scen: Scenario, sl, rf) -> str:
     rstd = torch.empty(T, dtype=torch.float32, device=dev)
     cu_t = torch.tensor(cu, dtype=torch.int32).to(dev)
     rf.latent_readout(q, ctx, cu_t, max(lens), wk, wv, w, n_kv_heads=n_kv, mode=scen.mode, backend="triton",
-                      ctx_rstd=rstd)
+                      ctx_rstd=None if scen.shape == RSTD_ON_DEVICE else rstd)
     return rf.resolve_mode("auto", q, ctx, n_kv)
 
 
@@ -486,5 +492,6 @@ def compile_all(launches, arch: str, jobs: int = 2) -> dict:
 
 
 __all__ = ["DECODE_ROWS", "DTYPES", "Launch", "MODELS", "PREFILL_DOCS", "PREFILL_LEN", "RANKS", "READOUT_CONFIGS",
+           "RSTD_ON_DEVICE",
            "SMALL_PREFILL_LEN", "SMALL_PREFILL_ROWS", "SMEM_LIMIT", "Scenario", "build_scenarios", "capture",
            "compile_all", "compile_one"]

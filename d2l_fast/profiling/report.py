@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from .capture import DTYPES, SMEM_LIMIT, Launch, Scenario, build_scenarios, capture, compile_all
+from .capture import DTYPES, RSTD_ON_DEVICE, SMEM_LIMIT, Launch, Scenario, build_scenarios, capture, compile_all
 from .shapes import MODEL_SHAPES
 
 RATIO_LIMIT = 1.5
@@ -72,27 +72,42 @@ def kernel_bytes(lc: Launch) -> int | None:
             return sum(nN * _cdiv(r, BR) * d_in * e + nN * r * d_in * e + r * d_out * e + 2 * d_out * e
                        for n, r in segs)
         return None
-    lens = s.readout[6]
-    if name == "readout_fwd":
-        e = _elem(sig["q_ptr"])
-        R, d = i.get("n_rows", c.get("n_rows")), i.get("dim", c.get("dim"))
-        G = lc.grid[1] // _cdiv(R, c["BLOCK_M"])
-        split = i.get("split_len", c.get("split_len"))
-        n_tiles = _cdiv(R, c["BLOCK_M"])
-        kv = 1 if c.get("SHARED_KV") else 2
-        ts = 4 if c.get("HAS_TOK_SCALE") else 0
-        total = 0
-        for n in lens:
-            n_splits = max(1, _cdiv(n, split)) if n else 1
-            total += G * n_tiles * n * (kv * d * e + ts)  # keys (and values) once per row tile
-            total += G * n_splits * R * (d * e + d * 4 + 4)  # q read, partial output + lse written per split
-        return total
-    if name == "readout_combine":
-        R, d = i.get("n_rows", c.get("n_rows")), i.get("dim", c.get("dim"))
-        n_splits = i.get("n_splits", c.get("n_splits"))
-        G = lc.grid[1] // _cdiv(R, c["BLOCK_M"])
-        return len(lens) * G * (n_splits * R * (d * 4 + 4) * 2 + R * d * 4)  # lse read twice
-    return None
+    return _readout_bytes(lc, name, s.readout[6])
+
+
+def _readout_bytes(lc: Launch, name: str, lens) -> int | None:
+    """The readout's kernels: every program reads its keys at full width (and its value columns), its query tile,
+    and writes its fp32 output or partial (+ LSE); the merge reads every used partial once (LSE twice)."""
+    c, i, sig = lc.constexprs, lc.ints, lc.signature
+
+    def val(k):
+        return i.get(k, c.get(k))
+
+    if name == "ctx_rstd":
+        return sum(lens) * (val("dim") * _elem(sig["x_ptr"]) + 4)
+    if name not in ("readout_split", "readout_merge"):
+        return None
+    R, G = val("n_rows"), val("n_groups")
+    split = val("split_len")
+    used = [_cdiv(n, split) for n in lens]
+    if name == "readout_merge":
+        dv, n_d = val("dim"), val("n_d_blocks")
+        return sum(G * (u * R * (dv * 4 + 4 * 2 * n_d) + R * dv * 4) for u in used)
+    e, dk, dv = _elem(sig["q_ptr"]), val("dim_k"), val("dim_v")
+    n_m = _cdiv(R, c["BLOCK_M"])
+    n_dv = lc.grid[0] // n_m
+    ts = c.get("TOK_SCALE", 0)
+    total = 0
+    for n, u in zip(lens, used):
+        progs_tok = G * n_m * n_dv * n  # (program, token) pairs
+        total += progs_tok * dk * e  # keys at full width
+        if not (c.get("SHARED_KV") and n_dv == 1):
+            total += G * n_m * n * dv * e  # value columns (a D split re-reads its slice)
+        total += progs_tok * (4 if ts == 1 else (dk * e if ts == 2 else 0))  # rstd read / mean-square re-read
+        n_out = u if c.get("SPLIT") else 1
+        total += G * max(u, 1) * n_dv * R * dk * e  # query tiles
+        total += G * n_out * R * (dv * 4 + (4 if c.get("SPLIT") else 0))
+    return total
 
 
 def op_min_bytes(s: Scenario, mode: str | None = None) -> int:
@@ -110,6 +125,8 @@ def op_min_bytes(s: Scenario, mode: str | None = None) -> int:
     T, n_seg = sum(lens), len(lens)
     if (mode or s.mode) == "absorbed":  # folded queries in, raw context + rstd once, fp32 [n_seg, n_q*H, D] out
         return n_seg * n_q * H * D * e + T * (D * e + 4) + n_seg * n_q * H * D * 4
+    if s.shape == RSTD_ON_DEVICE:  # the plain form's extra pass: the context is read for its rstd
+        return n_seg * n_q * H * hd * e + T * (2 * n_kv * hd * e + D * e + 4) + n_seg * n_q * H * hd * 4
     return n_seg * n_q * H * hd * e + T * 2 * n_kv * hd * e + n_seg * n_q * H * hd * 4
 
 
@@ -216,7 +233,7 @@ def format_table(rep: Report) -> str:
             if g["rank"] and g["rank"] not in ranks:
                 ranks.append(g["rank"])
         op = f"{r['op']} {r['shape']}" if r["op"] != "readout" else f"readout {r['mode']}" + (
-            "*" if r["mode"] == r["auto_mode"] else "")
+            "*" if r["mode"] == r["auto_mode"] else "") + (f" ({r['shape']})" if r["shape"] else "")
         ratios = [g["bytes_ratio"] for g in grp if g["bytes_ratio"] is not None]
         ratio = "n/a" if not ratios else (f"{min(ratios):.2f}" if min(ratios) == max(ratios)
                                           else f"{min(ratios):.2f}-{max(ratios):.2f}")
@@ -246,7 +263,7 @@ def format_ops(rep: Report) -> str:
     for o in rep.ops:
         col = o["model"] if o["op"] != "readout" else "ratio"
         what = o["rank"] if o["op"] != "readout" else f"{o['model']} {o['mode']}" + (
-            "*" if o["mode"] == o["auto_mode"] else "")
+            "*" if o["mode"] == o["auto_mode"] else "") + (f" ({o['shape']})" if o["shape"] else "")
         width = "fp32" if o["dtype"].startswith("fp32") else "16-bit"
         op = f"{o['op']} {o['shape']}" if o["op"] != "readout" else "readout"
         cells.setdefault((op, what, width), {})[col] = o["ratio"]

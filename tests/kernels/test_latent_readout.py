@@ -99,8 +99,9 @@ def test_readout_forward(case, backend, mode, dtype):
 
 @pytest.mark.interpreter
 def test_interpreter_is_active():
-    assert type(readout_kernel._readout_fwd_kernel).__name__ == "InterpretedFunction"
-    assert type(readout_kernel._readout_combine_kernel).__name__ == "InterpretedFunction"
+    assert type(readout_kernel._readout_split_kernel).__name__ == "InterpretedFunction"
+    assert type(readout_kernel._readout_merge_kernel).__name__ == "InterpretedFunction"
+    assert type(readout_kernel._ctx_rstd_kernel).__name__ == "InterpretedFunction"
 
 
 @pytest.mark.parametrize("backend,mode", PATHS)

@@ -48,7 +48,7 @@ def test_quick_report_compiles_clean_bf16_configs(quick_report):
         assert r["kernel_bytes"] > 0 and r["bytes_ratio"] == round(r["kernel_bytes"] / r["op_min_bytes"], 2)
     # the tl.dot kernels run on tensor cores
     assert any(r["mma"] in ("wgmma", "mma.sync") for r in rows if r["op"] == "prefill-fwd")
-    assert any(r["mma"] in ("wgmma", "mma.sync") for r in rows if r["kernel"] == "readout_fwd")
+    assert any(r["mma"] in ("wgmma", "mma.sync") for r in rows if r["kernel"] == "readout_split")
 
 
 def test_quick_report_byte_minimum_and_table(quick_report):

@@ -35,13 +35,14 @@ _BACKENDS = ("auto", "torch", "triton")
 def _latent_readout_fwd(q, context, cu_seqlens, k_weight, v_weight, norm_weight, rstd_in, max_seqlen: int,
                         n_kv_heads: int, eps: float, scale: float, mode: str, backend: str) -> torch.Tensor:
     """The readout ``[n_seg, n_q, H, hd]`` in q's dtype, on ``backend`` in the (resolved) ``mode``; no autograd."""
-    rstd = rstd_in if rstd_in is not None else compute_rstd(context, eps)
     if backend == "triton":
+        # without rstd_in the statistic is computed on the device (inside the absorbed kernel; one pass otherwise)
         out = latent_readout_triton_fwd(
-            q, context, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd,
-            n_kv_heads=n_kv_heads, scale=scale, mode=mode,
+            q, context, cu_seqlens, max_seqlen, k_weight, v_weight, norm_weight, rstd_in,
+            n_kv_heads=n_kv_heads, scale=scale, mode=mode, eps=eps,
         )  # fmt: skip
     else:
+        rstd = rstd_in if rstd_in is not None else compute_rstd(context, eps)
         cu_cpu = cu_seqlens.to("cpu", torch.int64)
         out = readout_torch(
             q, context, cu_cpu, k_weight, v_weight, norm_weight, rstd,
@@ -182,9 +183,13 @@ def _latent_readout_backward_op(grad: torch.Tensor, q: torch.Tensor, ctx: torch.
                                 k_weight: torch.Tensor, v_weight: torch.Tensor, norm_weight: torch.Tensor,
                                 ctx_rstd: torch.Tensor | None, n_kv_heads: int, eps: float, softmax_scale: float,
                                 mode: str, needs: list[bool]) -> list[torch.Tensor]:  # fmt: skip
-    # the dispatcher runs an op's implementation with autograd dispatch excluded; the recompute backward needs it
-    # (without this every gradient would silently be zero)
+    # the dispatcher runs an op's implementation with autograd dispatch excluded; the recompute backward needs it, or
+    # every gradient would silently be zero. Removing a per-backend key from a DispatchKeySet clears its
+    # functionality bit, so this re-enables autograd for every backend (CUDA included); ADInplaceOrView is
+    # re-enabled too (excluded when the op runs below it) so in-place ops bump version counters and views are
+    # tracked. tests/kernels/test_readout_split.py calls this op under _AutoDispatchBelowADInplaceOrView.
     exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradCPU)
+    exclude = exclude.remove(torch._C.DispatchKey.ADInplaceOrView)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
         grads = _latent_readout_bwd(grad, q, ctx, cu_seqlens, k_weight, v_weight, norm_weight, ctx_rstd, n_kv_heads,
                                     eps, softmax_scale, mode, _ReadoutGrads(*needs))  # fmt: skip
