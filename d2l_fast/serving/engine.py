@@ -33,7 +33,7 @@ import torch
 
 from ..adapters import AdapterBatch
 from ..answering import left_pad
-from ..encoder import limit_row_tokens, observe_encoding
+from ..encoder import encode_in_slices, observe_encoding
 from .errors import APIError
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
@@ -61,7 +61,7 @@ class InternalizeBatcher:
     def __init__(self, model, *, window_s: float = 0.005, max_docs: int = 64, max_tokens: int = 1 << 16,
                  slice_tokens: int | None = None):
         self.model = model
-        self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
+        self.slice_tokens = slice_tokens  # encoder windows of at most this many tokens (None: whole packed rows)
         self.window_s = float(window_s)
         self.max_docs = int(max_docs)
         self.max_tokens = int(max_tokens)
@@ -121,8 +121,8 @@ class InternalizeBatcher:
                 return
 
     def _internalize(self, group: list[_DocJob]) -> AdapterBatch:
-        with observe_encoding(GroupProgress([j.progress for j in group])), limit_row_tokens(self.slice_tokens):
-            return self.model.internalize([j.text for j in group], max_chunk_len=self.slice_tokens)
+        with observe_encoding(GroupProgress([j.progress for j in group])), encode_in_slices(self.slice_tokens):
+            return self.model.internalize([j.text for j in group])
 
     def _process(self, group: list[_DocJob]) -> None:
         group = [j for j in group if j.future.set_running_or_notify_cancel()]
