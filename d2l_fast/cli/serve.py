@@ -10,8 +10,15 @@ import os
 import pathlib
 
 from ..serving.settings import ServerSettings
-from ._common import (CLIError, check_base_model, check_output_parent, load_checkpoint, load_model,
-                      non_negative_int, positive_int)
+from ._common import (
+    CLIError,
+    check_base_model,
+    check_output_parent,
+    load_checkpoint,
+    load_model,
+    non_negative_int,
+    positive_int,
+)
 from ._flags import add_dataclass_flags, dataclass_kwargs
 
 NAME = "serve"
