@@ -13,11 +13,11 @@ Encoder passes are sliced (as chunked prefill is in vLLM): between two decoder l
 run, and resumes. The lock is fair by tickets: a reader that has to wait takes a ticket, and every release of
 the exclusive hold (the end of a pass or a yield) grants all tickets issued so far; a writer — also the one that
 just released — acquires only once the granted readers have entered and left. So a queued forward waits for at
-most one slice (one decoder layer of one packed encoder row), and a waiting writer still blocks forwards that
-arrive after it (no writer starvation either).
+most one slice (one decoder layer of one encoder pass: a packed row, or a window of one), and a waiting writer
+still blocks forwards that arrive after it (no writer starvation either).
 
-The lock counts what it does, so the schedule can be checked by state: ``slices`` (slices of exclusive holds begun: at
-each acquire and at each yield), ``max_slices_waited`` (the most slices that began while one reader
+The lock counts what it does, so the schedule can be checked by state: ``slices`` (slices of exclusive holds
+begun: at each acquire and at each yield), ``max_slices_waited`` (the most slices that began while one reader
 waited: at most 1 by the rule above, the one a writer waiting at the reader's arrival runs first) and
 ``longest_slice`` (seconds, what): the longest stretch of an exclusive hold between two points where a reader
 could get in (acquire, :meth:`yield_to_readers`, release), i.e. the longest a queued forward could have waited,
@@ -137,7 +137,7 @@ class ModelLock:
 
     @contextlib.contextmanager
     def exclusive(self, what: str = ""):
-        """Hold the lock alone (reentrant); ``what`` names the hold in ``longest_hold`` and the DEBUG log (the
+        """Hold the lock alone (reentrant); ``what`` names the hold in ``longest_slice`` and the DEBUG log (the
         outermost hold's name counts)."""
         if not isinstance(what, str):
             raise TypeError(f"what must be a str, got {type(what).__name__}")

@@ -261,10 +261,8 @@ class ContextEncoder(nn.Module):
             ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
             pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
             dest = torch.arange(offsets[i], offsets[j], device=dev)
-            n = offsets[j] - offsets[i]
-            wins = [(0, n)] if n_slice is None or n <= n_slice else [(a, min(n, a + n_slice))
-                                                                    for a in range(0, n, n_slice)]
-            cache = _varlen.RowCache(n) if len(wins) > 1 else None
+            wins = _windows(offsets[j] - offsets[i], n_slice)
+            cache = _varlen.RowCache(offsets[j] - offsets[i]) if len(wins) > 1 else None
             if observer is not None:
                 observer("row", i, j)
             for w, (a, b) in enumerate(wins):  # the lock is released between windows
@@ -301,6 +299,13 @@ class ContextEncoder(nn.Module):
             done += len(idx)
             if observer is not None:
                 observer("chunks", done, len(lens))
+
+
+def _windows(n: int, n_slice: int | None) -> list[tuple[int, int]]:
+    """``[(a, b), ...]``: the token windows of a row of ``n`` tokens, at most ``n_slice`` each (None: the whole row)."""
+    if n_slice is None or n <= n_slice:
+        return [(0, n)]
+    return [(a, min(n, a + n_slice)) for a in range(0, n, n_slice)]
 
 
 def _budget_rows(lens: list[int], token_budget: int) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ A packed row may also be encoded in token windows (``window=`` of :func:`packed_
 :class:`RowCache`), as chunked prefill does: each pass runs the tokens ``start .. end-1`` of the row, their
 keys and values are kept, and each query attends to the keys of its own chunk up to itself, from this window and
 the windows before. A query attends to the same keys as in one whole-row pass; only the blocking of the
-arithmetic differs (fp32 rounding).
+arithmetic differs (fp32 rounding). Windows run the blocked SDPA path (not flash-attn).
 """
 
 from __future__ import annotations
