@@ -13,18 +13,28 @@ Encoder passes are sliced (as chunked prefill is in vLLM): between two decoder l
 run, and resumes. The lock is fair by tickets: a reader that has to wait takes a ticket, and every release of
 the exclusive hold (the end of a pass or a yield) grants all tickets issued so far; a writer — also the one that
 just released — acquires only once the granted readers have entered and left. So a queued forward waits for at
-most one slice (one decoder layer of one packed encoder row), and a waiting writer still blocks forwards that
-arrive after it (no writer starvation either).
+most one slice (one decoder layer of one encoder pass: a packed row, or a window of one), and a waiting writer
+still blocks forwards that arrive after it (no writer starvation either).
+
+The lock counts what it does, so the schedule can be checked by state: ``slices`` (slices of exclusive holds
+begun: at each acquire and at each yield), ``max_slices_waited`` (the most slices that began while one reader
+waited: at most 1 by the rule above, the one a writer waiting at the reader's arrival runs first) and
+``longest_slice`` (seconds, what): the longest stretch of an exclusive hold between two points where a reader
+could get in (acquire, :meth:`yield_to_readers`, release), i.e. the longest a queued forward could have waited,
+and the ``what`` its :meth:`exclusive` was given; slices longer than ``slow_slice_s`` are logged at DEBUG.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 
 from torch import nn
 
 _CREATE = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 class ModelLock:
@@ -48,6 +58,12 @@ class ModelLock:
         self._granted_waiting = 0  # granted readers that have not entered yet (writers wait for them)
         self._local = threading.local()
         self.handovers = 0  # releases / yields of a writer that let queued readers run
+        self.slices = 0  # slices of exclusive holds begun (at an acquire, and at every yield)
+        self.max_slices_waited = 0  # the most slices begun while one reader waited
+        self.longest_slice: tuple[float, str] = (0.0, "")  # (seconds, what): see the module docstring
+        self.slow_slice_s = 0.25  # slices longer than this are logged at DEBUG
+        self._slice_start = 0.0
+        self._what = ""
 
     @property
     def readers_waiting(self) -> int:
@@ -66,7 +82,7 @@ class ModelLock:
         if depth == 0 and self._writer != me:
             with self._cond:
                 if self._writer is not None or self._writers_waiting:
-                    ticket = self._next_ticket
+                    ticket, s0 = self._next_ticket, self.slices
                     self._next_ticket += 1
                     self._readers_waiting += 1
                     try:
@@ -76,6 +92,7 @@ class ModelLock:
                         self._readers_waiting -= 1
                         if ticket < self._grant:
                             self._granted_waiting -= 1
+                        self.max_slices_waited = max(self.max_slices_waited, self.slices - s0)
                 self._readers += 1
             counted = True
         self._local.depth = depth + 1
@@ -97,8 +114,20 @@ class ModelLock:
         finally:
             self._writers_waiting -= 1
         self._writer, self._writer_depth = me, depth
+        self.slices += 1
+        self._slice_start = time.perf_counter()
+
+    def _end_slice(self) -> None:  # by the writer: a point where queued readers may get in
+        now = time.perf_counter()
+        took, self._slice_start = now - self._slice_start, now
+        if took > self.longest_slice[0]:
+            self.longest_slice = (took, self._what)
+        if took > self.slow_slice_s:
+            logger.debug("the model lock was held exclusively for %.3f s without a yield (%s)", took,
+                         self._what or "unnamed")
 
     def _release_writer(self) -> None:  # with self._cond held
+        self._end_slice()
         self._writer, self._writer_depth = None, 0
         if self._readers_waiting:  # every reader queued now goes before any writer (the releasing one too)
             self._grant = self._next_ticket
@@ -107,7 +136,11 @@ class ModelLock:
         self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self):
+    def exclusive(self, what: str = ""):
+        """Hold the lock alone (reentrant); ``what`` names the hold in ``longest_slice`` and the DEBUG log (the
+        outermost hold's name counts)."""
+        if not isinstance(what, str):
+            raise TypeError(f"what must be a str, got {type(what).__name__}")
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:
@@ -117,6 +150,7 @@ class ModelLock:
                     raise RuntimeError("a context-encoder pass cannot start inside a forward of the same model "
                                        "(it would wait for itself)")
                 self._acquire_writer(me, 1)
+                self._what = what
         try:
             yield
         finally:
@@ -137,6 +171,8 @@ class ModelLock:
             if self._writer != me:
                 raise RuntimeError("yield_to_readers needs the exclusive hold of the calling thread")
             if not self._readers_waiting:
+                self._end_slice()  # a reader arriving from now on waits for this next slice only
+                self.slices += 1
                 return False
             depth = self._writer_depth
         if pause is not None:

@@ -53,20 +53,25 @@ def observe_encoding(fn):
 
 
 @contextlib.contextmanager
-def limit_row_tokens(n: int | None):
-    """Within the block, this thread's packed encoder rows hold at most ``n`` tokens (None: the caller's budget).
+def encode_in_slices(n: int | None):
+    """Within the block, this thread's varlen encoder passes run each packed row in windows of at most ``n``
+    tokens (None: whole rows), as chunked prefill does.
 
-    A chunk longer than ``n`` still runs alone in its row. Each chunk attends to itself only, so the rows a
-    chunk shares do not change what it attends to.
+    Each window is a pass of its own through the kept decoder layers, its keys and values kept for the windows
+    after it (:class:`d2l_fast.varlen.RowCache`): a query attends to the same keys as in a whole-row pass, so the
+    chunking, the features and the adapters are those of the unsliced pass up to fp rounding (tests check it within
+    ``tests/_numerics.SLICED``). The lock is released between windows and yielded between layers, so one slice
+    of an encoder pass (the exclusive hold other forwards can wait for) is one decoder layer over at most ``n``
+    tokens. The padded fallback (no varlen attention) runs whole micro-batches.
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int or None, got {n!r}")
-    old = getattr(_observers, "row_tokens", None)
-    _observers.row_tokens = n
+    old = getattr(_observers, "slice_tokens", None)
+    _observers.slice_tokens = n
     try:
         yield
     finally:
-        _observers.row_tokens = old
+        _observers.slice_tokens = old
 
 
 def _attention_switch(switched):
@@ -133,13 +138,14 @@ class ContextEncoder(nn.Module):
     def n_features(self) -> int:
         return self.n_kept + 1 if self.encoder_type == "per_layer_activations" else 1
 
-    def _run(self, input_ids, attention_mask=None, position_ids=None, sink=None, switched=()) -> list[torch.Tensor]:
+    def _run(self, input_ids, attention_mask=None, position_ids=None, sink=None, switched=(),
+             window=(0, 1)) -> list[torch.Tensor]:
         """Run the truncated decoder; feature maps are returned, or handed to ``sink(j, hs)`` as they appear.
 
         The pass holds the model's lock exclusively and yields it between two layers to the forwards queued
         meanwhile (:meth:`~d2l_fast.concurrency.ModelLock.yield_to_readers`): ``switched`` holds (config, its
         attention implementation before this pass) pairs, put back while other forwards run. The hooks act on
-        this thread's forward only.
+        this thread's forward only. ``window`` (w, n): this pass is window w of the n of its row (progress).
         """
         dec = decoder_of(self.model)
         k, kind = self.n_kept, self.encoder_type
@@ -154,7 +160,7 @@ class ContextEncoder(nn.Module):
             def hook(mod, args, kwargs):
                 if threading.get_ident() == me:
                     if observer is not None:
-                        observer("layer", j, k)
+                        observer("layer", window[0] * k + j, window[1] * k)
                     lock.yield_to_readers(pause, resume)
 
             return hook
@@ -173,7 +179,8 @@ class ContextEncoder(nn.Module):
             capture.emit(dec.norm(hs))
             raise _Stop
 
-        with lock.exclusive():  # hooks on shared layers and a switched config: other forwards wait between layers
+        # hooks on shared layers and a switched config: other forwards wait between layers
+        with lock.exclusive(f"encoder pass of {input_ids.shape[-1]} tokens"):
             try:
                 for j in range(1, k):  # a slice: one decoder layer of this row
                     handles.append(dec.layers[j].register_forward_pre_hook(yield_hook(j), with_kwargs=True))
@@ -220,8 +227,6 @@ class ContextEncoder(nn.Module):
         """
         from . import varlen as _varlen
 
-        cap = getattr(_observers, "row_tokens", None)
-        token_budget = token_budget if cap is None else min(token_budget, cap)
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
@@ -237,29 +242,37 @@ class ContextEncoder(nn.Module):
         return out.buffer
 
     def _encode_pass(self, out: _PackedOutput, dest, input_ids, attention_mask=None, position_ids=None, valid=None,
-                     switched=()):
+                     switched=(), window=(0, 1)):
         """One truncated forward whose feature maps (their ``valid`` positions, all if None) go to rows ``dest``."""
-        self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid), switched=switched)
+        self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid), switched=switched,
+                  window=window)
 
     def _encode_varlen(self, chunks, offsets, token_budget: int, out: _PackedOutput) -> None:
-        """Consecutive chunks packed into rows of at most ``token_budget`` tokens, each chunk attending to itself."""
+        """Consecutive chunks packed into rows of at most ``token_budget`` tokens, each chunk attending to itself;
+        a row longer than :func:`encode_in_slices` ' n runs in windows of n tokens."""
         from . import varlen as _varlen
 
         dev = next(self.model.parameters()).device
         lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
         max_scores = SCORES_PER_BUDGET_TOKEN * token_budget
         observer = getattr(_observers, "fn", None)
+        n_slice = getattr(_observers, "slice_tokens", None)
         for i, j in _budget_rows(lens, token_budget):
             ids = torch.tensor([t for c in chunks[i:j] for t in c], dtype=torch.long, device=dev).unsqueeze(0)
             pos = torch.cat([torch.arange(m) for m in lens[i:j]]).unsqueeze(0).to(dev)
             dest = torch.arange(offsets[i], offsets[j], device=dev)
+            wins = _windows(offsets[j] - offsets[i], n_slice)
+            cache = _varlen.RowCache(offsets[j] - offsets[i]) if len(wins) > 1 else None
             if observer is not None:
                 observer("row", i, j)
-            with self._lock.exclusive():
-                cfgs = _varlen._configs(self.model)
-                switched = list(zip(cfgs, [c._attn_implementation for c in cfgs]))
-                with _varlen.packed_attention(self.model, lens[i:j], dev, max_scores):
-                    self._encode_pass(out, dest, ids, position_ids=pos, switched=switched)
+            for w, (a, b) in enumerate(wins):  # the lock is released between windows
+                with self._lock.exclusive(f"encoder row of chunks {i}..{j - 1}, tokens {a}..{b - 1}"):
+                    cfgs = _varlen._configs(self.model)
+                    switched = list(zip(cfgs, [c._attn_implementation for c in cfgs]))
+                    win = None if cache is None else cache.window(a, b)
+                    with _varlen.packed_attention(self.model, lens[i:j], dev, max_scores, window=win):
+                        self._encode_pass(out, dest[a:b], ids[:, a:b], position_ids=pos[:, a:b], switched=switched,
+                                          window=(w, len(wins)))
             if observer is not None:
                 observer("chunks", j, len(lens))
 
@@ -286,6 +299,13 @@ class ContextEncoder(nn.Module):
             done += len(idx)
             if observer is not None:
                 observer("chunks", done, len(lens))
+
+
+def _windows(n: int, n_slice: int | None) -> list[tuple[int, int]]:
+    """``[(a, b), ...]``: the token windows of a row of ``n`` tokens, at most ``n_slice`` each (None: the whole row)."""
+    if n_slice is None or n <= n_slice:
+        return [(0, n)]
+    return [(a, min(n, a + n_slice)) for a in range(0, n, n_slice)]
 
 
 def _budget_rows(lens: list[int], token_budget: int) -> list[tuple[int, int]]:
@@ -362,4 +382,4 @@ class _PackedOutput:
         return write
 
 
-__all__ = ["ContextEncoder", "limit_row_tokens", "observe_encoding"]
+__all__ = ["ContextEncoder", "encode_in_slices", "observe_encoding"]

@@ -10,6 +10,12 @@ On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in o
 The switch is made on the model's config for the duration of one encoder pass; the pass holds the
 model's lock exclusively (:mod:`d2l_fast.concurrency`), so forwards from other threads wait for it
 instead of seeing the switched config.
+
+A packed row may also be encoded in token windows (``window=`` of :func:`packed_attention`, a
+:class:`RowCache`), as chunked prefill does: each pass runs the tokens ``start .. end-1`` of the row, their
+keys and values are kept, and each query attends to the keys of its own chunk up to itself, from this window and
+the windows before. A query attends to the same keys as in one whole-row pass; only the blocking of the
+arithmetic differs (fp32 rounding). Windows run the blocked SDPA path (not flash-attn).
 """
 
 from __future__ import annotations
@@ -91,6 +97,62 @@ def _segment_attention(q, k, v, scaling, softcap, window, max_scores=None):
     return torch.softmax(s.float(), -1).to(v.dtype) @ v
 
 
+class RowCache:
+    """Keys and values of one packed row of ``n_tokens`` tokens encoded in token windows (see the module docstring).
+
+    :meth:`window` sets the tokens the next pass runs; each attention layer's keys and values are written to this
+    row's buffers as the pass goes (one [KVH, n_tokens, d] pair per layer, allocated at its first window).
+    """
+
+    def __init__(self, n_tokens: int):
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+        self.n_tokens = n_tokens
+        self.start = self.end = 0
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def window(self, start: int, end: int) -> RowCache:
+        """The next pass runs the row's tokens ``start .. end-1`` (windows in order: the keys before ``start``
+        were written by earlier windows)."""
+        if not 0 <= start < end <= self.n_tokens:
+            raise ValueError(f"window {start}..{end} is not inside the row's {self.n_tokens} tokens")
+        self.start, self.end = start, end
+        return self
+
+    def update(self, module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this window's key/value [KVH, end-start, d] of ``module``; its keys/values of tokens 0 .. end-1."""
+        kv = self._kv.get(id(module))
+        if kv is None:
+            kv = (key.new_empty(key.shape[0], self.n_tokens, key.shape[-1]),
+                  value.new_empty(value.shape[0], self.n_tokens, value.shape[-1]))
+            self._kv[id(module)] = kv
+        kv[0][:, self.start : self.end] = key
+        kv[1][:, self.start : self.end] = value
+        return kv[0][:, : self.end], kv[1][:, : self.end]
+
+
+def _window_attention(module, query, key, value, bounds, cache: RowCache, scaling, softcap, window, max_scores):
+    """Queries of the window ``cache.start .. cache.end-1`` of the row (query [1, H, w, d]) → [1, w, H, d]."""
+    s, e = cache.start, cache.end
+    if query.shape[2] != e - s:
+        raise RuntimeError(f"d2l_varlen window {s}..{e} got {query.shape[2]} queries")
+    keys, values = cache.update(module, key[0], value[0])
+    n_heads = query.shape[1]
+    out = query.new_empty(1, e - s, n_heads, value.shape[-1])
+    for a, b in bounds:  # the chunk a..b-1 of the row: its queries in this window, against its keys up to each
+        qa, qb = max(a, s), min(b, e)
+        if qa >= qb:
+            continue
+        step = qb - qa if max_scores is None else max(16, max_scores // (n_heads * (qb - a)))
+        for x in range(qa, qb, step):
+            y = min(qb, x + step)
+            k0 = a if window is None else max(a, x - window + 1)
+            o = _block_attention(query[0, :, x - s : y - s], keys[:, k0:y], values[:, k0:y], x - k0, scaling,
+                                 softcap, window)
+            out[0, x - s : y - s] = o.transpose(0, 1)
+    return out
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
     """HF attention-interface function: query [1, H, T, d], key/value [1, KVH, T, d] → ([1, T, H, d], None)."""
@@ -99,6 +161,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if query.shape[0] != 1:
         raise RuntimeError(f"d2l_varlen expects one packed row, got batch {query.shape[0]}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    cache = getattr(_state, "window", None)
+    if cache is not None:
+        return _window_attention(module, query, key, value, bounds, cache, scaling, softcap, sliding_window,
+                                 max_scores), None
     fa = _flash_varlen() if query.is_cuda else None
     if fa is not None and query.dtype in (torch.float16, torch.bfloat16):
         out = fa(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu, max_len, max_len,
@@ -143,11 +209,15 @@ def _configs(model):
 
 
 @contextlib.contextmanager
-def packed_attention(model, lengths: list[int], device, max_scores: int | None = None):
+def packed_attention(model, lengths: list[int], device, max_scores: int | None = None, window: RowCache | None = None):
     """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only.
 
     ``max_scores``: attention scores held at once per chunk (query-blocked above it; None: no bound).
+    ``window``: the pass runs the tokens ``window.start .. window.end-1`` of the row only (the keys of earlier
+    windows are in ``window``).
     """
+    if window is not None and not isinstance(window, RowCache):
+        raise TypeError(f"window must be a RowCache or None, got {type(window).__name__}")
     cfgs = _configs(model)
     old = [c._attn_implementation for c in cfgs]
     bounds, s = [], 0
@@ -157,6 +227,7 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
     cu = torch.tensor([0] + [b for _, b in bounds], dtype=torch.int32, device=device)
     _state.bounds = (bounds, cu, max(lengths))
     _state.max_scores = max_scores
+    _state.window = window
     try:
         for c in cfgs:
             c._attn_implementation = NAME
@@ -166,3 +237,4 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
             c._attn_implementation = o
         _state.bounds = None
         _state.max_scores = None
+        _state.window = None

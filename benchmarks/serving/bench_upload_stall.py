@@ -34,12 +34,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-MAX_TOKENS = 160
+MAX_TOKENS = int(os.environ.get("D2L_BENCH_STALL_MAX_TOKENS", "160"))
 N_BEFORE = 24  # streamed chunks before the document is posted
 DOC_TOKENS = 3000
 TARGET = 3.0
-# server --encode-slice-tokens per run (0: none, the model's chunking: slices are whole decoder layers of the row)
-SLICES = [int(x) or None for x in os.environ.get("D2L_BENCH_STALL_SLICES", "0,256").split(",")]
+# server --encode-slice-tokens per run (0: whole rows: slices are whole decoder layers of the row)
+SLICES = [int(x) for x in os.environ.get("D2L_BENCH_STALL_SLICES", "256,0").split(",")]
 RESULTS = os.environ.get("D2L_BENCH_STALL_JSON", str(pathlib.Path(__file__).parents[1] / "results" /
                                                      "upload_stall_cpu.json"))
 SENTENCES = ["The ferry to Orla leaves at {h} o'clock from pier {k}, and the captain, a woman named Ines Varga, "
@@ -65,7 +65,9 @@ def load_model():
     return D2LModel.from_base(base, tok, seed=0, latent_size=64, num_blocks=2)
 
 
-def measure(model, slice_tokens: int | None = None) -> dict:
+def measure(model, slice_tokens: int = 256) -> dict:
+    from d2l_fast.concurrency import model_lock
+    from d2l_fast.hf import decoder_of
     from d2l_fast.serving import BackgroundServer, create_app
 
     doc = make_document(model.tokenizer)
@@ -89,9 +91,13 @@ def measure(model, slice_tokens: int | None = None) -> dict:
         t = threading.Thread(target=stream)
         t.start()
         started.wait(600)
+        lock, engine = model_lock(decoder_of(model.base_model)), app.state.d2l.engine
+        lock.max_slices_waited, lock.longest_slice = 0, (0.0, "")
+        slices0, steps0 = lock.slices, engine.steps
         t0 = time.perf_counter()
         r = httpx.post(srv.url + "/v1/documents", json={"text": doc}, timeout=600)
         t1 = time.perf_counter()
+        slices, steps = lock.slices - slices0, engine.steps - steps0
         t.join(600)
     r.raise_for_status()
     info = r.json()
@@ -107,6 +113,9 @@ def measure(model, slice_tokens: int | None = None) -> dict:
             "longest_gap_during_upload_s": None if longest is None else round(longest, 4),
             "gaps_during_upload": len(during), "stream_outlasted_upload": bool(stamps) and stamps[-1] > t1,
             "stall_factor": None if longest is None else round(longest / median_before, 2), "target": TARGET,
+            "stream_max_tokens": MAX_TOKENS, "decode_steps_during_upload": steps, "encoder_slices": slices,
+            "max_slices_waited": lock.max_slices_waited, "longest_slice_s": round(lock.longest_slice[0], 4),
+            "longest_slice_what": lock.longest_slice[1],
             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
@@ -116,7 +125,7 @@ def write(result: dict) -> None:
 
 
 def run_modes(model) -> dict:
-    return {f"slice_{s or 'layers_only'}": measure(model, s) for s in SLICES}
+    return {f"slice_{s or 'whole_rows'}_stream_{MAX_TOKENS}": measure(model, s) for s in SLICES}
 
 
 def test_upload_stall(benchmark, env_info):

@@ -16,6 +16,16 @@ class CLIError(Exception):
 USER_ERRORS = (CLIError, ValueError, OSError)
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)

@@ -10,13 +10,20 @@ import os
 import pathlib
 
 from ..serving.settings import ServerSettings
-from ._common import CLIError, check_base_model, check_output_parent, load_checkpoint, load_model, positive_int
+from ._common import (
+    CLIError,
+    check_base_model,
+    check_output_parent,
+    load_checkpoint,
+    load_model,
+    non_negative_int,
+    positive_int,
+)
 from ._flags import add_dataclass_flags, dataclass_kwargs
 
 NAME = "serve"
 
-POSITIVE = ("encode_slice_tokens",
-            "max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
+POSITIVE = ("max_batch", "max_queue", "max_document_tokens", "max_documents_per_request", "max_new_tokens",
             "default_max_tokens", "max_body_bytes")
 
 
@@ -38,7 +45,8 @@ def add_parser(sub):
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="log level of uvicorn and of d2l_fast's own lines (request log, internalize) "
                     "(default: info)")
-    add_dataclass_flags(sv, ServerSettings, types={k: positive_int for k in POSITIVE})
+    add_dataclass_flags(sv, ServerSettings, types={**{k: positive_int for k in POSITIVE},
+                                                   "encode_slice_tokens": non_negative_int})
     sv.add_argument("--max-body-mb", type=float, default=None,
                     help="the request body limit in MiB (overrides --max-body-bytes; kept for older scripts)")
     sv.set_defaults(fn=run, loads_models=True)

@@ -34,7 +34,7 @@ import torch
 
 from ..adapters import AdapterBatch
 from ..answering import left_pad
-from ..encoder import limit_row_tokens, observe_encoding
+from ..encoder import encode_in_slices, observe_encoding
 from .errors import APIError
 from .heap import HeapTrimmer
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
@@ -67,7 +67,7 @@ class InternalizeBatcher:
             raise ValueError(f"keep_calls must be a positive int, got {keep_calls!r}")
         self.model = model
         self.heap = heap  # trims the C heap when idle (None: never)
-        self.slice_tokens = slice_tokens  # chunks and packed rows of at most this many tokens (None: the model's)
+        self.slice_tokens = slice_tokens  # encoder windows of at most this many tokens (None: whole packed rows)
         self.window_s = float(window_s)
         self.max_docs = int(max_docs)
         self.max_tokens = int(max_tokens)
@@ -132,8 +132,8 @@ class InternalizeBatcher:
                 return
 
     def _internalize(self, group: list[_DocJob]) -> AdapterBatch:
-        with observe_encoding(GroupProgress([j.progress for j in group])), limit_row_tokens(self.slice_tokens):
-            return self.model.internalize([j.text for j in group], max_chunk_len=self.slice_tokens)
+        with observe_encoding(GroupProgress([j.progress for j in group])), encode_in_slices(self.slice_tokens):
+            return self.model.internalize([j.text for j in group])
 
     def _process(self, group: list[_DocJob]) -> None:
         group = [j for j in group if j.future.set_running_or_notify_cancel()]

@@ -51,11 +51,9 @@ class DocumentServer:
         self.bias_rows = model.spec.lora_r if self.has_bias else 0  # rows at the end of every document's adapter
         self.store = DocumentStore(model.spec, model.model_id, memory_bytes=int(settings.adapter_memory_mb * 2**20),
                                    folder=settings.store)
-        sl, mcl = settings.encode_slice_tokens, model.max_chunk_len
-        self.chunk_len = None if sl is None else (min(sl, mcl) if mcl > 0 else sl)  # None: the model's chunking
         self.heap = HeapTrimmer()  # freed tensors back to the OS when the workers go idle (glibc)
         self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0,
-                                          slice_tokens=self.chunk_len, heap=self.heap)
+                                          slice_tokens=settings.encode_slice_tokens or None, heap=self.heap)
         self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue, heap=self.heap)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
         self.uploads = UploadRegistry()
@@ -81,7 +79,7 @@ class DocumentServer:
                 raise bad_request(f"document #{i} is empty or whitespace-only; expected non-empty text", "text")
         try:
             ids = [packing.tokenize_context(self.model.tokenizer, t) for t in texts]
-            packed = self.model.pack(ids, max_chunk_len=self.chunk_len)
+            packed = self.model.pack(ids)
         except (ValueError, TypeError) as e:
             raise bad_request(f"cannot tokenize the document(s): {e}", "text") from e
         tokens = [0] * len(texts)

@@ -29,10 +29,10 @@ class ServerSettings:
     max_body_bytes: int = _opt(8 << 20, "request body limit in bytes; larger bodies are answered 413")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $D2L_API_KEY if set)")
     batch_window_ms: float = _opt(5.0, "documents posted within this window are internalized in one call")
-    encode_slice_tokens: int | None = _opt(None, "chunk documents and pack encoder rows to at most N tokens, so that "
-                                           "a running stream waits at most one decoder layer over N tokens per "
-                                           "token during an upload (changes the adapters of longer documents: they "
-                                           "are chunked; default: the model's chunking)")
+    encode_slice_tokens: int = _opt(256, "run the encoder over a document in windows of N tokens (as chunked "
+                                    "prefill), so that a running stream waits at most one decoder layer over N "
+                                    "tokens per token during an upload; the chunking and the adapters stay those of "
+                                    "an unsliced pass (up to fp rounding); 0: whole packed rows")
     trained_prompt: bool = _opt(True, "chat user turns in the prompt layout the checkpoint was trained with (its "
                                 "model card); a request's 'trained_prompt': false sends them as they are")
     allow_runtime_lora_loading: bool = _opt(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
@@ -48,8 +48,9 @@ class ServerSettings:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServerSettings.{k} must be a positive int, got {v!r}")
         v = self.encode_slice_tokens
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"ServerSettings.encode_slice_tokens must be a positive int or None, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"ServerSettings.encode_slice_tokens must be an int >= 0 (0: whole packed rows), got "
+                             f"{v!r}")
         for k in ("adapter_memory_mb", "batch_window_ms"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -51,6 +51,12 @@ def test_serve_flags_reach_the_settings(monkeypatch):
     assert settings_from_args(p.parse_args(["serve", "--api-key", "x"])).api_key == "x"
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--max-batch", "0"])  # positive ints stay positive
+    assert settings_from_args(p.parse_args(["serve"])).encode_slice_tokens == 256  # uploads sliced by default
+    assert settings_from_args(p.parse_args(["serve", "--encode-slice-tokens", "0"])).encode_slice_tokens == 0
+    with pytest.raises(SystemExit):
+        p.parse_args(["serve", "--encode-slice-tokens", "-1"])
+    with pytest.raises(ValueError, match="encode_slice_tokens must be an int >= 0"):
+        ServerSettings(encode_slice_tokens=-1)
     with pytest.raises(CLIError, match="--max-body-mb"):
         settings_from_args(p.parse_args(["serve", "--max-body-mb", "-1"]))
 

@@ -9,8 +9,10 @@ import torch
 
 from d2l_fast import D2LModel
 from d2l_fast.concurrency import ModelLock, model_lock
+from d2l_fast.encoder import encode_in_slices
 from d2l_fast.hf import decoder_of
 
+from .._numerics import SLICED
 from .._tiny import tiny_model, tiny_tokenizer
 
 httpx = pytest.importorskip("httpx")
@@ -126,6 +128,87 @@ def test_decode_steps_run_between_encoder_slices_and_the_adapter_is_unchanged(mo
     assert all(torch.equal(got.A[m], expected.A[m]) and torch.equal(got.B[m], expected.B[m]) for m in got.A)
 
 
+def test_a_stream_waits_at_most_one_slice_of_a_sliced_upload(model):
+    """Checked by state, not time: a one-chunk document is encoded in windows of SLICE tokens while a stream decodes.
+    The first slices each wait until a decode step has queued (so the stream contends at every one of them): every
+    encoder pass holds at most SLICE tokens, a decode step enters at the end of each of those slices
+    (the lock's ``max_slices_waited`` stays at most 1), and the adapter is the one the same slicing gives alone."""
+    slice_n, forced = 24, 12
+    doc = LONG[:1500]
+    with encode_in_slices(slice_n):
+        expected = model.internalize([doc], max_chunk_len=0)  # one chunk, several windows
+    dec = decoder_of(model.base_model)
+    lock = model_lock(dec)
+    lock.max_slices_waited = 0
+    events, enc_thread = [], []
+
+    def record(mod, args, kwargs, out=None):  # encoder: after each layer (a slice); decode: entering layer 0
+        me = threading.current_thread()
+        if enc_thread and me is enc_thread[0] and out is not None:
+            n = (args[0] if args else kwargs["hidden_states"]).shape[1]
+            if len([e for e in events if e[0] == "enc"]) < forced:
+                wait_until(lambda: lock.readers_waiting > 0, "a decode step queued behind the encoder slice")
+            events.append(("enc", list(dec.layers).index(mod), n))
+        elif me.name == "d2l-decode" and mod is dec.layers[0] and out is None:
+            events.append(("dec", 0, 1))
+
+    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in dec.layers]
+    handles += [dec.layers[0].register_forward_pre_hook(record, with_kwargs=True)]
+    engine, result = DecodeEngine(model, max_batch=2), []
+    req = GenRequest(prompt_ids=model.tokenizer("Tell me a story")["input_ids"], adapter=None, max_new_tokens=3000,
+                     sink=lambda kind, payload: None)
+
+    def upload():
+        with encode_in_slices(slice_n):
+            result.append(model.internalize([doc], max_chunk_len=0))
+
+    try:
+        engine.eos_ids = set()  # the stream outlasts the upload
+        engine.start()
+        engine.submit(req)
+        wait_until(lambda: len(req.out_ids) >= 2, "the stream running")
+        t = threading.Thread(target=upload)
+        enc_thread.append(t)
+        steps0 = engine.steps
+        t.start()
+        t.join(300)
+        steps = engine.steps - steps0
+    finally:
+        req.cancelled = True
+        for h in handles:
+            h.remove()
+        engine.stop()
+    assert result, "internalize did not finish"
+    enc = [e for e in events if e[0] == "enc"]
+    assert enc and max(n for _, _, n in enc) <= slice_n  # every encoder pass: at most one window of tokens
+    assert len([e for e in enc if e[1] == 0]) > 2  # several windows
+    first = [k for k, e in enumerate(events) if e[0] == "enc"][:forced]
+    for a, b in zip(first[:-1], first[1:]):  # a decode step between every two of the forced slices
+        assert ("dec", 0, 1) in events[a:b], f"no decode step between encoder slices: {events[a:b + 1]}"
+    assert steps >= forced - 1 and 1 >= lock.max_slices_waited
+    got = result[0]
+    assert all(torch.equal(got.A[m], expected.A[m]) and torch.equal(got.B[m], expected.B[m]) for m in got.A)
+    whole = model.internalize([doc], max_chunk_len=0)
+    assert all(torch.allclose(got.A[m], whole.A[m], **SLICED) for m in got.A)
+
+
+def test_the_server_slices_uploads_without_changing_their_chunks(model):
+    app = create_app(model, batch_window_ms=1.0, encode_slice_tokens=96)
+    assert app.state.d2l.batcher.slice_tokens == 96
+    with BackgroundServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/documents", json={"text": LONG}, timeout=120)
+        assert r.status_code == 200, r.text
+        _, ad = app.state.d2l.store.get(r.json()["id"])
+    assert r.json()["chunks"] == model.pack([LONG]).n_chunks[0]  # the model's chunking, not 96-token chunks
+    with encode_in_slices(96):
+        same = model.internalize([LONG])
+    assert all(torch.equal(ad.A[m], same.A[m]) and torch.equal(ad.B[m], same.B[m]) for m in ad.A)
+    whole = model.internalize([LONG])
+    assert ad.ranks == whole.ranks
+    assert all(torch.allclose(ad.A[m], whole.A[m], **SLICED) and torch.allclose(ad.B[m], whole.B[m], **SLICED)
+               for m in ad.A)
+
+
 @pytest.fixture()
 def server(model):
     app = create_app(model, batch_window_ms=1.0)
@@ -155,7 +238,8 @@ def test_async_upload_reports_progress_then_the_document(server, model):
     doc = server.http.get(f"/v1/documents/{p['id']}").json()
     assert doc["name"] == "long" and doc["chunks"] == chunks
     _, ad = server.d2l.store.get(p["id"])
-    ref = model.internalize([LONG])
+    with encode_in_slices(server.d2l.batcher.slice_tokens):  # the server's slicing (default 256 tokens)
+        ref = model.internalize([LONG])
     assert all(torch.equal(ad.A[m], ref.A[m]) for m in ad.A)
     assert server.http.get("/v1/documents/doc-000000000000000000000000/progress").status_code == 404
 
