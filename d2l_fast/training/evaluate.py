@@ -423,5 +423,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_FILES", "EVAL_INSTRUCTION", "EVAL_METHODS", "METHODS", "PeakMemory", "Sample", "build_samples", "evaluate",
-           "format_summary", "plot_scores", "score", "summarize"]
+__all__ = ["EVAL_FILES", "EVAL_INSTRUCTION", "EVAL_METHODS", "METHODS", "PeakMemory", "Sample", "build_samples",
+           "evaluate", "format_summary", "plot_scores", "score", "summarize"]

@@ -231,8 +231,9 @@ def compare_markdown(cmp: dict, *, method_name: str = "D2L") -> str:
     if v["beats_every_row"]:
         verdict = f"verdict: {last} beats {first} on every row ({v['compared']} rows)"
     else:
+        more = " …" if len(v["not_better"]) > 12 else ""
         verdict = (f"verdict: {last} does NOT beat {first} on every row: not higher on {len(v['not_better'])} of "
-                   f"{v['compared']} rows ({'; '.join(v['not_better'][:12])}{' …' if len(v['not_better']) > 12 else ''})")
+                   f"{v['compared']} rows ({'; '.join(v['not_better'][:12])}{more})")
     return "\n".join(lines) + "\n\n" + verdict
 
 

@@ -198,7 +198,7 @@ def test_fewshot_examples_come_from_the_train_split():
     ex = fewshot_examples()
     assert len(ex) == 3 and ex == fewshot_examples()
     assert ex[1][2] == P.NOT_STATED and ex[0][2] in ex[0][0] and ex[2][2] in ex[2][0]
-    for doc, q, a in ex:
+    for doc, q, _ in ex:
         names = {w for w in re.findall(r"\b[A-Z][a-z]+\b", doc + " " + q) if w.lower() not in R._common_words()}
         assert names and all(R.split_of(w) == "train" for w in names)
     assert R.split_of(ex[2][2]) == "train"  # the number pool of the train split
