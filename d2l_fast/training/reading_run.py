@@ -47,6 +47,31 @@ def base_model_answers(model, tokenizer, questions: Sequence[str], *, instructio
     return {q: known[q] for q in questions if q in known}
 
 
+def fewshot_examples(seed: int = 0) -> list[tuple[str, str, str]]:
+    """Three worked ``(document, question, answer)`` examples for the few-shot in-prompt baseline, all from the
+    TRAIN split (its phrasings, entities and number pool — never dev or test): a short fact document with a
+    question about one of its facts (the longest answer), a fact document with a question it does not answer
+    (:data:`~.reading_pools.NOT_STATED`), and a document with two numbers and a question naming one of them."""
+    from .reading import generate_fact_docs, generate_number_docs
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    by_len = lambda r: (len(r["context"]), r["id"])  # noqa: E731
+    facts = sorted(generate_fact_docs(20, split="train", seed=seed, min_facts=2, max_facts=3, max_distractors=0,
+                                      absent_prob=1.0, general_prob=0.0), key=by_len)
+    nums = sorted(generate_number_docs(20, split="train", seed=seed, max_numbers=2, absent_prob=0.0,
+                                       general_prob=0.0), key=by_len)
+    fact_doc = next(r for r in facts if sum(q["qa_kind"] == "fact" for q in r["qas"]) >= 2)
+    fact_qa = max((q for q in fact_doc["qas"] if q["qa_kind"] == "fact"), key=lambda q: len(q["answers"][0]))
+    absent_doc = next(r for r in facts if r is not fact_doc and any(q["qa_kind"] == "absent" for q in r["qas"]))
+    absent_qa = next(q for q in absent_doc["qas"] if q["qa_kind"] == "absent")
+    # locker_code's phrasings name different things (a badge, a seat): not an example to teach with
+    num_doc = next(r for r in nums if len(r["qas"]) >= 2 and r["qas"][-1]["attribute"] != "locker_code")
+    num_qa = num_doc["qas"][-1]
+    return [(r["context"], q["question"], q["answers"][0])
+            for r, q in ((fact_doc, fact_qa), (absent_doc, absent_qa), (num_doc, num_qa))]
+
+
 def chunk_dataset(src, dst, tokenizer, max_chunk_len: int, *, model_name: str | None = None) -> dict:
     """Copy the parquet dataset ``src`` (written by :func:`~.gen_data.generate_data`) to ``dst`` with every
     ``ctx_ids`` longer than ``max_chunk_len`` split into chat-wrapped chunks exactly as ``internalize`` splits it
@@ -145,5 +170,5 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
     return out
 
 
-__all__ = ["NOT_STATED", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout", "qa_index",
-           "reading_report"]
+__all__ = ["NOT_STATED", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout", "fewshot_examples",
+           "qa_index", "reading_report"]

@@ -204,3 +204,29 @@ def test_cli_eval(model, records, tmp_path, capsys):
     rc = main(["eval", str(data), "-o", str(tmp_path / "n3"), "--methods", "d2l"])
     assert rc == 1 and "needs --checkpoint" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3"))
+
+
+def test_few_shot_in_prompt_method(model, records, tmp_path):
+    """in_context_fewshot: the in-prompt baseline after worked examples (default: three train-split ones); its
+    answers are generate's on each few-shot prompt alone; bad examples are refused before any model call."""
+    from d2l_fast.answering import question_prompt, stop_token_ids
+    from d2l_fast.training.evaluate import EVAL_INSTRUCTION, EVAL_METHODS
+    from d2l_fast.training.reading_run import fewshot_examples
+
+    assert "in_context_fewshot" in EVAL_METHODS
+    summary = evaluate(model, records, tmp_path / "fs", methods=["in_context", "in_context_fewshot"],
+                       max_new_tokens=4, plot=False)
+    assert summary["settings"]["fewshot"] == [list(e) for e in fewshot_examples()]
+    rows = [json.loads(x) for x in (tmp_path / "fs" / "samples.jsonl").read_text().splitlines()]
+    fs = [r for r in rows if r["method"] == "in_context_fewshot"]
+    assert len(fs) == sum(len(r["qas"]) for r in records)
+    rec, qa = records[0], records[0]["qas"][0]
+    ids = torch.tensor([question_prompt(model.tokenizer, qa["question"], document=rec["context"],
+                                        instruction=EVAL_INSTRUCTION, system="", examples=fewshot_examples())])
+    stop = stop_token_ids(model.base_model, model.tokenizer)
+    seq = model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=4, eos_token_id=stop, pad_token_id=stop[0])
+    assert fs[0]["prediction"] == model.tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="fewshot"):
+        evaluate(model, records, tmp_path / "bad", methods=["in_context_fewshot"], fewshot=[("doc", "q?")])
+    assert not (tmp_path / "bad").exists()

@@ -190,3 +190,18 @@ def test_chunked_dataset_matches_internalize_chunks(tmp_path):
     assert max(len(ex.ctx_chunks) for ex in got) > 1
     with pytest.raises(ValueError, match="max_chunk_len"):
         chunk_dataset(tmp_path / "raw", tmp_path / "x", tok, 0)
+
+
+def test_fewshot_examples_come_from_the_train_split():
+    from d2l_fast.training.reading_run import fewshot_examples
+
+    ex = fewshot_examples()
+    assert len(ex) == 3 and ex == fewshot_examples()
+    assert ex[1][2] == P.NOT_STATED and ex[0][2] in ex[0][0] and ex[2][2] in ex[2][0]
+    for doc, q, _ in ex:
+        names = {w for w in re.findall(r"\b[A-Z][a-z]+\b", doc + " " + q) if w.lower() not in R._common_words()}
+        assert names and all(R.split_of(w) == "train" for w in names)
+    assert R.split_of(ex[2][2]) == "train"  # the number pool of the train split
+    train_q = {t for d in (*P.PERSON_ATTRIBUTES.values(), *P.NUMBER_ATTRIBUTES.values())
+               for t in d["questions"]["train"]}
+    assert all(any(re.fullmatch(re.escape(t).replace(r"\{name\}", ".+"), q) for t in train_q) for _, q, _ in ex)
