@@ -292,7 +292,8 @@ def _fit(build: Callable[[list[str]], str], filler: _Filler, count, lo: int, hi:
 
 
 def _fix_articles(s: str) -> str:
-    return re.sub(r"\ba ([aeiouAEIOU])", r"an \1", s)
+    """"a" → "an" before a vowel sound ("an accordion", but "a used car", "a uniform", "a European")."""
+    return re.sub(r"\ba (?!(?i:us|uni|eu|one))(?=[aeiouAEIOU])", "an ", s)
 
 
 def _fact_parts(rng: random.Random, names: _Names, split: str, *, min_facts: int, max_facts: int,
@@ -329,6 +330,8 @@ def _fact_parts(rng: random.Random, names: _Names, split: str, *, min_facts: int
             items.append((a, pi, v))
             if role == "main" or rng.random() < 0.5:
                 qi = rng.randrange(len(d["questions"][split]))
+                if numbers:  # a number attribute's phrasings name different things (a win, an inheritance):
+                    qi = pi  # ask about the one the sentence states (RNG order kept)
                 ans = v[4:] if v.startswith("the ") else v
                 qa = {"question": d["questions"][split][qi].format(name=e), "answers": [ans],
                       "qa_kind": "number" if numbers else "fact", "attribute": a, "entity_role": role,

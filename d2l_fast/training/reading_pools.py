@@ -167,14 +167,16 @@ NUMBER_ATTRIBUTES: dict[str, dict] = {
                   "How much does {name} keep in the bank?"],
         "dev": ["How much did {name} inherit?", "How much did {name} win in a contest?"],
         "test": ["How much did {name} pay for a used car?", "How much did {name} donate to a local charity?"]}},
-    "locker_code": {"entity": "person", "kind": "code", "preds": {
-        "train": ["uses the locker code {value}", "has the staff badge {value}", "booked seat {value}"],
-        "dev": ["parks in the bay marked {value}", "was issued the permit {value}"],
-        "test": ["checked in with the luggage tag {value}", "wears the badge {value} at work"]}, "questions": {
-        "train": ["What locker code does {name} use?", "Which staff badge does {name} have?",
-                  "Which seat did {name} book?"],
-        "dev": ["In which bay does {name} park?", "Which permit was {name} issued?"],
-        "test": ["What luggage tag did {name} check in with?", "Which badge does {name} wear at work?"]}},
+    "locker_code": {"entity": "person", "kind": "code", "preds": {  # one thing per split: every phrasing and
+        "train": ["uses the locker code {value}", "opens the locker with the code {value}",  # question names it
+                  "was given the locker code {value}"],
+        "dev": ["was issued the parking permit {value}", "holds the parking permit {value}"],
+        "test": ["checked in with the luggage tag {value}", "had the luggage tag {value} on the suitcase"]},
+        "questions": {
+        "train": ["What locker code does {name} use?", "Which code opens {name}'s locker?",
+                  "What is {name}'s locker code?"],
+        "dev": ["Which parking permit was {name} issued?", "What is the number of {name}'s parking permit?"],
+        "test": ["What luggage tag did {name} check in with?", "Which luggage tag was on {name}'s suitcase?"]}},
 }
 
 #: sentence openers (empty = none) and document frames (intro, outro) per split

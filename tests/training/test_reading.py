@@ -57,6 +57,19 @@ def test_numbers_cover_kinds_digits_and_several_per_document(mix):
     assert any("distractor" == qa["entity_role"] for _, qa in qas)
 
 
+def test_number_questions_ask_about_the_stated_thing(mix):
+    """A number attribute's phrasings name different things (a win, an inheritance); the question must use the
+    phrasing of the sentence that states the number."""
+    for split in ("train", "dev", "test"):
+        for r in mix[split]:
+            for qa in r["qas"]:
+                if qa["qa_kind"] == "number":
+                    a, _, pi = qa["fact_template"].split("/")
+                    assert qa["question_template"] == f"{a}/{split}/{pi}", (split, qa)
+                    stated = P.NUMBER_ATTRIBUTES[a]["preds"][split][int(pi)].format(value=qa["answers"][0])
+                    assert stated in r["context"], (stated, r["context"][:300])
+
+
 def _invented(recs):
     """The invented words of the records' entities and entity-valued answers (not the real words around them)."""
     common = R._common_words()
