@@ -167,25 +167,33 @@ def planned_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query[0][:, plan.q_index].transpose(0, 1)  # [M, H, Lq, d]
     k = key[0][:, plan.k_index].transpose(0, 1)  # [M, KVH, P + Lq, d]
     v = value[0][:, plan.k_index].transpose(0, 1)
-    mask = plan.mask
+    keep = plan.mask
     if sliding_window is not None:
         near = (plan.q_pos[:, :, None] - plan.k_pos[:, None, :]) < sliding_window
-        base = mask if mask is not None else _causal(q.shape[2], k.shape[2], q.device)
-        mask = base & near[:, None]
-    if softcap is None:
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        keep = (keep if keep is not None else _causal(q.shape[2], k.shape[2], q.device)) & near[:, None]
+    if q.is_cuda and softcap is None:  # fused kernels; on CPU their backward is slower than the plain products
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=scaling,
+                                           enable_gqa=True)
     else:
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        s = torch.tanh((q @ k.transpose(-1, -2)) * (scaling / softcap)) * softcap
-        keep = mask if mask is not None else _causal(q.shape[2], k.shape[2], q.device)
-        s = s.masked_fill(~keep, float("-inf"))
-        o = torch.softmax(s.float(), -1).to(v.dtype) @ v
+        o = grouped_attention(q, k, v, keep, scaling, softcap)
     return o.transpose(1, 2)[plan.q_valid].unsqueeze(0), None  # [1, T, H, d] in row order
+
+
+def grouped_attention(q, k, v, keep, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention as plain products, the query heads of one KV head stacked (no K/V copies): q ``[M, H, Lq, d]``,
+    k/v ``[M, KVH, Lk, d]``, ``keep`` ``[M, 1, Lq, Lk]`` bool (None: causal with Lq = Lk) → ``[M, H, Lq, d]``.
+    Soft-capping as Gemma-2 (``tanh(s / cap) · cap``), softmax in fp32 as transformers' eager attention."""
+    M, H, Lq, d = q.shape
+    kvh, Lk = k.shape[1], k.shape[2]
+    rep = H // kvh
+    s = (q.reshape(M, kvh, rep * Lq, d) @ k.transpose(-1, -2)) * scaling  # [M, KVH, rep·Lq, Lk]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if keep is None:
+        keep = _causal(Lq, Lk, q.device)
+    s = s.view(M, kvh, rep, Lq, Lk).masked_fill(~keep.view(-1, 1, 1, Lq, Lk), float("-inf"))
+    p = torch.softmax(s.view(M, kvh, rep * Lq, Lk).float(), -1).to(v.dtype)
+    return (p @ v).view(M, H, Lq, d)
 
 
 def _causal(lq: int, lk: int, device) -> torch.Tensor:
@@ -234,5 +242,5 @@ def segment_attention(model, plan: AttentionPlan):
         _state.plan = None
 
 
-__all__ = ["NAME", "PACKINGS", "AttentionPlan", "StudentRow", "attention_plan", "common_prefix", "planned_attention",
-           "register", "segment_attention", "student_row"]
+__all__ = ["NAME", "PACKINGS", "AttentionPlan", "StudentRow", "attention_plan", "common_prefix", "grouped_attention",
+           "planned_attention", "register", "segment_attention", "student_row"]

@@ -132,7 +132,8 @@ def test_training_with_shared_prefix_runs_and_resumes(tmp_path):
             raise Kill
 
     with pytest.raises(Kill):
-        Trainer(TrainConfig(output_dir=str(tmp_path / "cut"), max_steps=4, save_steps=2, **kw), callbacks=[kill]).train()
+        Trainer(TrainConfig(output_dir=str(tmp_path / "cut"), max_steps=4, save_steps=2, **kw),
+                callbacks=[kill]).train()
     resumed = Trainer(TrainConfig(output_dir=str(tmp_path / "cut"), max_steps=4, save_steps=2, resume=True,
                                   **kw)).train()
     assert all(np.isfinite(full.losses))
