@@ -179,9 +179,11 @@ def main(argv=None) -> int:
             runs.append(_Run(Trainer(cfg)))
         for r in runs:
             r.run(a.warmup, timed=False)
-        for _ in range(a.rounds):
-            for r in runs:
+        for i in range(a.rounds):
+            for flags, r in zip(variants, runs):
                 r.run(a.steps, timed=True)
+                print(f"round {i + 1} [{flags or 'live run settings'}] {r.summary()['contexts_per_s']:.3f} contexts/s "
+                      "so far", flush=True)
     results = {}
     for flags, r in zip(variants, runs):
         res = results[flags or "(live run)"] = r.summary()

@@ -51,6 +51,11 @@ class AttentionPlan:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
 
+    @property
+    def valid_rows(self) -> torch.Tensor:
+        """Flat indices (into ``M · Lq``) of the real queries, in row order."""
+        return torch.nonzero(self.q_valid.flatten()).flatten()
+
     def to(self, device) -> "AttentionPlan":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return AttentionPlan(f(self.q_index), f(self.k_index), f(self.q_valid), f(self.mask), f(self.q_pos),
@@ -164,9 +169,11 @@ def planned_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[0] != 1:
         raise RuntimeError(f"{NAME} expects one packed row, got batch {query.shape[0]}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q = query[0][:, plan.q_index].transpose(0, 1)  # [M, H, Lq, d]
-    k = key[0][:, plan.k_index].transpose(0, 1)  # [M, KVH, P + Lq, d]
-    v = value[0][:, plan.k_index].transpose(0, 1)
+    M, Lq = plan.q_index.shape
+    # index_select (backward: index_add) rather than advanced indexing (backward: a serial accumulating index_put)
+    q = query[0].index_select(1, plan.q_index.flatten()).unflatten(1, (M, Lq)).transpose(0, 1)  # [M, H, Lq, d]
+    k = key[0].index_select(1, plan.k_index.flatten()).unflatten(1, (M, -1)).transpose(0, 1)  # [M, KVH, Lk, d]
+    v = value[0].index_select(1, plan.k_index.flatten()).unflatten(1, (M, -1)).transpose(0, 1)
     keep = plan.mask
     if sliding_window is not None:
         near = (plan.q_pos[:, :, None] - plan.k_pos[:, None, :]) < sliding_window
@@ -176,7 +183,8 @@ def planned_attention(module, query, key, value, attention_mask, scaling=None, d
                                            enable_gqa=True)
     else:
         o = grouped_attention(q, k, v, keep, scaling, softcap)
-    return o.transpose(1, 2)[plan.q_valid].unsqueeze(0), None  # [1, T, H, d] in row order
+    o = o.transpose(1, 2).reshape(M * Lq, *o.shape[1:2], o.shape[-1])
+    return o.index_select(0, plan.valid_rows).unsqueeze(0), None  # [1, T, H, d] in row order
 
 
 def grouped_attention(q, k, v, keep, scaling: float, softcap: float | None = None) -> torch.Tensor:

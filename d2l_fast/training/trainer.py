@@ -18,9 +18,12 @@ and a context-token budget, with no padding anywhere:
 Only the hypernetwork has trainable parameters. AdamW with the reference's weight-decay exclusions (LayerNorm /
 Embedding modules and names holding ``scaler``, ``bias``, ``layernorm``, ``rmsnorm``, ``latents_q``), a cosine
 schedule with warmup and a minimum learning rate, gradient-norm clipping, optional NEFTune noise on the student's
-input embeddings; fp32 on CPU, bf16 autocast on CUDA. Under ``accelerate launch`` (``WORLD_SIZE`` > 1) every
-process takes its own packs of each step and the gradients are summed across processes (the loss is already
-normalised by the window's contexts over all processes, as the reference does).
+input embeddings; fp32 on CPU, bf16 autocast on CUDA (``bf16=True`` on CPU: a bf16 base model with an fp32
+hypernetwork, no autocast — several times faster on CPUs with AMX). ``student_packing`` chooses the layout of the QA
+row (:mod:`~d2l_fast.training.student`: per-QA attention, shared question prefixes; same loss, less work). Under
+``accelerate launch`` (``WORLD_SIZE`` > 1) every process takes its own packs of each step and the gradients are
+summed across processes (the loss is already normalised by the window's contexts over all processes, as the
+reference does).
 
 Output folder::
 
