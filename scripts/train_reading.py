@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-packed-ctx-len", type=int, default=3072)
     ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--save-steps", type=int, default=25)
+    ap.add_argument("--bf16", action="store_true", help="bf16 base model and autocast (AMX CPUs: see "
+                    "docs/training-reading.md, Training speed); default fp32 on CPU")
+    ap.add_argument("--student-packing", default="dense", choices=("dense", "segments", "shared_prefix"),
+                    help="student row layout (TrainConfig.student_packing): shared_prefix is the fastest, same loss")
     ap.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's hypernetwork")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("D2L_TRAIN_THREADS", "2")))
     ap.add_argument("--resume", action="store_true")
@@ -166,11 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def train_config(a, data, out: pathlib.Path, layers: list[int]):
+    """The run's TrainConfig from the parsed flags (also used by ``scripts/profile_train_step.py``)."""
+    from d2l_fast.demo import smollm2_path
+    from d2l_fast.training.trainer import TrainConfig
+
+    return TrainConfig(
+        data=[str(data)], model_name_or_path=str(smollm2_path()), output_dir=str(out / "run"),
+        max_steps=a.max_steps, max_packed_inp_len=a.max_packed_inp_len, max_packed_ctx_len=a.max_packed_ctx_len,
+        max_qas_per_sample=-1, use_kl_loss=False, gen_lora_l1_reg_coef=a.l1, learning_rate=a.lr,
+        warmup_steps=a.warmup_steps, min_lr=a.lr / 10, seed=0, latent_size=a.latent_size, num_blocks=a.num_blocks,
+        n_heads=4, head_dim=32, n_kv_heads=2, n_latent_queries=len(layers) * 8, lora_r=8,
+        ctx_encoder_type="early_exit", layer_indices=layers, init_scaler_B=a.init_scaler_b or None,
+        save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
+        init_checkpoint=None if a.resume else a.init_checkpoint, bf16=True if a.bf16 else None,
+        student_packing=a.student_packing,
+    )  # fmt: skip
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
-    from d2l_fast.demo import load_smollm2, smollm2_path
-    from d2l_fast.training.trainer import TrainConfig, find_checkpoints, train
+    from d2l_fast.demo import load_smollm2
+    from d2l_fast.training.trainer import find_checkpoints, train
 
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,16 +203,7 @@ def main(argv=None) -> int:
         data = make_data(base, tok, a, out)
         if a.data_only:
             return 0
-        cfg = TrainConfig(
-            data=[str(data)], model_name_or_path=str(smollm2_path()), output_dir=str(out / "run"),
-            max_steps=a.max_steps, max_packed_inp_len=a.max_packed_inp_len, max_packed_ctx_len=a.max_packed_ctx_len,
-            max_qas_per_sample=-1, use_kl_loss=False, gen_lora_l1_reg_coef=a.l1, learning_rate=a.lr,
-            warmup_steps=a.warmup_steps, min_lr=a.lr / 10, seed=0, latent_size=a.latent_size, num_blocks=a.num_blocks,
-            n_heads=4, head_dim=32, n_kv_heads=2, n_latent_queries=len(layers) * 8, lora_r=8,
-            ctx_encoder_type="early_exit", layer_indices=layers, init_scaler_B=a.init_scaler_b or None,
-            save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
-            init_checkpoint=None if a.resume else a.init_checkpoint,
-        )  # fmt: skip
+        cfg = train_config(a, data, out, layers)
         metrics = out / "run" / "metrics.jsonl"
         stop = threading.Event()
         mon = threading.Thread(target=_monitor, args=(metrics, stop), daemon=True)

@@ -62,6 +62,10 @@ class TrainConfig:
     shuffle_buffer: int = 256  # packs shuffled together (seeded per epoch); 0 keeps file order
     gradient_accumulation_steps: int = 1
     seed: int = 42
+    # student row layout (training.student): "dense" (transformers' own [T, T] block mask, the reference's way),
+    # "segments" (attention per QA sequence: the same numbers, less work) or "shared_prefix" (besides, a context's
+    # QAs share their common leading tokens once)
+    student_packing: str = "dense"
     # objective (spec §5.1)
     use_kl_loss: bool = True  # False: cross-entropy on the label tokens (NIAH); teacher columns not needed
     use_per_ctx_average_loss: bool = True
@@ -196,6 +200,8 @@ class TrainConfig:
             if not isinstance(li, list) or not li or len(set(map(repr, li))) != len(li) or \
                     not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in li):
                 bad("layer_indices", "null or a non-empty list of distinct non-negative ints")
+        if self.student_packing not in ("dense", "segments", "shared_prefix"):
+            bad("student_packing", "one of 'dense', 'segments', 'shared_prefix'")
         if self.ctx_encoder_type not in ENCODER_TYPES:
             bad("ctx_encoder_type", f"one of {list(ENCODER_TYPES)}")
         v = self.init_scaler_B

@@ -18,9 +18,12 @@ and a context-token budget, with no padding anywhere:
 Only the hypernetwork has trainable parameters. AdamW with the reference's weight-decay exclusions (LayerNorm /
 Embedding modules and names holding ``scaler``, ``bias``, ``layernorm``, ``rmsnorm``, ``latents_q``), a cosine
 schedule with warmup and a minimum learning rate, gradient-norm clipping, optional NEFTune noise on the student's
-input embeddings; fp32 on CPU, bf16 autocast on CUDA. Under ``accelerate launch`` (``WORLD_SIZE`` > 1) every
-process takes its own packs of each step and the gradients are summed across processes (the loss is already
-normalised by the window's contexts over all processes, as the reference does).
+input embeddings; fp32 on CPU, bf16 autocast on CUDA (``bf16=True`` on CPU: a bf16 base model with an fp32
+hypernetwork, no autocast — several times faster on CPUs with AMX). ``student_packing`` chooses the layout of the QA
+row (:mod:`~d2l_fast.training.student`: per-QA attention, shared question prefixes; same loss, less work). Under
+``accelerate launch`` (``WORLD_SIZE`` > 1) every process takes its own packs of each step and the gradients are
+summed across processes (the loss is already normalised by the window's contexts over all processes, as the
+reference does).
 
 Output folder::
 
@@ -59,6 +62,7 @@ from torch import nn
 from .config import HYPERNET_FIELDS, TrainConfig, TrainConfigError
 from .data import DataError, PackStream, check_data, collate, stream_packs
 from .losses import lora_l1_norm, qa_loss
+from .student import segment_attention, student_row
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -257,8 +261,8 @@ class Trainer:
         self.use_bf16 = (dev.type == "cuda") if c.bf16 is None else c.bf16
         ckpt = self._resume_state["checkpoint"] if self._resume_state else self._init_ckpt
         if self.model is None:
-            base = load_base_model(c.model_name_or_path, dtype=torch.bfloat16 if self.use_bf16 and dev.type == "cuda"
-                                    else torch.float32, device=dev)
+            base = load_base_model(c.model_name_or_path, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
+                                   device=dev)
             if ckpt is not None:
                 self.model = D2LModel.from_checkpoint(ckpt, base_model=base)
             else:
@@ -325,6 +329,18 @@ class Trainer:
         finally:
             h.remove()
 
+    def _autocasts(self):
+        """(around the whole pack, around the student forward): bf16 autocast on CUDA as before; on CPU the
+        hypernetwork stays fp32 (its readout kernel takes one dtype) and the student runs in the base model's bf16
+        weights (no autocast, no per-step weight casts) or, for a given fp32 model, under autocast."""
+        off = contextlib.nullcontext()
+        if not self.use_bf16:
+            return off, off
+        cast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.device.type != "cpu":
+            return cast, off
+        return off, (off if self.model.base_dtype == torch.bfloat16 else cast)
+
     def _pack_loss(self, pack, n_ctx_window: int, n_labels_window: int) -> dict:
         from ..packing import PackedContexts
 
@@ -333,12 +349,19 @@ class Trainer:
         cu = b.ctx_cu_seqlens.tolist()
         chunks = [b.ctx_ids[s:e].tolist() for s, e in zip(cu[:-1], cu[1:])]
         packed = PackedContexts(chunks=chunks, n_chunks=b.n_ctx_chunks)
-        qa_cu = b.qa_cu_seqlens.tolist()
-        seg_lens = [e - s for s, e in zip(qa_cu[:-1], qa_cu[1:])]
-        seg_adapter = [g for g, n in enumerate(b.n_queries) for _ in range(n)]
         dev = self.device
-        autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if self.use_bf16 else \
-            contextlib.nullcontext()
+        if c.student_packing == "dense":
+            input_ids, position_ids, labels = b.input_ids, b.position_ids, b.labels
+            qa_cu = b.qa_cu_seqlens.tolist()
+            seg_lens = [e - s for s, e in zip(qa_cu[:-1], qa_cu[1:])]
+            seg_adapter = [g for g, n in enumerate(b.n_queries) for _ in range(n)]
+            attention = contextlib.nullcontext()
+        else:
+            row = student_row(pack, share_prefix=c.student_packing == "shared_prefix")
+            input_ids, position_ids, labels, qa_cu = row.input_ids, row.position_ids, row.labels, row.qa_cu_seqlens
+            seg_lens, seg_adapter = row.seg_lens, row.seg_adapter
+            attention = segment_attention(m.base_model, row.plan.to(dev))
+        autocast, student_autocast = self._autocasts()
         with autocast:
             loras = m.chunk_loras(packed)  # the encoder runs under no_grad inside; the hypernetwork with grad
             adapters = m.merge(loras, b.n_ctx_chunks)
@@ -346,14 +369,15 @@ class Trainer:
             if bad:
                 raise TrainingDivergedError(f"the hypernetwork produced NaN/inf adapters for contexts "
                                             f"{[pack[i].source for i in bad[:3]]}")
-            with m.bind(adapters, seg_lens=seg_lens, seg_adapter=seg_adapter), self._neftune():
-                hidden = self.decoder(input_ids=b.input_ids[None].to(dev), position_ids=b.position_ids[None].to(dev),
+            with m.bind(adapters, seg_lens=seg_lens, seg_adapter=seg_adapter), self._neftune(), student_autocast, \
+                    attention:
+                hidden = self.decoder(input_ids=input_ids[None].to(dev), position_ids=position_ids[None].to(dev),
                                       use_cache=False).last_hidden_state[0]
         w = self.head.weight
         kw = {}
         if c.use_kl_loss:
             kw = dict(teacher_logprobs=b.logprobs_vals.to(dev), teacher_indices=b.logprobs_indices.to(dev))
-        out = qa_loss(hidden.to(w.dtype), w, b.labels.to(dev), qa_cu, b.n_queries,
+        out = qa_loss(hidden.to(w.dtype), w, labels.to(dev), qa_cu, b.n_queries,
                       objective="distill" if c.use_kl_loss else "ce",
                       average="context" if c.use_per_ctx_average_loss else "token", n_ctx_window=n_ctx_window,
                       n_labels_window=n_labels_window, bias=getattr(self.head, "bias", None), softcap=self.softcap,
@@ -361,7 +385,7 @@ class Trainer:
         l1 = lora_l1_norm(adapters, n_ctx_window) if c.gen_lora_l1_reg_coef else out.loss.new_zeros(())
         loss = out.loss + c.gen_lora_l1_reg_coef * l1
         return {"loss": loss, "task": out.loss.detach(), "l1": l1.detach(),
-                "tokens": int(b.input_ids.numel() + b.ctx_ids.numel())}
+                "tokens": int(input_ids.numel() + b.ctx_ids.numel())}
 
     # ------------------------------------------------------------------ saving
     def _save(self, step: int) -> pathlib.Path:
