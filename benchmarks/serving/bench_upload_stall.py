@@ -1,7 +1,7 @@
 """Upload stall (issue 17, item 1): how long a running stream waits while a ~3,000-token document is posted.
 
-    python -m pytest benchmarks/bench_upload_stall.py --benchmark-only -q -s
-    python benchmarks/bench_upload_stall.py                   # the same, without pytest
+    python -m pytest benchmarks/serving/bench_upload_stall.py --benchmark-only -q -s
+    python -m benchmarks.serving.bench_upload_stall           # the same, without pytest
 
 The real server (``create_app`` + uvicorn on a free 127.0.0.1 port in a background thread, as ``d2l-fast serve``
 runs it) with the real SmolLM2-135M-Instruct and a seeded random hypernetwork
@@ -9,8 +9,9 @@ runs it) with the real SmolLM2-135M-Instruct and a seeded random hypernetwork
 completion (official ``openai`` client, greedy, ``max_tokens=160``) and records the arrival time of every streamed
 chunk; once ``N_BEFORE`` chunks have arrived, a second client posts a ~3,000-token document
 (``POST /v1/documents``, synchronous), once per server setting in ``D2L_BENCH_STALL_SLICES``
-(``--encode-slice-tokens``; default ``0,256``: 0 = unset, the encoder yields between decoder layers of the whole
-3,000-token chunk; 256 = the server chunks documents and packs encoder rows to 256 tokens). Measured: the median
+(``--encode-slice-tokens``; default ``256,0``: 256 = the encoder runs in windows of 256 tokens, each window one
+pass through the layers with the earlier windows' keys and values kept, the model's chunking unchanged; 0 = whole
+rows, the encoder yields only between decoder layers of the whole 3,000-token chunk). Measured: the median
 gap between two chunks before the post, and the longest gap between two chunks whose interval overlaps the upload;
 the ratio of the two is the stall factor.
 Target: ≤ 3x (before encoder slicing: ~60x, 0.5 s → 9.3 s on the 2-core box). Recorded in extra_info and
