@@ -209,6 +209,21 @@ def _configs(model):
 
 
 @contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Within the block, every config of ``model`` (an HF model) names ``name`` as its attention implementation;
+    the old names are restored on exit."""
+    cfgs = _configs(model)
+    old = [c._attn_implementation for c in cfgs]
+    try:
+        for c in cfgs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+
+
+@contextlib.contextmanager
 def packed_attention(model, lengths: list[int], device, max_scores: int | None = None, window: RowCache | None = None):
     """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only.
 
@@ -218,8 +233,6 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
     """
     if window is not None and not isinstance(window, RowCache):
         raise TypeError(f"window must be a RowCache or None, got {type(window).__name__}")
-    cfgs = _configs(model)
-    old = [c._attn_implementation for c in cfgs]
     bounds, s = [], 0
     for n in lengths:
         bounds.append((s, s + n))
@@ -229,12 +242,9 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
     _state.max_scores = max_scores
     _state.window = window
     try:
-        for c in cfgs:
-            c._attn_implementation = NAME
-        yield
+        with attention_implementation(model, NAME):
+            yield
     finally:
-        for c, o in zip(cfgs, old):
-            c._attn_implementation = o
         _state.bounds = None
         _state.max_scores = None
         _state.window = None

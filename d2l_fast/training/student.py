@@ -235,18 +235,13 @@ def segment_attention(model, plan: AttentionPlan):
         raise TypeError(f"plan must be an AttentionPlan, got {type(plan).__name__}")
     if not register():
         raise RuntimeError("this transformers version has no AttentionInterface; use student_packing='dense'")
-    from ..varlen import _configs
+    from ..varlen import attention_implementation
 
-    cfgs = _configs(model)
-    old = [c._attn_implementation for c in cfgs]
     _state.plan = plan
     try:
-        for c in cfgs:
-            c._attn_implementation = NAME
-        yield
+        with attention_implementation(model, NAME):
+            yield
     finally:
-        for c, o in zip(cfgs, old):
-            c._attn_implementation = o
         _state.plan = None
 
 
