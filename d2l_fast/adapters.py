@@ -5,17 +5,19 @@
 adapter k owns rank rows ``rank_offsets[k]:rank_offsets[k+1]`` of every layer. A document internalised
 from n chunks has rank (n+1)·r: its chunks' rows in order, then the bias rows. Nothing is padded.
 The update applied to a target Linear is ``y += alpha · (x Aₖᵀ) Bₖ`` (alpha as-is, not alpha/r).
+:meth:`AdapterBatch.save` / :meth:`AdapterBatch.load` use the file format of :mod:`d2l_fast.adapter_file`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from .adapter_file import adapter_error, read_adapter_file, write_adapter_file
 
 
 def as_index_list(values, what: str = "adapter_index") -> list[int]:
@@ -373,14 +375,10 @@ class AdapterBatch:
         return pa, pb
 
     def save(self, path) -> None:
-        """safetensors with the ragged tensors; metadata holds offsets, alpha, model id and names."""
-        from safetensors.torch import save_file
-
-        tensors = {f"{m}.A": t.detach().cpu().contiguous() for m, t in self.A.items()}
-        tensors.update({f"{m}.B": t.detach().cpu().contiguous() for m, t in self.B.items()})
-        meta = {"format": "d2l_fast.adapters", "version": "1", "rank_offsets": json.dumps(self.rank_offsets),
-                "alpha": repr(float(self.alpha)), "model_id": self.model_id, "names": json.dumps(self.names)}
-        save_file(tensors, str(path), metadata=meta)
+        """safetensors with the ragged tensors; metadata holds offsets, alpha, model id and names
+        (:mod:`d2l_fast.adapter_file`)."""
+        write_adapter_file(path, self.A, self.B, rank_offsets=self.rank_offsets, alpha=self.alpha,
+                           model_id=self.model_id, names=self.names)
 
     @classmethod
     def load(cls, path, device=None, *, spec=None) -> "AdapterBatch":
@@ -389,29 +387,11 @@ class AdapterBatch:
         Metadata, tensor names, dtypes and shapes are checked before any tensor is read. With ``spec`` (a
         :class:`~d2l_fast.D2LSpec`) the adapters must also fit that model's modules, layers and feature sizes.
         """
-        from safetensors import SafetensorError, safe_open
-
-        from .checkpoint import CheckpointError
-        from .safe_io import check_regular_file
-
-        check_regular_file(path, what="adapter file", error=CheckpointError)  # no device, FIFO or folder
+        A, B, ro, alpha, model_id, names = read_adapter_file(path)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != "d2l_fast.adapters":
-                    raise CheckpointError(f"{path} is not a d2l_fast adapter file (metadata format="
-                                          f"{str(meta.get('format'))[:80]!r})")
-                ro, alpha, model_id, names = _parse_adapter_meta(meta, path)
-                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-                mods = _check_adapter_tensors(shapes, ro, len(ro) - 1, path)
-                tensors = {k: f.get_tensor(k) for k in shapes}
-        except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{path}: unreadable adapter file (truncated or corrupt?): {e}") from e
-        try:
-            out = cls({m: tensors[f"{m}.A"] for m in mods}, {m: tensors[f"{m}.B"] for m in mods}, ro, alpha,
-                      model_id, names)
+            out = cls(A, B, ro, alpha, model_id, names)
         except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+            raise adapter_error(str(path), str(e)) from None
         if spec is not None:
             out.check_fits(spec, source=str(path))
         out.check_finite(where=f" in {path}")
@@ -420,90 +400,13 @@ class AdapterBatch:
     def check_fits(self, spec, *, source: str = "adapters") -> None:
         """Modules, layer count and per-module feature sizes must be those of ``spec`` (ValueError otherwise)."""
         if self.modules != list(spec.target_modules) or self.num_layers != spec.num_layers:
-            raise _adapter_error(source, f"modules/layers {self.modules}/{self.num_layers} do not match the model's "
+            raise adapter_error(source, f"modules/layers {self.modules}/{self.num_layers} do not match the model's "
                                          f"{list(spec.target_modules)}/{spec.num_layers}")
         for m in self.modules:
             d_in, d_out = self.A[m].shape[2], self.B[m].shape[2]
             if (d_in, d_out) != (spec.d_in[m], spec.d_out[m]):
-                raise _adapter_error(source, f"module {m!r}: A/B feature sizes {d_in}/{d_out}, the model's {m} is "
+                raise adapter_error(source, f"module {m!r}: A/B feature sizes {d_in}/{d_out}, the model's {m} is "
                                              f"{spec.d_in[m]} -> {spec.d_out[m]}")
-
-
-def _adapter_error(source: str, msg: str) -> ValueError:
-    from .checkpoint import CheckpointError
-
-    return CheckpointError(f"{source}: {msg}")
-
-
-_MAX_ADAPTERS = 1 << 24
-
-
-def _parse_adapter_meta(meta: dict, path):
-    """rank_offsets (JSON list of ints from 0, non-decreasing), finite alpha, model id, optional names."""
-    from .checkpoint import CheckpointError
-
-    def field(name):
-        if name not in meta:
-            raise CheckpointError(f"{path}: adapter metadata lacks field {name!r}")
-        return meta[name]
-
-    def parse_json(name):
-        try:
-            return json.loads(field(name))
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: adapter metadata field {name!r} is not valid JSON: {e}") from None
-
-    ro = parse_json("rank_offsets")
-    if not isinstance(ro, list) or not 2 <= len(ro) <= _MAX_ADAPTERS + 1:
-        raise CheckpointError(f"{path}: field 'rank_offsets' must be a list of 2 to {_MAX_ADAPTERS + 1} integers, got "
-                              f"{type(ro).__name__} of length {len(ro) if isinstance(ro, list) else '-'}")
-    bad = [x for x in ro if not isinstance(x, int) or isinstance(x, bool)]
-    if bad:
-        raise CheckpointError(f"{path}: field 'rank_offsets' must hold integers only, got {bad[:3]!r:.80}")
-    if ro[0] != 0 or any(b < a for a, b in zip(ro[:-1], ro[1:])):
-        raise CheckpointError(f"{path}: field 'rank_offsets' must start at 0 and be non-decreasing, got {ro[:8]}...")
-    try:
-        alpha = float(field("alpha"))
-    except ValueError:
-        raise CheckpointError(f"{path}: field 'alpha' must be a number, got {field('alpha')[:80]!r}") from None
-    if not math.isfinite(alpha):
-        raise CheckpointError(f"{path}: field 'alpha' must be finite, got {alpha}")
-    model_id = field("model_id")
-    names = parse_json("names") if "names" in meta else None
-    if names is not None and (not isinstance(names, list) or len(names) != len(ro) - 1
-                              or not all(n is None or isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: field 'names' must be null or a list of {len(ro) - 1} strings")
-    return ro, alpha, model_id, names
-
-
-def _check_adapter_tensors(shapes: dict, ro: list[int], n: int, path) -> list[str]:
-    """Names ``<module>.A``/``.B`` in pairs, float dtypes, A [L, R, d_in] / B [L, R, d_out], R = rank_offsets[-1]."""
-    from .checkpoint import CheckpointError
-
-    mods = set()
-    for k, (dtype, shape) in shapes.items():
-        m, _, ab = k.rpartition(".")
-        if ab not in ("A", "B") or not m:
-            raise CheckpointError(f"{path}: unexpected tensor {k!r:.80} (expected <module>.A and <module>.B)")
-        if dtype not in ("F16", "BF16", "F32", "F64"):
-            raise CheckpointError(f"{path}: tensor {k!r} has dtype {dtype}, expected a float dtype")
-        if len(shape) != 3:
-            raise CheckpointError(f"{path}: tensor {k!r} has shape {list(shape)}, expected [layers, rank, features]")
-        mods.add(m)
-    if not mods:
-        raise CheckpointError(f"{path}: no adapter tensors")
-    L = None
-    for m in sorted(mods):
-        if f"{m}.A" not in shapes or f"{m}.B" not in shapes:
-            raise CheckpointError(f"{path}: module {m!r} needs both {m}.A and {m}.B")
-        a, b = shapes[f"{m}.A"][1], shapes[f"{m}.B"][1]
-        if a[:2] != b[:2] or a[1] != ro[-1]:
-            raise CheckpointError(f"{path}: module {m!r}: A {list(a)} / B {list(b)} must share [layers, rank] "
-                                  f"with rank = rank_offsets[-1] = {ro[-1]}")
-        if L is not None and a[0] != L:
-            raise CheckpointError(f"{path}: module {m!r} has {a[0]} layers, another module {L}")
-        L = a[0]
-    return sorted(mods)
 
 
 def merge_chunk_loras(chunk_loras: dict, n_chunks: list[int], *, bias: dict | None, alpha: float, model_id: str,

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from .adapters import AdapterBatch, BatchCache, as_index_list, merge_chunk_loras
-from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from .checkpoint import CheckpointError, LoadedCheckpoint
 from .config import D2LSpec
 from .encoder import ContextEncoder
 from .fingerprint import model_fingerprint  # its home is d2l_fast.fingerprint; kept importable here
-from .hf import check_base_model, load_base_model, spec_for_model
+from .hf import check_base_model
 from .hypernet import HyperLoRA
-from .model_card import card_folder, check_instruction, prompt_layout, read_model_card
+from .model_card import check_instruction, prompt_layout
+from .model_inputs import check_adapters_match, check_packed_ids, check_prompt_inputs, check_tensor_ids
+from .model_loading import fresh_hypernet, load_checkpoint_parts
 from .packing import PackedContexts, tokenize_prompt
 from .patching import LoRABinding, patch_model
 
@@ -125,64 +127,14 @@ class D2LModel(nn.Module):
         A checkpoint folder's ``model_card.json`` gives the defaults: its ``max_chunk_len`` (unless given) and
         its prompt layout for text questions (:attr:`prompt_layout`; see :mod:`d2l_fast.model_card`).
         """
-        from .checkpoint import split_reference_state_dict
-        from .packing import get_tokenizer
-
-        if isinstance(checkpoint, LoadedCheckpoint):
-            ckpt = checkpoint
-        elif isinstance(checkpoint, dict):
-            ckpt = split_reference_state_dict(checkpoint)
-        else:
-            ckpt = load_checkpoint(checkpoint, subfolder=subfolder)
-        spec = ckpt.spec
-        folder = card_folder(ckpt.source)  # its model card's settings are this model's defaults
-        card = read_model_card(folder) if folder is not None else {}
+        parts = load_checkpoint_parts(checkpoint, base_model, tokenizer, subfolder=subfolder, dtype=dtype,
+                                      device=device, base_model_kwargs=base_model_kwargs,
+                                      hypernet_dtype=hypernet_dtype, strict_base_name=strict_base_name)
+        card = parts.card  # its model card's settings are this model's defaults
         if kwargs.get("max_chunk_len") is None and card.get("max_chunk_len") is not None:
             kwargs["max_chunk_len"] = card["max_chunk_len"]
-        src = base_model if base_model is not None else spec.base_model_name_or_path
-        if isinstance(src, nn.Module):
-            model = src
-            name = getattr(model.config, "_name_or_path", "")
-            if strict_base_name and name and name != spec.base_model_name_or_path:
-                raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {name!r}")
-        else:
-            bmk = dict(base_model_kwargs or {})
-            for key in ("dtype", "torch_dtype", "device"):  # the reference passes these through base_model_kwargs
-                if key in bmk:
-                    v, own = bmk.pop(key), device if key == "device" else dtype
-                    if own is not None and v != own:
-                        raise ValueError(f"base_model_kwargs[{key!r}]={v!r} conflicts with "
-                                         f"{'device' if key == 'device' else 'dtype'}={own!r}")
-                    if key == "device":
-                        device = v
-                    else:
-                        dtype = v
-            model = load_base_model(src, dtype=dtype, device=device, **bmk)
-            if strict_base_name and str(src) != spec.base_model_name_or_path:
-                raise CheckpointError(f"checkpoint was trained on {spec.base_model_name_or_path!r}, got {src!r}")
-        tokenizer_note = None
-        if tokenizer is None and not isinstance(src, nn.Module):
-            # the reference builds the model without a tokenizer; only text calls need one
-            try:
-                tokenizer = get_tokenizer(src, model_name=spec.base_model_name_or_path)
-            except (OSError, ValueError) as e:
-                tokenizer_note = f"no tokenizer could be loaded from {str(src)!r}: {e}"
-                logger.warning("%s; id-level calls work, text calls need tokenizer=", tokenizer_note)
-        elif isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__"):
-            tokenizer = get_tokenizer(tokenizer, model_name=spec.base_model_name_or_path)
-        elif tokenizer is None:
-            tokenizer_note = "base_model was an already-loaded model and no tokenizer= was given"
-        check_base_model(model, spec)
-        ckpt.validate()  # names/shapes checked on the meta device before the hypernetwork is allocated
-        hypernet = HyperLoRA(spec)
-        missing, unexpected = hypernet.load_state_dict(ckpt.state_dict, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint tensors do not match the hypernetwork built from its config: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        dev = next(model.parameters()).device
-        hypernet.to(device=dev, dtype=hypernet_dtype).eval()
-        out = cls(model, hypernet, tokenizer, **kwargs)
-        out._tokenizer_note = tokenizer_note
+        out = cls(parts.base_model, parts.hypernet, parts.tokenizer, **kwargs)
+        out._tokenizer_note = parts.tokenizer_note
         out.model_card, out.prompt_layout = card, (prompt_layout(card) if card else None)
         return out
 
@@ -196,17 +148,8 @@ class D2LModel(nn.Module):
         """
         ctor_kwargs = {k: spec_kwargs.pop(k) for k in ("user_defined_scaling", "max_chunk_len", "encode_token_budget")
                        if k in spec_kwargs}
-        spec = spec or spec_for_model(base_model, **spec_kwargs)
-        g = torch.random.fork_rng()
-        with g:
-            torch.manual_seed(seed)
-            hypernet = HyperLoRA(spec)
-            if init_scaler_B is not None:
-                with torch.no_grad():
-                    for p in hypernet.scaler_B.values():
-                        p.normal_(0.0, init_scaler_B)
-        dev = next(base_model.parameters()).device
-        hypernet.to(device=dev, dtype=hypernet_dtype).eval()
+        hypernet = fresh_hypernet(base_model, seed=seed, spec=spec, hypernet_dtype=hypernet_dtype,
+                                  init_scaler_B=init_scaler_B, **spec_kwargs)
         return cls(base_model, hypernet, tokenizer, **ctor_kwargs)
 
     def state_dict_for_checkpoint(self) -> LoadedCheckpoint:
@@ -234,23 +177,11 @@ class D2LModel(nn.Module):
         """Rows of the base model's input embedding: valid token ids are ``0 .. vocab_size - 1``."""
         return int(self.base_model.get_input_embeddings().weight.shape[0])
 
-    def _check_vocab(self, lo: int, hi: int, where: str) -> None:
-        V = self.vocab_size
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{where}: token id {bad} is outside the vocabulary (size {V}: ids 0..{V - 1})")
-
-    def _check_packed_ids(self, packed: PackedContexts) -> None:
-        for c, chunk in enumerate(packed.chunks):
-            lo, hi = min(chunk), max(chunk)
-            if lo < 0 or hi >= self.vocab_size:
-                self._check_vocab(lo, hi, f"document #{packed.chunk_to_doc[c]} (chunk {c})")
-
     # ----------------------------------------------------------------- context → LoRA
     def chunk_loras(self, packed: PackedContexts, *, intermediates: dict | None = None) -> dict:
         """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
         spec = self.spec
-        self._check_packed_ids(packed)
+        check_packed_ids(packed, self.vocab_size)
         hdt = self.hypernet.head.weight.dtype
         # inference streams each encoder layer through the modality projection as it is produced (the
         # [L, T, H] feature stack is never held); training / intermediates keep the plain path for autograd
@@ -364,7 +295,7 @@ class D2LModel(nn.Module):
             n_sc = len(torch.as_tensor(scalers).flatten())
             if n_sc not in (1, len(packed.chunks)):
                 raise ValueError(f"scalers must have 1 or {len(packed.chunks)} (one per chunk) entries, got {n_sc}")
-        self._check_packed_ids(packed)
+        check_packed_ids(packed, self.vocab_size)
         if docs_per_call is None or docs_per_call >= len(documents):
             out = self.merge(self.chunk_loras(packed), packed.n_chunks, scalers=scalers, bias_scaler=bias_scaler,
                              names=names)
@@ -391,7 +322,7 @@ class D2LModel(nn.Module):
 
     # ----------------------------------------------------------------- binding adapters
     def _prepare_adapters(self, adapters: AdapterBatch) -> AdapterBatch:
-        self._check_adapters(adapters)
+        check_adapters_match(adapters, self.model_id, self.spec)
         dev, dt = self.device, self.base_dtype
         if adapters.device == dev and adapters.dtype == dt:
             return adapters
@@ -401,17 +332,6 @@ class D2LModel(nn.Module):
         out = adapters.to(dev, dt)
         self._cast_cache.put(adapters, (dev, dt), out)
         return out
-
-    def _check_adapters(self, adapters: AdapterBatch) -> None:
-        if not isinstance(adapters, AdapterBatch):
-            raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
-        if adapters.model_id != self.model_id:
-            raise ValueError(f"these adapters were made by another model ({adapters.model_id!r}); this model is "
-                             f"{self.model_id!r}")
-        if adapters.modules != list(self.spec.target_modules) or adapters.num_layers != self.spec.num_layers:
-            raise ValueError(f"adapter modules/layers {adapters.modules}/{adapters.num_layers} do not match "
-                             f"{list(self.spec.target_modules)}/{self.spec.num_layers}")
-        adapters.check_fits(self.spec)  # feature sizes too: a mismatch is an error here, not in the kernel
 
     @contextlib.contextmanager
     def bind(self, adapters: AdapterBatch | None, adapter_index=None, *, seg_lens=None, seg_adapter=None,
@@ -489,7 +409,7 @@ class D2LModel(nn.Module):
             raise TypeError(f"adapters must be an AdapterBatch, got {type(adapters).__name__}")
         if not self.compact_adapters or self.device.type != "cpu":
             return None
-        self._check_adapters(adapters)
+        check_adapters_match(adapters, self.model_id, self.spec)
         probe = LoRABinding(adapters, self._layer_map, row_adapter=adapter_index if seg_lens is None else None,
                             seg_lens=seg_lens, seg_adapter=seg_adapter, rows_per_index=rows_per_index)
         if torch.is_grad_enabled() and any(t.requires_grad for d in (adapters.A, adapters.B) for t in d.values()):
@@ -504,39 +424,14 @@ class D2LModel(nn.Module):
             return None
         return used
 
-    def _check_prompt_inputs(self, input_ids, attention_mask, adapters, adapter_index):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            self._check_vocab(int(lo), int(hi), "input_ids")
-        if adapters is None and adapter_index is not None:
-            used = [i for i in as_index_list(adapter_index) if i >= 0]
-            if used:
-                raise ValueError(f"adapter_index names adapters {used[:8]} but no adapters were given (adapters=None); "
-                                 "pass the AdapterBatch, or -1 / adapter_index=None for the base model")
-        if adapters is not None:
-            n_rows = input_ids.shape[0]
-            idx = list(range(len(adapters))) if adapter_index is None else as_index_list(adapter_index)
-            if len(idx) != n_rows:
-                raise ValueError(f"{n_rows} prompt rows but {len(idx)} adapter indices "
-                                 f"({'one per adapter' if adapter_index is None else 'adapter_index'}); "
-                                 "give one per row")
-
     def forward(self, input_ids=None, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None,
                 seg_lens=None, seg_adapter=None, **kwargs):
         """Base-model forward with per-row (padded) or per-segment (packed, ``seg_lens``) adapters."""
         if seg_lens is None:
-            self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
-        elif isinstance(input_ids, torch.Tensor) and input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            self._check_vocab(int(lo), int(hi), "input_ids")
+            check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index, device=self.device,
+                                vocab_size=self.vocab_size)
+        else:
+            check_tensor_ids(input_ids, self.vocab_size)
         with self.bind(adapters, adapter_index, seg_lens=seg_lens, seg_adapter=seg_adapter):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -544,7 +439,8 @@ class D2LModel(nn.Module):
     def generate(self, input_ids, attention_mask=None, *, adapters: AdapterBatch | None = None, adapter_index=None,
                  **kwargs):
         """HF ``generate`` where row i uses adapter ``adapter_index[i]`` (-1: base model) — one batched call."""
-        self._check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index)
+        check_prompt_inputs(input_ids, attention_mask, adapters, adapter_index, device=self.device,
+                            vocab_size=self.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("pad_token_id",

@@ -6,7 +6,9 @@ uses are the settings the hypernetwork was trained with:
 * ``prompt`` — ``{"system": str | null, "instruction": str with "{question}"}``: the prompt layout of its training
   questions (:func:`prompt_layout`; default: the bare question, no system message, as ``d2l-fast gen-data`` writes);
 * ``max_chunk_len`` — int: chat-templated tokens per document chunk (the longest context it was trained to read);
-* ``reads`` — str: one or two sentences for people on what it was trained to read.
+* ``reads`` — str: one or two sentences for people on what it was trained to read;
+* ``training_data`` — str: which generated data it was trained on, e.g. ``"reading"`` (the reading data of
+  :mod:`d2l_fast.training.reading`: ``d2l-fast demo`` then shows its held-out needles, facts and numbers).
 
 :meth:`d2l_fast.D2LModel.from_checkpoint` (and so :func:`d2l_fast.pretrained`, ``d2l-fast ask``, ``serve`` and
 ``demo``) reads the card of a checkpoint folder and uses these as the model's defaults. This module imports nothing
@@ -45,8 +47,8 @@ def read_model_card(folder) -> dict:
 
     Known fields (all optional): ``training_command`` (str), ``steps`` (int or str), ``heldout`` (object of results),
     ``prompt`` (``{"system": str | null, "instruction": str with "{question}"}``), ``max_chunk_len`` (positive
-    int), ``reads`` (non-empty str); see the module docstring. A bad field is a :class:`ValueError` naming the file
-    and the field.
+    int), ``reads`` and ``training_data`` (non-empty str); see the module docstring. A bad field is a
+    :class:`ValueError` naming the file and the field.
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder must be a path, got {type(folder).__name__}")
@@ -72,6 +74,10 @@ def read_model_card(folder) -> dict:
     reads = card.get("reads")
     if reads is not None and (not isinstance(reads, str) or not reads.strip()):
         raise _fail(path, "reads must be a non-empty string (what the model was trained to read)", reads)
+    data = card.get("training_data")
+    if data is not None and (not isinstance(data, str) or not data.strip()):
+        raise _fail(path, "training_data must be a non-empty string (the data it was trained on, e.g. 'reading')",
+                    data)
     return card
 
 

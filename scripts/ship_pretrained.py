@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-chunk-len", type=int, required=True,
                     help="chat-templated tokens per chunk it was trained on (the card's max_chunk_len)")
     ap.add_argument("--reads", required=True, help="what it was trained to read, in a sentence or two (the card's)")
+    ap.add_argument("--training-data", choices=("reading",), default=None,
+                    help="the card's training_data: 'reading' for d2l_fast.training.reading's data (d2l-fast demo then "
+                    "shows its held-out needles, facts and numbers)")
     a = ap.parse_args(argv)
 
     from d2l_fast.checkpoint import load_checkpoint, save_checkpoint
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     heldout["data"] = a.eval_command
     card = {"base": "smollm2-135m", "training_command": a.training_command, "steps": a.steps, "heldout": heldout,
             "prompt": {"system": "", "instruction": EVAL_INSTRUCTION}, "max_chunk_len": a.max_chunk_len,
-            "reads": a.reads}
+            "reads": a.reads, **({"training_data": a.training_data} if a.training_data else {})}
     dest = ROOT / "d2l_fast" / "data" / "pretrained" / a.name
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         stage = pathlib.Path(tmp) / a.name

