@@ -97,6 +97,11 @@ def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tupl
     for need, rep, where in (("d2l", report, eval_dir), ("d2l", old, previous)):
         if need not in rep:
             raise SystemExit(f"{where}: no {need} rows in the reading report (keys {sorted(rep)})")
+    if {k: v["n"] for k, v in old["d2l"].items()} != {k: v["n"] for k, v in report["d2l"].items()}:
+        raise SystemExit(f"{previous} and {eval_dir} evaluated different data (their rows or counts differ)")
+    for m in ("base", "in_context", "in_context_fewshot"):  # document-independent of the hypernetwork: same data
+        if m in old and m not in report:
+            report[m] = old[m]
     cmp = compare_reports([("shipped before", old), ("this checkpoint", report)])
     if not cmp["verdict"]["beats_every_row"]:
         raise SystemExit("not shipped: " + compare_markdown(cmp).rsplit("\n", 1)[-1])

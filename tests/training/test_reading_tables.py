@@ -174,12 +174,20 @@ def test_ship_script_reading_card(tmp_path):
     (tmp_path / "new" / "reading_report.json").write_text(json.dumps(_report(0.5)))  # ties everywhere
     p = run()
     assert p.returncode != 0 and "not shipped" in p.stderr and not dest.exists(), (p.stdout, p.stderr)
-    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(_report(1.2)))
+    other = _report(1.2)
+    other["d2l"]["facts/f1/all"]["n"] = 11  # evaluated on other data: refused
+    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(other))
+    p = run()
+    assert p.returncode != 0 and "different data" in p.stderr and not dest.exists(), (p.stdout, p.stderr)
+    rep = _report(1.2)
+    del rep["base"]  # the baselines come from the previous report (the same data)
+    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(rep))
     p = run()
     assert p.returncode == 0, p.stderr
     card = read_model_card(dest)
     assert card["heldout"]["kind"] == "reading" and card["heldout"]["verdict"]["beats_every_row"]
     assert card["heldout"]["methods"]["d2l"]["facts/f1/all"]["mean"] == pytest.approx(0.6)
+    assert card["heldout"]["methods"]["base"]["facts/f1/all"]["mean"] == pytest.approx(0.05)
     assert card["training_data"] == "reading" and card["max_chunk_len"] == 256
     assert "{question}" in prompt_layout(card)["instruction"]
     text = (dest / "README.md").read_text()
