@@ -9,7 +9,8 @@
     # (samples.jsonl + records.jsonl, as `train_reading.py --eval-only` writes them) as a markdown table:
     python scripts/reading_table.py samples runs/reading/eval_test_checkpoint-900 --n 20 -o samples.md
 
-Exit status of ``reports``: 0 when the last report beats the first on every row, 2 when not (1: bad input).
+Exit status of ``reports``: 0 when the last report beats the first on every row, 3 when it does not but would ship
+(higher on every headline row, lower on none beyond its 95 % margin), 2 when neither (1: bad input).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _reports(a) -> int:
         pathlib.Path(a.json).write_text(json.dumps(cmp, indent=1) + "\n")
     if a.plot:
         plot_comparison(cmp, a.plot, title=a.title)
-    return 0 if cmp["verdict"]["beats_every_row"] else 2
+    return 0 if cmp["verdict"]["beats_every_row"] else 3 if cmp["verdict"]["ships"] else 2
 
 
 def _samples(a) -> int:

@@ -8,8 +8,9 @@ checkpoints side by side with a "beats on every row" verdict.
   attribute with the document-blind floor, number exact recall by kind and digit count, NIAH by length bin, long
   documents, no-hijack), in a fixed order;
 * :func:`compare_reports` / :func:`compare_markdown` — several reports' D2L rows side by side (e.g. the shipped
-  checkpoint vs a new one) with the in-prompt baselines, and the verdict: does the last report beat the first on
-  every row (higher, or both at 1.0);
+  checkpoint vs a new one) with the in-prompt baselines, and the verdicts: does the last report beat the first on
+  every row (higher, or both at 1.0); on every headline row (:data:`HEADLINE_ROWS`, the README's table) with no
+  row lower by more than its 95 % sampling margin (``ships``: the rule ``scripts/ship_pretrained.py`` applies);
 * :func:`plot_comparison` — the same as a bar chart, one panel per section (needs ``matplotlib``).
 """
 
@@ -29,6 +30,21 @@ SAMPLE_METHODS = {"d2l": "D2L", "base": "base", "in_context": "in-prompt", "in_c
 #: the baseline methods :func:`compare_reports` shows beside the D2L columns.
 BASELINES = ("base", "in_context", "in_context_fewshot")
 SECTIONS = ("facts", "numbers", "niah", "long", "nohijack")
+#: the rows of the README's headline table (``niah/by_bin/`` covers every length bin); every one must be higher for
+#: a checkpoint to replace the shipped one (breakdown rows where both are at 0 cannot be, and do not block it)
+HEADLINE_ROWS = ("facts/f1/all", "numbers/exact/all", "niah/by_bin/", "long/f1/all", "nohijack/general/accuracy",
+                 "nohijack/absent/nohijack")
+
+
+def _headline(key: str) -> bool:
+    return any(key == h or h.endswith("/") and key.startswith(h) for h in HEADLINE_ROWS)
+
+
+def noise_margin(a: float, b: float, n: int) -> float:
+    """The 95 % margin of the difference of two means of ``n`` values in [0, 1] each (accuracies, F1): 1.96 times
+    the standard error with the pooled mean p, whose variance p(1 - p) bounds any [0, 1] variable's."""
+    p = min(max((a + b) / 2, 0.0), 1.0)
+    return 1.96 * math.sqrt(2 * p * (1 - p) / max(int(n), 1))
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -188,7 +204,7 @@ def compare_reports(reports: Sequence[tuple[str, dict]], *, method: str = "d2l",
     keys.sort(key=lambda k: order[next(p[k] for p in per if k in p)["section"]])  # stable: sections in order
     base_of = {b: next((rep for _, rep in reversed(reports) if b in rep), None) for b in baselines}
     base_rows = {b: {r["key"]: r["value"] for r in report_rows(rep, b)} if rep else {} for b, rep in base_of.items()}
-    rows, not_better, compared = [], [], 0
+    rows, not_better, compared, headline_not_better, worse = [], [], 0, [], []
     for k in keys:
         first = next(p[k] for p in per if k in p)
         vals = [p[k]["value"] if k in p else None for p in per]
@@ -198,11 +214,19 @@ def compare_reports(reports: Sequence[tuple[str, dict]], *, method: str = "d2l",
         rows.append(row)
         if vals[0] is not None and vals[-1] is not None:
             compared += 1
+            name = f"{row['section']}: {row['label']}"
             if not (vals[-1] > vals[0] or vals[-1] >= 1.0 - 1e-12 and vals[0] >= 1.0 - 1e-12):
-                not_better.append(f"{row['section']}: {row['label']}")
+                not_better.append(name)
+                if _headline(k):
+                    headline_not_better.append(name)
+            if vals[0] - vals[-1] > noise_margin(vals[0], vals[-1], row["n"]):
+                worse.append(name)
+    n_head = sum(_headline(r["key"]) and None not in (r["values"][0], r["values"][-1]) for r in rows)
     return {"labels": [lab for lab, _ in reports], "baselines": [b for b in baselines if base_of[b] is not None],
             "rows": rows, "verdict": {"beats_every_row": compared > 0 and not not_better, "compared": compared,
-                                      "not_better": not_better}}
+                                      "not_better": not_better, "headline_rows": n_head,
+                                      "headline_not_better": headline_not_better, "worse_beyond_noise": worse,
+                                      "ships": n_head > 0 and not headline_not_better and not worse}}
 
 
 SECTION_TITLES = {"facts": "facts", "numbers": "numbers", "niah": "NIAH", "long": "long docs", "nohijack": "no-hijack"}
@@ -234,6 +258,16 @@ def compare_markdown(cmp: dict, *, method_name: str = "D2L") -> str:
         more = " …" if len(v["not_better"]) > 12 else ""
         verdict = (f"verdict: {last} does NOT beat {first} on every row: not higher on {len(v['not_better'])} of "
                    f"{v['compared']} rows ({'; '.join(v['not_better'][:12])}{more})")
+    if "ships" in v:
+        if v["ships"]:
+            verdict += (f"\n\nheadline: {last} is higher than {first} on all {v['headline_rows']} headline rows and "
+                        "lower than it on no row by more than the row's 95 % sampling margin")
+        else:
+            why = [f"not higher on headline rows: {'; '.join(v['headline_not_better'])}"] \
+                if v["headline_not_better"] else []
+            why += [f"lower beyond the 95 % margin: {'; '.join(v['worse_beyond_noise'])}"] \
+                if v["worse_beyond_noise"] else []
+            verdict += f"\n\nheadline: {last} does NOT replace {first}: " + "; ".join(why or ["no headline rows"])
     return "\n".join(lines) + "\n\n" + verdict
 
 

@@ -2,6 +2,7 @@
 report rows side by side with the verdict, the script's outputs and the plot, on synthetic reports."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from d2l_fast.training.reading_tables import (  # noqa: E402
     compare_markdown,
     compare_reports,
     load_eval_dir,
+    noise_margin,
     pick_samples,
     plot_comparison,
     report_rows,
@@ -112,7 +114,8 @@ def test_compare_verdict_table_and_plot(tmp_path):
     full_ref = _report(0.5)
     full_ref["d2l"]["niah/by_bin/32-128"]["mean"] = 1.0
     cmp = compare_reports([("shipped", shipped), ("new", better)])
-    assert cmp["verdict"] == {"beats_every_row": True, "compared": 13, "not_better": []}
+    assert cmp["verdict"] == {"beats_every_row": True, "compared": 13, "not_better": [], "headline_rows": 6,
+                              "headline_not_better": [], "worse_beyond_noise": [], "ships": True}
     assert cmp["baselines"] == ["base", "in_context"]
     bad = compare_reports([("shipped", shipped), ("mid", better), ("new", mixed)])
     assert not bad["verdict"]["beats_every_row"] and bad["verdict"]["not_better"] == ["niah: 32-128 tokens"]
@@ -122,7 +125,25 @@ def test_compare_verdict_table_and_plot(tmp_path):
     assert lines[0] == "| row | n | D2L: shipped | D2L: mid | D2L: new | base | in-prompt | blind floor |"
     assert "| facts F1: spouse | 10 | 0.200 | 0.600 | 0.600 | 0.050 | 0.600 | 0.100 |" in lines
     assert "| NIAH 32-128 tokens | 10 | 45 % | 100 % | 10 % | 5 % | 60 % |  |" in lines
-    assert lines[-1].startswith("verdict: new does NOT beat shipped on every row: not higher on 1 of 13 rows")
+    assert lines[-3].startswith("verdict: new does NOT beat shipped on every row: not higher on 1 of 13 rows")
+    # 0.45 -> 0.10 at n = 10 is within the margin (0.39 at p = 0.275), but a headline row is not higher
+    assert lines[-1] == "headline: new does NOT replace shipped: not higher on headline rows: niah: 32-128 tokens"
+    # breakdown rows tied at 0 and a small dip within the margin do not block a checkpoint that is higher on every
+    # headline row; a large dip on a breakdown row does
+    tied = _report(1.5)
+    tied["d2l"]["facts/f1/spouse"]["mean"] = shipped["d2l"]["facts/f1/spouse"]["mean"] - 0.05
+    tied["d2l"]["numbers/exact/code"]["mean"] = shipped["d2l"]["numbers/exact/code"]["mean"]
+    v = compare_reports([("shipped", shipped), ("new", tied)])["verdict"]
+    assert not v["beats_every_row"] and v["ships"] and len(v["not_better"]) == 2
+    tied["d2l"]["facts/f1/spouse"]["mean"] = 0.0  # 0.2 -> 0.0 at n = 10: within the margin (0.26 at p = 0.1)
+    assert compare_reports([("shipped", shipped), ("new", tied)])["verdict"]["ships"]
+    for k in tied["d2l"]:
+        tied["d2l"][k]["n"] = 400
+    shipped400 = {m: {k: {**x, "n": 400} for k, x in rows.items()} if m != "blind_floor_f1" else rows
+                  for m, rows in shipped.items()}
+    v = compare_reports([("shipped", shipped400), ("new", tied)])["verdict"]
+    assert not v["ships"] and v["worse_beyond_noise"] == ["facts: F1: spouse"]
+    assert noise_margin(0.5, 0.5, 100) == pytest.approx(1.96 * math.sqrt(0.005))
     plot_comparison(bad, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="two or more"):
