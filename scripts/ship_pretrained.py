@@ -4,8 +4,8 @@
         --eval runs/smollm2c/eval_N --steps "..." --training-command "..."
 
     # a reading model (issue 16): its test-split evaluation (all four methods) and the shipped model's D2L report on
-    # the same test data; refuses unless the new one beats the shipped one on every headline row and is lower on no row by more than
-    # that row's 95 % sampling margin (reading_tables' `ships` verdict)
+    # the same test data; refuses unless the new one beats the shipped one on every headline row and is lower on
+    # no row by more than that row's 95 % sampling margin (reading_tables' `ships` verdict)
     python scripts/ship_pretrained.py --checkpoint runs/reading2/run/checkpoint-N \
         --reading-eval runs/reading2/eval_test_N --previous-report runs/eval_test_shipped/reading_report.json ...
 
