@@ -31,7 +31,6 @@ import collections
 import concurrent.futures
 import inspect
 import logging
-import math
 import queue
 import threading
 import time
@@ -44,6 +43,7 @@ from ..answering import left_pad
 from ..encoder import encode_in_slices, observe_encoding
 from .errors import APIError
 from .heap import HeapTrimmer
+from .sampling import penalty_offsets, sample_token, stop_holdback
 from .static_decode import StaticDecoder, static_unsupported
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
@@ -205,17 +205,6 @@ class GenRequest:
     _gen: torch.Generator | None = None
 
 
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (not yet safe to send)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 class DecodeEngine:
     """Continuous batched decoding in one thread (see the module docstring)."""
 
@@ -223,7 +212,7 @@ class DecodeEngine:
                  static: bool | str = False, cuda_graphs: bool | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
-        if not (isinstance(static, bool) or static == "auto") or not (cuda_graphs is None or isinstance(cuda_graphs, bool)):
+        if not (isinstance(static, bool) or static == "auto") or not isinstance(cuda_graphs, (bool, type(None))):
             raise ValueError(f"static must be False/True/'auto' and cuda_graphs None/True/False, got {static!r}, "
                              f"{cuda_graphs!r}")
         on_cuda = model.device.type == "cuda"
@@ -349,6 +338,8 @@ class DecodeEngine:
             if r.adapter is None:
                 index.append(-1)
                 continue
+            if len(r.adapter) != 1:
+                raise ValueError(f"a request carries one adapter (an AdapterBatch of length 1), got {len(r.adapter)}")
             if id(r.adapter) not in seen:
                 seen[id(r.adapter)] = len(parts)
                 parts.append(r.adapter)
@@ -516,11 +507,11 @@ class DecodeEngine:
         logits = logits.float()
         for i, r in enumerate(rows):
             if (r.presence_penalty or r.frequency_penalty) and r.out_ids:
-                logits[i] -= _penalties(r, logits.shape[-1], logits.device)
+                logits[i] -= penalty_offsets(r, logits.shape[-1], logits.device)
         toks = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             if r.temperature > 0 and not r.cancelled:
-                toks[i] = _sample(logits[i], r.temperature, r.top_p, r._gen)
+                toks[i] = sample_token(logits[i], r.temperature, r.top_p, r._gen)
         return toks
 
     def _update_text(self, r: GenRequest) -> bool:
@@ -535,7 +526,7 @@ class DecodeEngine:
             r.text = text[:hit]
             return True
         r.text = text
-        safe = len(text) - _stop_holdback(text, r.stop)
+        safe = len(text) - stop_holdback(text, r.stop)
         while safe > r._emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for the rest
             safe -= 1
         if safe > r._emitted:
@@ -574,25 +565,6 @@ class DecodeEngine:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             self._mask = self._mask[:, lead:]
-
-
-def _penalties(r: GenRequest, vocab: int, device) -> torch.Tensor:
-    """OpenAI's presence / frequency penalties of the tokens ``r`` generated so far, as a logit offset [vocab]."""
-    ids = torch.tensor([t for t in r.out_ids if 0 <= t < vocab], dtype=torch.long, device=device)
-    count = torch.bincount(ids, minlength=vocab).float()
-    return r.frequency_penalty * count + r.presence_penalty * (count > 0).float()
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p  # the smallest prefix whose mass reaches top_p (at least one token)
-        sp = sp * keep
-        probs = torch.zeros_like(probs).scatter_(0, si, sp)
-    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 __all__ = ["DecodeEngine", "GenRequest", "InternalizeBatcher"]

@@ -255,7 +255,6 @@ class StaticDecoder:
     def _room_for_step(self) -> None:
         held = max((self.n_tok[s] for s in self.occupied), default=0)
         if held <= self.L // 2:
-            self.compactions += 1
             self._relayout(held, self.L)
         else:
             self._relayout(held, length_bucket(2 * self.L))
@@ -270,6 +269,7 @@ class StaticDecoder:
             if L2 != self.L:
                 self._allocate(L2, keep=(a, b, held))
             elif held and a != b:
+                self.compactions += b < a
                 for buf in (*self.keys, *self.values):
                     part = buf[:, :, a:a + held].clone()
                     buf.zero_()
