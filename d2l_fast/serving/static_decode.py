@@ -220,6 +220,7 @@ class StaticDecoder:
             self.rows[s], self.n_tok[s] = None, 0
         occ = self.occupied
         if not occ:
+            self.col = 0  # the next admission places its rows from the left again (buffers and graphs stay)
             return {}
         moves: dict[int, int] = {}
         target = batch_bucket(len(occ), self.max_batch)
