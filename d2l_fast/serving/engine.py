@@ -429,10 +429,13 @@ class DecodeEngine:
     def _start_static(self, cache) -> None:
         reason = static_unsupported(self.model, cache)
         if reason is None:
-            self._static = StaticDecoder(self.model, cache, max_batch=self.max_batch, cache_kw=self._cache_kw,
-                                         pad_id=self.pad_id, graphs=self.cuda_graphs)
-            self._can_merge = True  # rows join any running batch
-        else:
+            try:
+                self._static = StaticDecoder(self.model, cache, max_batch=self.max_batch, cache_kw=self._cache_kw,
+                                             pad_id=self.pad_id, graphs=self.cuda_graphs)
+                self._can_merge = True  # rows join any running batch
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the dynamic path still works
+                reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
             self.static_off = reason
             logger.info("static decoding is off for this model (%s); decoding with the dynamic cache", reason)
 
