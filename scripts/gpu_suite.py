@@ -27,6 +27,10 @@ each time-guarded so a slow one cannot starve the rest, each writing into gpu_su
   e2e       a random Gemma-2-2b-shaped model in bf16: internalize one 2k-token document (main hypernet
             config), internalize 64 documents, then 64 rows each with its own adapter, 32 greedy tokens:
             base vs d2l_fast vs PEFT (64 adapters on every down_proj)
+  decode    the serving engine's decode on the same model: 64 requests, 64 distinct adapters, 64 greedy tokens;
+            dynamic (HF DynamicCache) vs static eager vs static + CUDA graphs, each also without adapters: tokens/s,
+            host and CUDA ms per step (benchmarks/serving/bench_static_decode.py); targets: static graphs >= 0.9x
+            its no-adapter run and >= 3x dynamic
 """
 
 from __future__ import annotations
@@ -532,11 +536,21 @@ def sec_e2e(S: Suite):
         traceback.print_exc()
 
 
+def sec_decode(S: Suite):
+    from benchmarks.serving.bench_static_decode import decode_rows
+    from d2l_fast import D2LModel
+    from tests._tiny import tiny_tokenizer  # text streaming only (the random model's ids mostly decode to nothing)
+
+    model = D2LModel.from_base(gemma2_2b_model(), None, seed=0, latent_size=64, num_blocks=2, hypernet_dtype=DT)
+    for row in decode_rows(model, n_rows=64, new=64, prompt_len=32, left_s=S.left, tokenizer=tiny_tokenizer("gemma2")):
+        S.row(section="decode", **row)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 330)))
-    ap.add_argument("--only", default="env,tests,lora,mlp,readout,e2e", help="comma list of sections")
+    ap.add_argument("--only", default="env,tests,lora,mlp,readout,e2e,decode", help="comma list of sections")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to do", file=sys.stderr)
@@ -547,8 +561,8 @@ def main(argv=None):
     S = Suite(a.out, a.budget_s)
     only = a.only.split(",")
     table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "mlp": (sec_mlp, 40),
-             "readout": (sec_readout, 60), "e2e": (sec_e2e, 50)}  # fmt: skip
-    for name in ("env", "tests", "lora", "mlp", "readout", "e2e"):
+             "readout": (sec_readout, 60), "e2e": (sec_e2e, 50), "decode": (sec_decode, 60)}  # fmt: skip
+    for name in ("env", "tests", "lora", "mlp", "readout", "e2e", "decode"):
         if name in only:
             fn, need = table[name]
             S.section(name, lambda fn=fn: fn(S), min_left_s=need)

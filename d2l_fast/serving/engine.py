@@ -16,6 +16,13 @@ batch has drained (per-batch mode). Greedy decoding gives the tokens of :meth:`D
 prompt and adapter; sampling uses one ``torch.Generator`` per request (``seed``), so a seeded request does not
 depend on what else is in the batch. The rows' adapter batch is built when rows join (one concatenation per
 admission), not at every step: a leaving row only gives up its slot.
+
+``static=True`` (or ``"auto"``: on CUDA models only) decodes with fixed-shape steps instead
+(:mod:`d2l_fast.serving.static_decode`): a preallocated slot KV cache, a static mask, an adapter slot bank and batch
+buckets, each step a CUDA graph replay on CUDA (``cuda_graphs``) or the same step run eagerly on CPU. Prefill stays
+as above; rows join any running batch (sliding-window models included). Models it does not support (see
+:func:`~d2l_fast.serving.static_decode.static_unsupported`) keep the dynamic path, and so does an engine whose
+static step once failed.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import collections
 import concurrent.futures
 import inspect
 import logging
-import math
 import queue
 import threading
 import time
@@ -37,6 +43,8 @@ from ..answering import left_pad
 from ..encoder import encode_in_slices, observe_encoding
 from .errors import APIError
 from .heap import HeapTrimmer
+from .sampling import penalty_offsets, sample_token, stop_holdback
+from .static_decode import StaticDecoder, static_unsupported
 from .uploads import GroupProgress, UploadCancelled, UploadProgress
 
 logger = logging.getLogger(__name__)
@@ -197,23 +205,21 @@ class GenRequest:
     _gen: torch.Generator | None = None
 
 
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string (not yet safe to send)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 class DecodeEngine:
     """Continuous batched decoding in one thread (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256, heap: HeapTrimmer | None = None):
+    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256, heap: HeapTrimmer | None = None,
+                 static: bool | str = False, cuda_graphs: bool | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        if not (isinstance(static, bool) or static == "auto") or not isinstance(cuda_graphs, (bool, type(None))):
+            raise ValueError(f"static must be False/True/'auto' and cuda_graphs None/True/False, got {static!r}, "
+                             f"{cuda_graphs!r}")
+        on_cuda = model.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {model.device}")
+        self.static = static is True or (static == "auto" and on_cuda)  # static decoding wanted
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.model = model
         self.heap = heap  # trims the C heap when the batch has drained (None: never)
         self.tokenizer = model.tokenizer
@@ -238,6 +244,9 @@ class DecodeEngine:
         self._ad: AdapterBatch | None = None  # the running rows' adapters (and maybe of rows that left: _join_adapters)
         self._slots: list[int] = []  # row i uses adapter _slots[i] of _ad (-1: base model)
         self._can_merge: bool | None = None
+        self._static: StaticDecoder | None = None  # the static decode state (static mode, once the model is checked)
+        self.static_off: str | None = None  # why static decoding is not used (None: wanted and usable, or not wanted)
+        self._row_slots: list[int] = []  # static mode: row i sits in slot _row_slots[i]
         # statistics
         self.steps = 0
         self.max_rows_seen = 0
@@ -302,6 +311,9 @@ class DecodeEngine:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed batched forward fails its rows, never the server
                 logger.exception("decode step failed")
+                if self._static is not None:  # the dynamic path from now on
+                    self._static.release(self._static.occupied)
+                    self._static, self.static_off, self._can_merge = None, f"a static step failed: {e}", None
                 err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
                 for r in {id(r): r for r in self._rows + self._admitting}.values():
                     if r.finish_reason is None:
@@ -312,6 +324,9 @@ class DecodeEngine:
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._ad, self._slots = [], None, None, None, []
+        if self._static is not None:
+            self._static.release(self._static.occupied)  # the buffers (and CUDA graphs) stay for the next batch
+        self._row_slots = []
         if self.heap is not None:
             self.heap.note_work()
 
@@ -323,6 +338,8 @@ class DecodeEngine:
             if r.adapter is None:
                 index.append(-1)
                 continue
+            if len(r.adapter) != 1:
+                raise ValueError(f"a request carries one adapter (an AdapterBatch of length 1), got {len(r.adapter)}")
             if id(r.adapter) not in seen:
                 seen[id(r.adapter)] = len(parts)
                 parts.append(r.adapter)
@@ -390,6 +407,11 @@ class DecodeEngine:
             for r in new:  # find the request at fault; the others go on
                 self._admit([r])
             return
+        if self.static and self._static is None and self.static_off is None:
+            self._start_static(cache)
+        if self._static is not None:
+            self._admit_static(new, logits, cache, mask)
+            return
         if self._can_merge is None:
             from transformers.cache_utils import DynamicLayer
 
@@ -401,6 +423,34 @@ class DecodeEngine:
             self._cache, self._mask = cache, mask
         self._rows = self._rows + new
         self._join_adapters(adapters, index)
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        self._advance(new, logits, first_row=len(self._rows) - len(new))
+
+    def _start_static(self, cache) -> None:
+        reason = static_unsupported(self.model, cache)
+        if reason is None:
+            try:
+                self._static = StaticDecoder(self.model, cache, max_batch=self.max_batch, cache_kw=self._cache_kw,
+                                             pad_id=self.pad_id, graphs=self.cuda_graphs)
+                self._can_merge = True  # rows join any running batch
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the dynamic path still works
+                reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
+            self.static_off = reason
+            logger.info("static decoding is off for this model (%s); decoding with the dynamic cache", reason)
+
+    def _admit_static(self, new: list[GenRequest], logits, cache, mask) -> None:
+        try:
+            slots = self._static.admit(new, cache, mask)
+        except Exception as e:  # noqa: BLE001 - these rows fail, the running ones go on
+            logger.warning("static admission failed: %s", e)
+            err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+            for r in new:
+                r.sink("error", err)
+            return
+        if self._rows:
+            self.joins_mid_batch += len(new)
+        self._rows, self._row_slots = self._rows + new, self._row_slots + slots
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
         self._advance(new, logits, first_row=len(self._rows) - len(new))
 
@@ -424,6 +474,11 @@ class DecodeEngine:
     # ------------------------------------------------------------------ decode
     def _step(self) -> None:
         rows = self._rows
+        if self._static is not None:
+            logits = self._static.step(self._row_slots, [r.out_ids[-1] for r in rows])
+            self.steps += 1
+            self._advance(rows, logits, first_row=0)
+            return
         last = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.model.device)
         pos = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
@@ -455,11 +510,11 @@ class DecodeEngine:
         logits = logits.float()
         for i, r in enumerate(rows):
             if (r.presence_penalty or r.frequency_penalty) and r.out_ids:
-                logits[i] -= _penalties(r, logits.shape[-1], logits.device)
+                logits[i] -= penalty_offsets(r, logits.shape[-1], logits.device)
         toks = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             if r.temperature > 0 and not r.cancelled:
-                toks[i] = _sample(logits[i], r.temperature, r.top_p, r._gen)
+                toks[i] = sample_token(logits[i], r.temperature, r.top_p, r._gen)
         return toks
 
     def _update_text(self, r: GenRequest) -> bool:
@@ -474,7 +529,7 @@ class DecodeEngine:
             r.text = text[:hit]
             return True
         r.text = text
-        safe = len(text) - _stop_holdback(text, r.stop)
+        safe = len(text) - stop_holdback(text, r.stop)
         while safe > r._emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for the rest
             safe -= 1
         if safe > r._emitted:
@@ -500,6 +555,10 @@ class DecodeEngine:
             self._reset_batch()
             return
         self._rows = [self._rows[i] for i in keep]
+        if self._static is not None:
+            moves = self._static.release([self._row_slots[i] for i in done])
+            self._row_slots = [moves.get(s, s) for s in (self._row_slots[i] for i in keep)]
+            return
         self._slots = [self._slots[i] for i in keep]  # the adapters stay bound (see _join_adapters)
         idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         self._cache.batch_select_indices(idx)
@@ -509,25 +568,6 @@ class DecodeEngine:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             self._mask = self._mask[:, lead:]
-
-
-def _penalties(r: GenRequest, vocab: int, device) -> torch.Tensor:
-    """OpenAI's presence / frequency penalties of the tokens ``r`` generated so far, as a logit offset [vocab]."""
-    ids = torch.tensor([t for t in r.out_ids if 0 <= t < vocab], dtype=torch.long, device=device)
-    count = torch.bincount(ids, minlength=vocab).float()
-    return r.frequency_penalty * count + r.presence_penalty * (count > 0).float()
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p  # the smallest prefix whose mass reaches top_p (at least one token)
-        sp = sp * keep
-        probs = torch.zeros_like(probs).scatter_(0, si, sp)
-    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 __all__ = ["DecodeEngine", "GenRequest", "InternalizeBatcher"]
