@@ -126,3 +126,21 @@ def test_bad_inputs():
                                    scaling=0.25)
     with pytest.raises(ValueError, match="dtypes differ"):
         flex.packed_flex_attention(q, kv.half(), kv, flex.PackedMasks([5], "cpu"), scaling=0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_cuda_flex_compiled(arch):
+    """On CUDA in bf16: auto picks flex (compiled, block-sparse), its features match the fp32 CPU features as the
+    blocked bf16 path does, and several rows and shapes reuse the compiled kernel."""
+    chunks = _chunks([5, 17, 1, 30, 12, 140])
+    ref = ContextEncoder(_model(arch), "per_layer_activations").encode_packed(chunks, attention="blocked")
+    enc = ContextEncoder(_model(arch, torch.bfloat16).cuda(), "per_layer_activations")
+    q = torch.zeros(1, 4, 3, 16, device="cuda", dtype=torch.bfloat16)
+    with varlen.packed_attention(enc.model, [3], "cuda"):
+        assert varlen._pick_backend(q, 50.0) == "flex"
+    for kw in (dict(attention="auto"), dict(attention="flex", token_budget=64), dict(attention="blocked")):
+        got = enc.encode_packed(chunks, **kw)
+        assert got.dtype == torch.bfloat16 and got.is_cuda
+        assert ((got.float().cpu() - ref).norm() / ref.norm()).item() < BF16_ENCODER_REL, kw
+    assert not varlen._flex_broken, varlen._flex_broken
