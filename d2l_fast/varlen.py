@@ -5,7 +5,10 @@ During a packed encoder pass the base model runs ONE row holding every chunk bac
 ``"d2l_varlen"``: each chunk attends causally to itself only, computed chunk by chunk, so there is no
 padding anywhere and no [T_total, T_total] mask. Model-specific attention details arrive as the
 usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
-On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
+The attention runs through one of :data:`BACKENDS`: ``blocked`` (chunk by chunk, as above), ``flex`` (the whole
+row in one FlexAttention call, :mod:`d2l_fast.flex`), ``flash`` (flash-attn's ``flash_attn_varlen_func``);
+``auto`` picks a fused one on CUDA in 16-bit (flash-attn where the model does not soft-cap and it is installed,
+else flex) and ``blocked`` elsewhere.
 
 The switch is made on the model's config for the duration of one encoder pass; the pass holds the
 model's lock exclusively (:mod:`d2l_fast.concurrency`), so forwards from other threads wait for it

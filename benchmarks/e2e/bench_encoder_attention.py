@@ -52,7 +52,7 @@ def kept_layers(model, k: int):
 def bare_forward(model, docs: list[list[int]], k: int, backend: str, token_budget: int = 8192):
     """``fn()`` running the first ``k`` decoder layers over ``docs`` packed as the encoder packs them (rows of at most
     ``token_budget`` tokens, each document attending to itself through ``backend``); nothing is kept."""
-    from d2l_fast.encoder import _budget_rows
+    from d2l_fast.encoder import SCORES_PER_BUDGET_TOKEN, _budget_rows
 
     dev = next(model.parameters()).device
     lens = [len(d) for d in docs]
@@ -66,7 +66,7 @@ def bare_forward(model, docs: list[list[int]], k: int, backend: str, token_budge
     def fn():
         with kept_layers(model, k) as dec:
             for ls, ids, pos in rows:
-                with varlen.packed_attention(model, ls, dev, backend=backend):
+                with varlen.packed_attention(model, ls, dev, SCORES_PER_BUDGET_TOKEN * token_budget, backend=backend):
                     dec(input_ids=ids, position_ids=pos, use_cache=False)
 
     return fn
@@ -211,7 +211,8 @@ def cpu_main(argv=None) -> int:
             base = _small_gemma2(dtype)
         else:
             raise ValueError(f"--models: expected gemma2-small and/or smollm2, got {name!r}")
-        d2l = D2LModel.from_base(base, None, seed=0, hypernet_dtype=dtype, latent_size=64, num_blocks=2)
+        d2l = D2LModel.from_base(base, None, seed=0, hypernet_dtype=dtype, latent_size=64, num_blocks=2,
+                                 init_scaler_B=6.0)
         g = torch.Generator().manual_seed(1)
         docs = [[2] + torch.randint(10, 4000, (1999,), generator=g).tolist()]
         d2l.ctx_encoder.attention = "flex"
