@@ -196,6 +196,7 @@ def cpu_main(argv=None) -> int:
     ap.add_argument("--models", default="gemma2-small,smollm2")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=2000, help="tokens of the one document")
     a = ap.parse_args(argv)
     # eager flex off CUDA is torch's unfused reference (and refuses rows above the score bound): compile it here
     os.environ.setdefault("D2L_FLEX_COMPILE", "1")
@@ -214,11 +215,11 @@ def cpu_main(argv=None) -> int:
         d2l = D2LModel.from_base(base, None, seed=0, hypernet_dtype=dtype, latent_size=64, num_blocks=2,
                                  init_scaler_B=6.0)
         g = torch.Generator().manual_seed(1)
-        docs = [[2] + torch.randint(10, 4000, (1999,), generator=g).tolist()]
+        docs = [[2] + torch.randint(10, 4000, (a.tokens - 1,), generator=g).tolist()]
         d2l.ctx_encoder.attention = "flex"
         d2l.internalize(docs)  # first-call overheads outside the timing
-        for row in (dict(section="internalize", case="agreement_1doc_2k", model=name, **agreement(d2l, docs)),
-                    *case_rows(d2l, "1doc_2k", docs, wall_time_us, a.reps)):
+        for row in (dict(section="internalize", case=f"agreement_1doc_{a.tokens}", **agreement(d2l, docs)),
+                    *case_rows(d2l, f"1doc_{a.tokens}", docs, wall_time_us, a.reps)):
             row["model"] = name
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
