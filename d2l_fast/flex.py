@@ -88,19 +88,24 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def _document_mask_mod(doc: torch.Tensor, window: int | None):
+def _document_mask_mod(doc: torch.Tensor, window: int | None, q_start: torch.Tensor):
+    # q_start (a 0-d tensor, so one compiled kernel serves every token window): query i is token q_start + i
     if window is None:
         def mask_mod(b, h, q_idx, kv_idx):
-            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+            q = q_idx + q_start
+            return (doc[q] == doc[kv_idx]) & (q >= kv_idx)
     else:
         def mask_mod(b, h, q_idx, kv_idx):
-            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+            q = q_idx + q_start
+            return (doc[q] == doc[kv_idx]) & (q >= kv_idx) & (q - kv_idx < window)
     return mask_mod
 
 
 class PackedMasks:
     """The block masks of one packed row of consecutive chunks of ``lengths`` tokens on ``device``, built at
-    first use and kept for the pass: one per sliding-window size (None: whole chunks)."""
+    first use and kept for the pass: one per sliding-window size (None: whole chunks) and token window of queries
+    (the whole row, or the tokens ``q_start .. q_end-1`` against the keys ``0 .. q_end-1``, as
+    :class:`d2l_fast.varlen.RowCache` passes run)."""
 
     def __init__(self, lengths: list[int], device):
         if not isinstance(lengths, (list, tuple)) or not lengths or any(
@@ -109,55 +114,63 @@ class PackedMasks:
         self.lengths = list(lengths)
         self.n_tokens = sum(self.lengths)
         self.device = torch.device(device)
-        padded = -(-self.n_tokens // BLOCK) * BLOCK  # compiled kernels may read ids of the last block's padding
+        # compiled kernels may read the ids of a last block's padding, also a window's (shifted by q_start)
+        padded = -(-self.n_tokens // BLOCK) * BLOCK + BLOCK
         doc = torch.full((padded,), -1, dtype=torch.int32)
         doc[: self.n_tokens] = torch.repeat_interleave(torch.arange(len(self.lengths), dtype=torch.int32),
                                                        torch.tensor(self.lengths))
         self.doc = doc.to(self.device)
         self._masks: dict = {}
 
-    def block_mask(self, window: int | None):
-        """The BlockMask for a layer with ``window`` (None, or a positive int: keys ``q - window < kv <= q``)."""
+    def block_mask(self, window: int | None, q_start: int = 0, q_end: int | None = None):
+        """The BlockMask for a layer with ``window`` (None, or a positive int: keys ``q - window < kv <= q``), for
+        the queries ``q_start .. q_end-1`` (default: the whole row) against the keys ``0 .. q_end-1``."""
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
+        q_end = self.n_tokens if q_end is None else q_end
+        if not (isinstance(q_start, int) and isinstance(q_end, int) and 0 <= q_start < q_end <= self.n_tokens):
+            raise ValueError(f"queries {q_start!r}..{q_end!r} are not a token window of the row's {self.n_tokens}")
         if window is not None and window >= max(self.lengths):
             window = None  # no chunk is longer than the window: the same mask, one fewer to build
-        bm = self._masks.get(window)
+        key = (window, q_start, q_end)
+        bm = self._masks.get(key)
         if bm is None:
-            T = self.n_tokens
-            bm = _api().create_block_mask(_document_mask_mod(self.doc, window), None, None, T, T,
-                                          device=self.device, BLOCK_SIZE=BLOCK)
-            self._masks[window] = bm
+            start = torch.tensor(q_start, dtype=torch.int32, device=self.device)
+            bm = _api().create_block_mask(_document_mask_mod(self.doc, window, start), None, None, q_end - q_start,
+                                          q_end, device=self.device, BLOCK_SIZE=BLOCK)
+            self._masks[key] = bm
         return bm
 
 
 def packed_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, masks: PackedMasks, *,
                           scaling: float, softcap: float | None = None, window: int | None = None,
-                          max_scores: int | None = None) -> torch.Tensor:
-    """query [1, H, T, d], key/value [1, KVH, T, d] of one packed row → [1, T, H, d], each chunk of ``masks``
+                          max_scores: int | None = None, q_start: int = 0) -> torch.Tensor:
+    """query [1, H, Tq, d], key/value [1, KVH, Tk, d] of one packed row → [1, Tq, H, d], each chunk of ``masks``
     attending causally to itself (within ``window``), scores soft-capped at ``softcap``; output in query's dtype.
 
-    ``max_scores``: off the compiled path the call holds H·T² fp32 scores; above this bound it refuses.
+    The queries are the row's tokens ``q_start .. q_start+Tq-1`` and the keys its tokens ``0 .. Tk-1`` with
+    ``Tk = q_start + Tq`` (the whole row: ``q_start=0``, ``Tq = Tk`` = the row's tokens).
+    ``max_scores``: off the compiled path the call holds H·Tq·Tk fp32 scores; above this bound it refuses.
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[0] != 1:
-        raise ValueError(f"expected query [1, H, T, d] and key/value [1, KVH, T, d], got {tuple(query.shape)}, "
+        raise ValueError(f"expected query [1, H, Tq, d] and key/value [1, KVH, Tk, d], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
-    H, T, KVH = query.shape[1], query.shape[2], key.shape[1]
-    if key.shape[2] != T or value.shape[2] != T or value.shape[1] != KVH or KVH < 1 or H % KVH:
-        raise ValueError(f"key/value must have the query's {T} tokens and a number of heads dividing {H}, got "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if T != masks.n_tokens:
-        raise ValueError(f"the row has {T} tokens but its chunks' lengths add up to {masks.n_tokens}")
+    H, T, KVH, Tk = query.shape[1], query.shape[2], key.shape[1], key.shape[2]
+    if value.shape[2] != Tk or Tk != q_start + T or value.shape[1] != KVH or KVH < 1 or H % KVH:
+        raise ValueError(f"key/value must have the {q_start + T} tokens up to the last query and a number of heads "
+                         f"dividing {H}, got key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if Tk > masks.n_tokens:
+        raise ValueError(f"the keys reach token {Tk} but the row's chunks add up to {masks.n_tokens} tokens")
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"query/key/value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
     compiled = compiles(query.device)
-    if not compiled and max_scores is not None and H * T * T > max_scores:
-        raise ValueError(f"flex attention off the compiled path materialises {H}·{T}² = {H * T * T} scores, above "
+    if not compiled and max_scores is not None and H * T * Tk > max_scores:
+        raise ValueError(f"flex attention off the compiled path materialises {H}·{T}·{Tk} = {H * T * Tk} scores, above "
                          f"this pass's bound of {max_scores}: use attention='blocked', a smaller token_budget, or "
                          "D2L_FLEX_COMPILE=1")
     score_mod = None if not softcap else softcap_score_mod(softcap)
-    out = _flex_fn(compiled)(query, key, value, score_mod=score_mod, block_mask=masks.block_mask(window),
-                             scale=scaling, enable_gqa=H != KVH)
+    bm = masks.block_mask(window, q_start, Tk)
+    out = _flex_fn(compiled)(query, key, value, score_mod=score_mod, block_mask=bm, scale=scaling, enable_gqa=H != KVH)
     return out.transpose(1, 2)
 
 

@@ -18,7 +18,8 @@ A packed row may also be encoded in token windows (``window=`` of :func:`packed_
 :class:`RowCache`), as chunked prefill does: each pass runs the tokens ``start .. end-1`` of the row, their
 keys and values are kept, and each query attends to the keys of its own chunk up to itself, from this window and
 the windows before. A query attends to the same keys as in one whole-row pass; only the blocking of the
-arithmetic differs (fp32 rounding). Windows run the blocked SDPA path (not flash-attn).
+arithmetic differs (fp32 rounding). Windows run the blocked path or flex (queries of the window against the row's
+keys up to its end, :mod:`d2l_fast.flex`), not flash-attn.
 """
 
 from __future__ import annotations
@@ -198,6 +199,33 @@ def _window_attention(module, query, key, value, bounds, cache: RowCache, scalin
     return out
 
 
+def _flex_attention(module, query, key, value, cache: RowCache | None, scaling, softcap, window, max_scores):
+    """FlexAttention over the whole row, or over the token window of ``cache`` against the row's keys up to its end;
+    None where ``auto`` chose flex and its first call in this process failed (a compile error: logged, and auto
+    stops choosing flex)."""
+    if cache is not None and query.shape[2] != cache.end - cache.start:
+        raise RuntimeError(f"d2l_varlen window {cache.start}..{cache.end} got {query.shape[2]} queries")
+    try:
+        if cache is None:
+            out = _flex.packed_flex_attention(query, key, value, _masks(), scaling=scaling, softcap=softcap,
+                                              window=window, max_scores=max_scores)
+        else:
+            keys, values = cache.update(module, key[0], value[0])
+            out = _flex.packed_flex_attention(query, keys[None], values[None], _masks(), scaling=scaling,
+                                              softcap=softcap, window=window, max_scores=max_scores,
+                                              q_start=cache.start)
+    except Exception as e:  # noqa: BLE001 - auto only, before flex ever worked here: compile failures
+        if getattr(_state, "backend", "auto") != "auto" or _flex_ok or isinstance(e, ValueError):
+            raise
+        _flex_broken.append(f"{type(e).__name__}: {e}")
+        logger.warning("flex attention failed (%s); the encoder uses the blocked path from now on",
+                       _flex_broken[0][:300])
+        return None
+    if not _flex_ok:
+        _flex_ok.append(True)
+    return out
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
     """HF attention-interface function: query [1, H, T, d], key/value [1, KVH, T, d] → ([1, T, H, d], None)."""
@@ -207,24 +235,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"d2l_varlen expects one packed row, got batch {query.shape[0]}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     cache = getattr(_state, "window", None)
+    backend = _pick_backend(query, softcap)
+    if backend == "flex":
+        out = _flex_attention(module, query, key, value, cache, scaling, softcap, sliding_window, max_scores)
+        if out is not None:
+            return out, None
+        backend = "blocked"  # auto, and flex failed to compile here
     if cache is not None:
         return _window_attention(module, query, key, value, bounds, cache, scaling, softcap, sliding_window,
                                  max_scores), None
-    backend = _pick_backend(query, softcap)
-    if backend == "flex":
-        try:
-            out = _flex.packed_flex_attention(query, key, value, _masks(), scaling=scaling, softcap=softcap,
-                                              window=sliding_window, max_scores=max_scores)
-            if not _flex_ok:
-                _flex_ok.append(True)
-            return out, None
-        except Exception as e:  # noqa: BLE001 - auto only, before flex ever worked here: compile failures
-            if getattr(_state, "backend", "auto") != "auto" or _flex_ok or isinstance(e, ValueError):
-                raise
-            _flex_broken.append(f"{type(e).__name__}: {e}")
-            logger.warning("flex attention failed (%s); the encoder uses the blocked path from now on",
-                           _flex_broken[0][:300])
-            backend = "blocked"
     if backend == "flash":
         out = _flash_varlen()(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
                               max_len, max_len, softmax_scale=scaling, causal=True, softcap=softcap or 0.0,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from d2l_fast import flex, varlen
-from d2l_fast.encoder import ContextEncoder
+from d2l_fast.encoder import ContextEncoder, encode_in_slices
 from d2l_fast.flex import BLOCK
 
-from ._numerics import BATCHING, BF16_ENCODER_REL
+from ._numerics import BATCHING, BF16_ENCODER_REL, SLICED
 from ._tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
@@ -50,6 +50,18 @@ def test_flex_matches_blocked_and_alone(arch, lengths):
     if len(lengths) > 1 and max(lengths) < BLOCK:  # several rows of one pass each
         torch.testing.assert_close(enc.encode_packed(chunks, attention="flex", token_budget=max(lengths)), flexed,
                                    **BATCHING)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_flex_in_token_windows(arch):
+    """Encoder passes in token windows (encode_in_slices: queries of the window against the row's keys so far, a
+    0-d offset in the mask) give the whole-row features; windows across chunk ends and longer than a block."""
+    enc = ContextEncoder(_model(arch), "per_layer_activations")
+    chunks = _chunks([1, 130, 7, 61])
+    whole = enc.encode_packed(chunks, attention="blocked")
+    for n in (50, 150):
+        with encode_in_slices(n):
+            torch.testing.assert_close(enc.encode_packed(chunks, attention="flex"), whole, **SLICED)
 
 
 def test_flex_bf16_in_bf16_out():
@@ -119,8 +131,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="window must be a positive int"):
         flex.PackedMasks([3], "cpu").block_mask(0)
     q, kv = torch.zeros(1, 4, 5, 16), torch.zeros(1, 2, 5, 16)
-    with pytest.raises(ValueError, match="add up to 6"):
-        flex.packed_flex_attention(q, kv, kv, flex.PackedMasks([2, 4], "cpu"), scaling=0.25)
+    with pytest.raises(ValueError, match="add up to 4 tokens"):
+        flex.packed_flex_attention(q, kv, kv, flex.PackedMasks([2, 2], "cpu"), scaling=0.25)
+    with pytest.raises(ValueError, match="the 7 tokens up to the last query"):
+        flex.packed_flex_attention(q, kv, kv, flex.PackedMasks([2, 6], "cpu"), scaling=0.25, q_start=2)
+    with pytest.raises(ValueError, match="not a token window"):
+        flex.PackedMasks([3], "cpu").block_mask(None, 2, 2)
     with pytest.raises(ValueError, match="number of heads dividing 4"):
         flex.packed_flex_attention(q, torch.zeros(1, 3, 5, 16), torch.zeros(1, 3, 5, 16), flex.PackedMasks([5], "cpu"),
                                    scaling=0.25)
