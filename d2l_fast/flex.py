@@ -28,6 +28,11 @@ import torch
 
 #: rows and columns of one block of the block mask (FlexAttention's default sparse block)
 BLOCK = 128
+#: entries of the document-id buffer the mask reads (rows up to this less two blocks share one size; a compiled
+#: kernel is specialised on the size of a tensor its mask captures, so a size per row length would recompile)
+DOC_SLOTS = 1 << 16
+#: compiled variants of the flex call allowed before dynamo would fall back to eager (see ``_flex_fn``)
+RECOMPILE_LIMIT = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +68,17 @@ def _flex_fn(compiled: bool):
         raise RuntimeError("FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention); this torch is "
                            f"{torch.__version__}")
     if compiled:
-        return torch.compile(api.flex_attention)
+        fn = torch.compile(api.flex_attention)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+
+        def run(*args, **kwargs):
+            # past dynamo's recompile limit (8) a compiled function silently runs eagerly (unfused); the variants
+            # here (row/window layouts, one-block rows, static then shape-generic) stay well inside this bound
+            with cfg.patch(**{name: max(getattr(cfg, name), RECOMPILE_LIMIT)}):
+                return fn(*args, **kwargs)
+
+        return run
 
     def eager(*args, **kwargs):
         with warnings.catch_warnings():  # torch warns that the eager path is unfused: that is the point here
@@ -88,16 +103,17 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def _document_mask_mod(doc: torch.Tensor, window: int | None, q_start: torch.Tensor):
-    # q_start (a 0-d tensor, so one compiled kernel serves every token window): query i is token q_start + i
-    if window is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            q = q_idx + q_start
-            return (doc[q] == doc[kv_idx]) & (q >= kv_idx)
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            q = q_idx + q_start
-            return (doc[q] == doc[kv_idx]) & (q >= kv_idx) & (q - kv_idx < window)
+#: the window of a layer without one (farther than any row reaches)
+_NO_WINDOW = 1 << 30
+
+
+def _document_mask_mod(doc: torch.Tensor, window: torch.Tensor, q_start: torch.Tensor):
+    # one function for every layer and token window (the window and the first query are 0-d tensors): a compiled
+    # kernel is specialised on the mask's code and the values of what it captures; query i is token q_start + i
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx + q_start
+        return (doc[q] == doc[kv_idx]) & (q >= kv_idx) & (q - kv_idx < window)
+
     return mask_mod
 
 
@@ -115,8 +131,10 @@ class PackedMasks:
         self.n_tokens = sum(self.lengths)
         self.device = torch.device(device)
         # compiled kernels may read the ids of a last block's padding, also a window's (shifted by q_start)
-        padded = -(-self.n_tokens // BLOCK) * BLOCK + BLOCK
-        doc = torch.full((padded,), -1, dtype=torch.int32)
+        slots = DOC_SLOTS
+        while slots < self.n_tokens + 2 * BLOCK:
+            slots *= 2
+        doc = torch.full((slots,), -1, dtype=torch.int32)
         doc[: self.n_tokens] = torch.repeat_interleave(torch.arange(len(self.lengths), dtype=torch.int32),
                                                        torch.tensor(self.lengths))
         self.doc = doc.to(self.device)
@@ -135,8 +153,9 @@ class PackedMasks:
         key = (window, q_start, q_end)
         bm = self._masks.get(key)
         if bm is None:
-            start = torch.tensor(q_start, dtype=torch.int32, device=self.device)
-            bm = _api().create_block_mask(_document_mask_mod(self.doc, window, start), None, None, q_end - q_start,
+            start, win = (torch.tensor(v, dtype=torch.int32, device=self.device)
+                          for v in (q_start, _NO_WINDOW if window is None else window))
+            bm = _api().create_block_mask(_document_mask_mod(self.doc, win, start), None, None, q_end - q_start,
                                           q_end, device=self.device, BLOCK_SIZE=BLOCK)
             self._masks[key] = bm
         return bm
