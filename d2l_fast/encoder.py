@@ -123,12 +123,28 @@ class ContextEncoder(nn.Module):
         if not 0 <= k <= n:
             raise ValueError(f"encoder would keep {k} layers but the model has {n}")
         self.encoder_type, self.n_kept = encoder_type, k
+        self.attention = "auto"
         # encoder passes hook the decoder and switch its attention: they run alone (see d2l_fast.concurrency)
         guard_forward(dec)
 
     @property
     def model(self):
         return self._model[0]
+
+    @property
+    def attention(self) -> str:
+        """The attention backend of packed encoder passes (one of :data:`d2l_fast.varlen.BACKENDS`; ``auto``: the
+        fused kernel that fits on CUDA — FlexAttention where the model soft-caps logits, flash-attn varlen where
+        it does not and is installed — and the blocked per-chunk path elsewhere)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, name: str) -> None:
+        from .varlen import BACKENDS
+
+        if name not in BACKENDS:
+            raise ValueError(f"attention must be one of {BACKENDS}, got {name!r}")
+        self._attention = name
 
     @property
     def _lock(self):
@@ -212,7 +228,8 @@ class ContextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_packed(self, chunks: list[list[int]], *, token_budget: int = 8192, dtype=None, transform=None,
-                      varlen: bool | None = None, max_pad_ratio: float = 1.25) -> torch.Tensor:
+                      varlen: bool | None = None, max_pad_ratio: float = 1.25, attention: str | None = None
+                      ) -> torch.Tensor:
         """Encode chunks of ids into one packed buffer [n_features, Σ len, H'] (no padding in the output).
 
         ``varlen`` (default: whenever transformers accepts the custom attention): chunks run back to back
@@ -220,7 +237,8 @@ class ContextEncoder(nn.Module):
         itself only (:mod:`d2l_fast.varlen`) — no padding anywhere — with at most
         ``SCORES_PER_BUDGET_TOKEN · token_budget`` attention scores held at once. Otherwise chunks run
         longest-first in padded micro-batches of similar lengths (padding ≤ ``max_pad_ratio`` per row),
-        dropped from the output.
+        dropped from the output. ``attention``: the varlen pass's attention backend (None: :attr:`attention`;
+        see :data:`d2l_fast.varlen.BACKENDS`).
         With ``transform`` (e.g. the hypernetwork's modality projection, ``[n, H] -> [n, H']``) every
         feature map is transformed on its valid tokens as soon as the encoder produces it, so the
         [n_features, T, H] stack is never held: peak memory is one layer's hidden states plus the output.
@@ -230,13 +248,16 @@ class ContextEncoder(nn.Module):
         lens = [len(c) for c in chunks]
         if not lens or any(n == 0 for n in lens):
             raise ValueError(f"every chunk needs at least one token, got lengths {lens}")
+        attention = self.attention if attention is None else attention
+        if attention not in _varlen.BACKENDS:
+            raise ValueError(f"attention must be one of {_varlen.BACKENDS}, got {attention!r}")
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
         out = _PackedOutput(self.n_features, offsets[-1], dtype, transform)
         use_varlen = _varlen.register() if varlen is None else (varlen and _varlen.register())
         if use_varlen:
-            self._encode_varlen(chunks, offsets, token_budget, out)
+            self._encode_varlen(chunks, offsets, token_budget, out, attention)
         else:
             self._encode_padded(chunks, offsets, token_budget, max_pad_ratio, out)
         return out.buffer
@@ -247,7 +268,7 @@ class ContextEncoder(nn.Module):
         self._run(input_ids, attention_mask, position_ids, sink=out.sink(dest, valid), switched=switched,
                   window=window)
 
-    def _encode_varlen(self, chunks, offsets, token_budget: int, out: _PackedOutput) -> None:
+    def _encode_varlen(self, chunks, offsets, token_budget: int, out: _PackedOutput, attention: str = "auto") -> None:
         """Consecutive chunks packed into rows of at most ``token_budget`` tokens, each chunk attending to itself;
         a row longer than :func:`encode_in_slices` ' n runs in windows of n tokens."""
         from . import varlen as _varlen
@@ -270,7 +291,8 @@ class ContextEncoder(nn.Module):
                     cfgs = _varlen._configs(self.model)
                     switched = list(zip(cfgs, [c._attn_implementation for c in cfgs]))
                     win = None if cache is None else cache.window(a, b)
-                    with _varlen.packed_attention(self.model, lens[i:j], dev, max_scores, window=win):
+                    with _varlen.packed_attention(self.model, lens[i:j], dev, max_scores, window=win,
+                                                  backend=attention):
                         self._encode_pass(out, dest[a:b], ids[:, a:b], position_ids=pos[:, a:b], switched=switched,
                                           window=(w, len(wins)))
             if observer is not None:

@@ -5,7 +5,10 @@ During a packed encoder pass the base model runs ONE row holding every chunk bac
 ``"d2l_varlen"``: each chunk attends causally to itself only, computed chunk by chunk, so there is no
 padding anywhere and no [T_total, T_total] mask. Model-specific attention details arrive as the
 usual HF keyword arguments: ``scaling``, ``softcap`` (Gemma-2 logit soft-capping), ``sliding_window``.
-On CUDA with flash-attn installed, ``flash_attn_varlen_func`` does the same in one call.
+The attention runs through one of :data:`BACKENDS`: ``blocked`` (chunk by chunk, as above), ``flex`` (the whole
+row in one FlexAttention call, :mod:`d2l_fast.flex`), ``flash`` (flash-attn's ``flash_attn_varlen_func``);
+``auto`` picks a fused one on CUDA in 16-bit (flash-attn where the model does not soft-cap and it is installed,
+else flex) and ``blocked`` elsewhere.
 
 The switch is made on the model's config for the duration of one encoder pass; the pass holds the
 model's lock exclusively (:mod:`d2l_fast.concurrency`), so forwards from other threads wait for it
@@ -15,20 +18,32 @@ A packed row may also be encoded in token windows (``window=`` of :func:`packed_
 :class:`RowCache`), as chunked prefill does: each pass runs the tokens ``start .. end-1`` of the row, their
 keys and values are kept, and each query attends to the keys of its own chunk up to itself, from this window and
 the windows before. A query attends to the same keys as in one whole-row pass; only the blocking of the
-arithmetic differs (fp32 rounding). Windows run the blocked SDPA path (not flash-attn).
+arithmetic differs (fp32 rounding). Windows run the blocked path or flex (queries of the window against the row's
+keys up to its end, :mod:`d2l_fast.flex`), not flash-attn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import torch
 import torch.nn.functional as F
 
+from . import flex as _flex
+
+logger = logging.getLogger(__name__)
+
 NAME = "d2l_varlen"
+#: attention backends of a packed pass: ``auto`` (CUDA, 16-bit: flash-attn varlen where the model has no soft-capping
+#: and flash-attn is installed, else FlexAttention; otherwise blocked), ``flex`` (:mod:`d2l_fast.flex`), ``flash``
+#: (flash-attn's varlen kernel; CUDA, 16-bit), ``blocked`` (per-chunk SDPA / eager softcap attention, any device)
+BACKENDS = ("auto", "flex", "flash", "blocked")
 _state = threading.local()
 _registered = []
+_flex_ok: list = []  # flex ran once in this process (after that its errors are real errors, not fallbacks)
+_flex_broken: list = []  # why auto stopped choosing flex (a failed compile)
 
 
 def _bounds():
@@ -44,6 +59,37 @@ def _flash_varlen():
     except Exception:  # noqa: BLE001
         return None
     return flash_attn_varlen_func
+
+
+def _pick_backend(query, softcap) -> str:
+    """The backend this pass's attention call uses (see :data:`BACKENDS`)."""
+    backend = getattr(_state, "backend", "auto")
+    half = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if backend == "flash":
+        if not half or _flash_varlen() is None:
+            raise RuntimeError(f"attention='flash' needs flash-attn and a CUDA fp16/bf16 model, got "
+                               f"{query.device.type} {query.dtype} (flash-attn "
+                               f"{'installed' if _flash_varlen() is not None else 'not installed'})")
+        return backend
+    if backend == "flex":
+        if not _flex.available():
+            raise RuntimeError(f"attention='flex' needs torch >= 2.5 (FlexAttention), got torch {torch.__version__}")
+        return backend
+    if backend == "blocked" or not half:
+        return "blocked"
+    if _flash_varlen() is not None and not softcap:
+        return "flash"
+    if _flex.available() and not _flex_broken and _flex.compiles(query.device):
+        return "flex"
+    return "flash" if _flash_varlen() is not None else "blocked"
+
+
+def _masks() -> _flex.PackedMasks:
+    m = getattr(_state, "masks", None)
+    if m is None:
+        bounds, cu, _ = _bounds()
+        m = _state.masks = _flex.PackedMasks([b - a for a, b in bounds], cu.device)
+    return m
 
 
 def _block_attention(q, k, v, offset, scaling, softcap, window):
@@ -153,6 +199,33 @@ def _window_attention(module, query, key, value, bounds, cache: RowCache, scalin
     return out
 
 
+def _flex_attention(module, query, key, value, cache: RowCache | None, scaling, softcap, window, max_scores):
+    """FlexAttention over the whole row, or over the token window of ``cache`` against the row's keys up to its end;
+    None where ``auto`` chose flex and its first call in this process failed (a compile error: logged, and auto
+    stops choosing flex)."""
+    if cache is not None and query.shape[2] != cache.end - cache.start:
+        raise RuntimeError(f"d2l_varlen window {cache.start}..{cache.end} got {query.shape[2]} queries")
+    try:
+        if cache is None:
+            out = _flex.packed_flex_attention(query, key, value, _masks(), scaling=scaling, softcap=softcap,
+                                              window=window, max_scores=max_scores)
+        else:
+            keys, values = cache.update(module, key[0], value[0])
+            out = _flex.packed_flex_attention(query, keys[None], values[None], _masks(), scaling=scaling,
+                                              softcap=softcap, window=window, max_scores=max_scores,
+                                              q_start=cache.start)
+    except Exception as e:  # noqa: BLE001 - auto only, before flex ever worked here: compile failures
+        if getattr(_state, "backend", "auto") != "auto" or _flex_ok or isinstance(e, ValueError):
+            raise
+        _flex_broken.append(f"{type(e).__name__}: {e}")
+        logger.warning("flex attention failed (%s); the encoder uses the blocked path from now on",
+                       _flex_broken[0][:300])
+        return None
+    if not _flex_ok:
+        _flex_ok.append(True)
+    return out
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
     """HF attention-interface function: query [1, H, T, d], key/value [1, KVH, T, d] → ([1, T, H, d], None)."""
@@ -162,14 +235,19 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"d2l_varlen expects one packed row, got batch {query.shape[0]}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     cache = getattr(_state, "window", None)
+    backend = _pick_backend(query, softcap)
+    if backend == "flex":
+        out = _flex_attention(module, query, key, value, cache, scaling, softcap, sliding_window, max_scores)
+        if out is not None:
+            return out, None
+        backend = "blocked"  # auto, and flex failed to compile here
     if cache is not None:
         return _window_attention(module, query, key, value, bounds, cache, scaling, softcap, sliding_window,
                                  max_scores), None
-    fa = _flash_varlen() if query.is_cuda else None
-    if fa is not None and query.dtype in (torch.float16, torch.bfloat16):
-        out = fa(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu, max_len, max_len,
-                 softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
-                 window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
+    if backend == "flash":
+        out = _flash_varlen()(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
+                              max_len, max_len, softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+                              window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
         return out.unsqueeze(0), None
     out = torch.empty_like(query.transpose(1, 2))  # [1, T, H, d]
     for a, b in bounds:
@@ -224,15 +302,20 @@ def attention_implementation(model, name: str):
 
 
 @contextlib.contextmanager
-def packed_attention(model, lengths: list[int], device, max_scores: int | None = None, window: RowCache | None = None):
+def packed_attention(model, lengths: list[int], device, max_scores: int | None = None, window: RowCache | None = None,
+                     backend: str = "auto"):
     """Within the block, ``model`` attends within each of the consecutive chunks of ``lengths`` only.
 
     ``max_scores``: attention scores held at once per chunk (query-blocked above it; None: no bound).
     ``window``: the pass runs the tokens ``window.start .. window.end-1`` of the row only (the keys of earlier
-    windows are in ``window``).
+    windows are in ``window``; windows always run the blocked path). ``backend``: one of :data:`BACKENDS`.
     """
     if window is not None and not isinstance(window, RowCache):
         raise TypeError(f"window must be a RowCache or None, got {type(window).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty list of positive ints, got {lengths!r}")
     bounds, s = [], 0
     for n in lengths:
         bounds.append((s, s + n))
@@ -241,6 +324,7 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
     _state.bounds = (bounds, cu, max(lengths))
     _state.max_scores = max_scores
     _state.window = window
+    _state.backend, _state.masks = backend, None
     try:
         with attention_implementation(model, NAME):
             yield
@@ -248,3 +332,4 @@ def packed_attention(model, lengths: list[int], device, max_scores: int | None =
         _state.bounds = None
         _state.max_scores = None
         _state.window = None
+        _state.backend, _state.masks = "auto", None

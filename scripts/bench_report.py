@@ -166,6 +166,15 @@ def build_gpu_suite_tables(data: dict) -> str:
         for r in (x for x in rows if x.get("section") == "readout_summary"):
             out.append(f"| **{r['case']}** ({r['mode']}) | new vs old | {_n(r['new_us'])} vs {_n(r['old_us'])}: "
                        f"**{_n(r['speedup'], '{:.2f}')}×** | | | | | {_n(r.get('pct_of_bound'))} | |")
+    isum = [r for r in rows if r.get("section") == "internalize_summary"]
+    if isum:
+        out += ["", "| internalize (Gemma-2-2b-shaped, bf16) | tokens | today / bare | flex / bare | "
+                "flex encode / bare | "
+                "flex speed-up | projection FLOPs / bare | ≤ 1.5× |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['n_tokens']} | {_n(r['today_vs_bare'], '{:.2f}')} | "
+                f"{_n(r['flex_vs_bare'], '{:.2f}')} | {_n(r['flex_encode_vs_bare'], '{:.2f}')} | "
+                f"{_n(r['flex_speedup'], '{:.2f}')} | {_n(r['projection_vs_bare'], '{:.2f}')} | "
+                f"{'met' if r['target_met'] else 'not met'} |" for r in isum]
     e2e = [r for r in rows if r.get("section") == "e2e"]
     if e2e:
         out += ["", "| end to end (random Gemma-2-2b-shaped model, bf16) | result |", "|---|---|"]

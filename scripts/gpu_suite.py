@@ -24,9 +24,12 @@ each time-guarded so a slow one cannot starve the rest, each writing into gpu_su
             vs the pre-rewrite one (old, benchmarks/ops/readout_v1.py), alternative split configs, the
             materialised reference, projection + SDPA; % of the bound that applies (benchmarks/ops/
             bench_latent_readout.py suite_rows)
-  e2e       a random Gemma-2-2b-shaped model in bf16: internalize one 2k-token document (main hypernet
-            config), internalize 64 documents, then 64 rows each with its own adapter, 32 greedy tokens:
-            base vs d2l_fast vs PEFT (64 adapters on every down_proj)
+  internalize  a random Gemma-2-2b-shaped model in bf16, main hypernet config: one 2k-token document and 64
+            documents x 256 tokens, encoder attention blocked (per chunk, eager soft-capped softmax) vs flex
+            (FlexAttention, compiled) vs the bare forward through the same early-exit layers, same run; ratios,
+            FLOPs, flex-vs-blocked agreement, kernel profiles (benchmarks/e2e/bench_encoder_attention.py)
+  e2e       the same model: 64 rows each with its own adapter, 32 greedy tokens: base vs d2l_fast vs PEFT
+            (64 adapters on every down_proj)
   decode    the serving engine's decode on the same model: 64 requests, 64 distinct adapters, 64 greedy tokens;
             dynamic (HF DynamicCache) vs static eager vs static + CUDA graphs, each also without adapters: tokens/s,
             host and CUDA ms per step (benchmarks/serving/bench_static_decode.py); targets: static graphs >= 0.9x
@@ -434,7 +437,13 @@ def _profile(S: Suite, label: str, fn, top=15):
               frac=e.self_device_time_total / max(total, 1e-9))  # fmt: skip
 
 
-def sec_e2e(S: Suite):
+_E2E: list = []
+
+
+def e2e_models(S: Suite):
+    """(base, D2LModel) of the ``internalize`` and ``e2e`` sections: built once per run."""
+    if _E2E:
+        return _E2E[0]
     from d2l_fast import D2LModel
 
     t = time.time()
@@ -446,32 +455,22 @@ def sec_e2e(S: Suite):
     S.row(section="e2e", step="build_hypernet", seconds=time.time() - t,
           hypernet_params_M=sum(p.numel() for p in model.hypernet.parameters()) / 1e6,
           latent=model.spec.latent_size if hasattr(model.spec, "latent_size") else None)  # fmt: skip
+    _E2E.append((base, model))
+    return base, model
+
+
+def sec_internalize(S: Suite):
+    from benchmarks.e2e.bench_encoder_attention import suite_rows
+
+    _, model = e2e_models(S)
+    for row in suite_rows(model, cuda_time_us, lambda label, fn: _profile(S, label, fn)):
+        S.row(**row)
+
+
+def sec_e2e(S: Suite):
+    base, model = e2e_models(S)
     g = torch.Generator().manual_seed(1)
     bos = 2
-    doc = [bos] + torch.randint(10, 250000, (1999,), generator=g).tolist()
-    for name, docs in (("1doc_2k", [doc]),
-                       ("16docs_256", [[bos] + torch.randint(10, 250000, (255,), generator=g).tolist()
-                                       for _ in range(16)])):  # fmt: skip
-        model.internalize(docs)  # warm-up (compiles kernels)
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(5):
-            a = time.perf_counter()
-            ad = model.internalize(docs)
-            torch.cuda.synchronize()
-            ts.append((time.perf_counter() - a) * 1e3)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        model.internalize(docs)
-        b.record()
-        b.synchronize()
-        S.row(section="e2e", step=f"internalize_{name}", ms_median=statistics.median(ts), ms_min=min(ts),
-              ms_cuda_events=a.elapsed_time(b), ranks=ad.ranks[:4],
-              peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)  # fmt: skip
-        if name == "1doc_2k":
-            _profile(S, "internalize_1doc_2k", lambda: model.internalize(docs))
-    if S.left() < 70:
-        return
     # serving: 64 rows, 64 distinct adapters
     n_rows, new = 64, 32
     docs = [[bos] + torch.randint(10, 250000, (127,), generator=g).tolist() for _ in range(n_rows)]
@@ -549,8 +548,9 @@ def sec_decode(S: Suite):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 330)))
-    ap.add_argument("--only", default="env,tests,lora,mlp,readout,e2e,decode", help="comma list of sections")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 420)))
+    ap.add_argument("--only", default="env,tests,lora,mlp,readout,internalize,e2e,decode",
+                    help="comma list of sections")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to do", file=sys.stderr)
@@ -561,8 +561,9 @@ def main(argv=None):
     S = Suite(a.out, a.budget_s)
     only = a.only.split(",")
     table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "mlp": (sec_mlp, 40),
-             "readout": (sec_readout, 60), "e2e": (sec_e2e, 50), "decode": (sec_decode, 60)}  # fmt: skip
-    for name in ("env", "tests", "lora", "mlp", "readout", "e2e", "decode"):
+             "readout": (sec_readout, 60), "internalize": (sec_internalize, 90), "e2e": (sec_e2e, 50),
+             "decode": (sec_decode, 60)}  # fmt: skip
+    for name in ("env", "tests", "lora", "mlp", "readout", "internalize", "e2e", "decode"):
         if name in only:
             fn, need = table[name]
             S.section(name, lambda fn=fn: fn(S), min_left_s=need)
