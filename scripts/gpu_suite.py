@@ -1,6 +1,6 @@
 """All GPU checks in one run: CUDA tests, kernel benchmarks against same-device baselines, end to end.
 
-    PYTHONPATH=$PWD python scripts/gpu_suite.py --out /tmp/gpu            # ~5-6 min on an H100 (<= 8)
+    PYTHONPATH=$PWD python scripts/gpu_suite.py --out /tmp/gpu            # ~7 min on an H100 (budget 420 s; <= 8)
     python scripts/bench_report.py /tmp/gpu/gpu_suite.json                       # markdown tables
 
 Runs from a checkout with the machine's own torch/triton/transformers/peft (nothing is installed). Sections,
