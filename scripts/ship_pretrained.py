@@ -90,7 +90,8 @@ def heldout_from_eval(eval_dir: pathlib.Path, baseline_dir: pathlib.Path | None 
 def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tuple[dict, str]:
     """A reading model's card results: ``eval_dir``'s ``reading_report.json`` (D2L, base and in-prompt rows, fact
     floors) and the verdict against ``previous`` (the shipped model's report on the same split), plus the README
-    table of both. Exits when the new report does not beat the previous one on every row."""
+    table of both. Exits unless the new report passes ``compare_reports``' ``ships`` verdict (higher on every
+    headline row, lower on no row beyond its 95 % sampling margin)."""
     from d2l_fast.training.reading_tables import compare_markdown, compare_reports
 
     report = json.loads((eval_dir / "reading_report.json").read_text())
