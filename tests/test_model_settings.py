@@ -182,7 +182,7 @@ def test_ask_help_says_what_the_bundled_checkpoint_reads(capsys):
     if not zoo.BUNDLED["smollm2-135m"].available:
         pytest.skip("smollm2-135m is not shipped in this build")
     card = zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder)
-    assert isinstance(card["max_chunk_len"], int) and card["reads"].startswith("one 4-digit number")
+    assert isinstance(card["max_chunk_len"], int) and isinstance(card["reads"], str) and card["reads"].strip()
     with pytest.raises(SystemExit):
         main(["ask", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -224,8 +224,9 @@ def test_demo_shows_needles_and_facts_with_the_card_settings(capsys):
     card = zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder)
     assert main(["demo", "--n-docs", "4", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert f"max_chunk_len={card['max_chunk_len']}" in out and "trained to read: one 4-digit number" in out
-    assert "== needles (one 4-digit number) ==" in out and "== facts (held-out entities) ==" in out
-    for label in ("needles (one 4-digit number)", "facts (held-out entities)"):
-        assert re.search(re.escape(label) + r"\s+\d/2\s+\d/2", out), out[-600:]
+    assert f"max_chunk_len={card['max_chunk_len']}" in out and f"trained to read: {card['reads']}" in out
+    if card.get("training_data") != "reading":  # the reading card's demo: tests/test_demo.py (a real checkpoint)
+        assert "== needles (one 4-digit number) ==" in out and "== facts (held-out entities) ==" in out
+        for label in ("needles (one 4-digit number)", "facts (held-out entities)"):
+            assert re.search(re.escape(label) + r"\s+\d/2\s+\d/2", out), out[-600:]
     assert out.count("  with adapter: ") == out.count("  base model:   ") == out.count("  gold answer:  ") == 4
