@@ -54,12 +54,24 @@ def _monitor(metrics_path: pathlib.Path, stop: threading.Event, every_s: float =
 
 
 def _records(tok, a, split: str, base_answers):
-    from d2l_fast.training.reading import LONG_BINS, NIAH_EVAL_BINS, generate_reading
+    from d2l_fast.training.reading import (
+        LONG_BINS,
+        NIAH_EVAL_BINS,
+        NIAH_TRAIN_BINS,
+        generate_niah_docs,
+        generate_reading,
+    )
 
     if split == "train":
-        return generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
+        recs = generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
                                 n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
-                                long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers)
+                                long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
+                                niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent)
+        if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
+            recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
+                                       n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
+                                       n_questions=a.niah_questions, absent_prob=a.niah_absent)
+        return recs
     return generate_reading(tok, split=split, seed=SPLIT_SEEDS[split], n_facts=a.n_eval_facts,
                             n_numbers=a.n_eval_numbers, n_niah_per_bin=a.n_eval_niah_per_bin,
                             niah_bins=NIAH_EVAL_BINS[: a.eval_bins], n_long_per_bin=a.n_eval_long_per_bin,
@@ -132,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-facts", type=int, default=6000, help="train fact documents")
     ap.add_argument("--n-numbers", type=int, default=6000, help="train number documents")
     ap.add_argument("--n-niah-per-bin", type=int, default=1500, help="train NIAH documents per bin (32–128, 128–256)")
+    ap.add_argument("--niah-questions", type=int, default=1, help="train: wordings of the needle question per "
+                    "NIAH document (the encoder runs once for all)")
+    ap.add_argument("--niah-absent", type=float, default=0.0, help="train: probability of a question about "
+                    "another needle (gold: the document does not say) in a NIAH document")
+    ap.add_argument("--n-niah-long-per-bin", type=int, default=0, help="train NIAH documents per longer bin "
+                    "(256–512, 512–1,024, 1,024–2,048); use with --chunk-len")
     ap.add_argument("--n-long-per-bin", type=int, default=0, help="train long documents per bin (512–1,024, "
                     "1,024–2,048); use with --chunk-len")
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")

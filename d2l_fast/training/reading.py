@@ -439,15 +439,22 @@ def _check_bins(bins) -> list[tuple[int, int]]:
 
 
 def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
-                       n_per_bin: int = 100, seed: int = 0, digits: tuple[int, int] = (3, 7)) -> list[dict]:
+                       n_per_bin: int = 100, seed: int = 0, digits: tuple[int, int] = (3, 7), n_questions: int = 1,
+                       absent_prob: float = 0.0) -> list[dict]:
     """Needle-in-a-haystack records (``task="niah"``): prose filler of ``split``'s sources with one needle of
     ``split``'s phrasings (a ``digits``-digit number of ``split``'s pool) at a depth drawn within a decile
     (deciles shuffled per ten records), ``lo ≤`` tokens ``< hi`` of its bin (``tokenizer``: the model's tokenizer or
-    a callable text → token count)."""
+    a callable text → token count).
+
+    Training extras (the defaults draw nothing more, so evaluation data does not change): up to ``n_questions``
+    different wordings of the needle's question, and with ``absent_prob`` a question about another needle group
+    whose gold is :data:`~.reading_pools.NOT_STATED` (the model must tell which thing the document names)."""
     count = _length_fn(tokenizer)
     _check_split(split)
     bins = _check_bins(bins)
     _check_count(n_per_bin, "n_per_bin")
+    _check_count(n_questions, "n_questions")
+    absent_prob = _check_prob(absent_prob, "absent_prob")
     if not (isinstance(digits, tuple) and len(digits) == 2 and 1 <= digits[0] <= digits[1] <= 8):
         raise ValueError(f"digits must be a (lo, hi) tuple with 1 ≤ lo ≤ hi ≤ 8, got {digits!r}")
     rng = random.Random(f"reading/niah/{split}/{seed}")
@@ -471,11 +478,20 @@ def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
                 return " ".join(fill[:k] + [needle] + fill[k:])
 
             text, n_tok, sources = _fit(build, filler, count, lo, hi, count(needle))
+            qis = [qi]
+            if n_questions > 1:
+                rest = [q for q in range(len(questions)) if q != qi]
+                qis += rng.sample(rest, min(n_questions - 1, len(rest)))
+            qas = [{"question": questions[q], "answers": [number], "qa_kind": "needle", "attribute": f"needle{gi}",
+                    "number_kind": "integer", "digits": len(number), "question_template": f"needle{gi}/{split}/{q}",
+                    "fact_template": f"needle{gi}/{split}/{si}"} for q in qis]
+            if absent_prob and len(P.NEEDLES[split]) > 1 and rng.random() < absent_prob:
+                g = rng.choice([g for g in range(len(P.NEEDLES[split])) if g != gi])
+                q = rng.randrange(len(P.NEEDLES[split][g][1]))
+                qas.append({"question": P.NEEDLES[split][g][1][q], "answers": [P.NOT_STATED], "qa_kind": "absent",
+                            "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{q}"})
             out.append({"id": f"reading-{split}-niah-{seed}-{lo}-{hi}-{i:05d}", "task": "niah", "context": text,
-                        "qas": [{"question": questions[qi], "answers": [number], "qa_kind": "needle",
-                                 "attribute": f"needle{gi}", "number_kind": "integer", "digits": len(number),
-                                 "question_template": f"needle{gi}/{split}/{qi}",
-                                 "fact_template": f"needle{gi}/{split}/{si}"}],
+                        "qas": qas,
                         "meta": {"kind": "niah", "split": split, "seed": seed, "bin": [lo, hi], "n_tokens": n_tok,
                                  "depth": round(depth, 6), "sources": sources}})
     return out
@@ -563,9 +579,11 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
 def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts: int = 0, n_numbers: int = 0,
                      n_niah_per_bin: int = 0, niah_bins: Sequence[tuple[int, int]] | None = None,
                      n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
-                     base_answers: dict[str, str] | None = None) -> list[dict]:
+                     base_answers: dict[str, str] | None = None, niah_questions: int = 1,
+                     niah_absent_prob: float = 0.0) -> list[dict]:
     """The reading mix of one split: each part by its generator above (a count of 0 leaves it out). ``niah_bins``
-    default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise."""
+    default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise; ``niah_questions`` and
+    ``niah_absent_prob``: :func:`generate_niah_docs`' ``n_questions`` and ``absent_prob``."""
     _check_split(split)
     for v, what in ((n_facts, "n_facts"), (n_numbers, "n_numbers"), (n_niah_per_bin, "n_niah_per_bin"),
                     (n_long_per_bin, "n_long_per_bin"), (n_nohijack, "n_nohijack")):
@@ -578,7 +596,8 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
     if n_numbers:
         recs += generate_number_docs(n_numbers, split=split, seed=seed)
     if n_niah_per_bin:
-        recs += generate_niah_docs(tokenizer, split=split, bins=niah_bins, n_per_bin=n_niah_per_bin, seed=seed)
+        recs += generate_niah_docs(tokenizer, split=split, bins=niah_bins, n_per_bin=n_niah_per_bin, seed=seed,
+                                   n_questions=niah_questions, absent_prob=niah_absent_prob)
     if n_long_per_bin:
         recs += generate_long_docs(tokenizer, split=split, bins=long_bins, n_per_bin=n_long_per_bin, seed=seed)
     if n_nohijack:

@@ -123,6 +123,22 @@ def test_deterministic_by_seed():
     assert n != R.generate_niah_docs(words, split="test", n_per_bin=3, seed=2)
 
 
+def test_niah_training_extras_add_wordings_and_absent_questions():
+    plain = R.generate_niah_docs(words, split="train", n_per_bin=6, seed=5)
+    assert plain == R.generate_niah_docs(words, split="train", n_per_bin=6, seed=5, n_questions=1, absent_prob=0.0)
+    rich = R.generate_niah_docs(words, split="train", n_per_bin=6, seed=5, n_questions=3, absent_prob=1.0)
+    assert [r["context"] for r in rich[:1]] == [r["context"] for r in plain[:1]]  # same draws up to the extras
+    for r in rich:
+        gi = int(r["qas"][0]["attribute"][len("needle"):])
+        needles = [qa for qa in r["qas"] if qa["qa_kind"] == "needle"]
+        absent = [qa for qa in r["qas"] if qa["qa_kind"] == "absent"]
+        assert len(needles) == min(3, len(P.NEEDLES["train"][gi][1]))
+        assert len({qa["question"] for qa in needles}) == len(needles)
+        assert all(qa["question"] in P.NEEDLES["train"][gi][1] and qa["answers"][0] in r["context"] for qa in needles)
+        assert len(absent) == 1 and absent[0]["answers"] == [P.NOT_STATED]
+        assert absent[0]["attribute"] != f"needle{gi}" and absent[0]["question"] not in P.NEEDLES["train"][gi][1]
+
+
 def test_nohijack_with_base_answers():
     q = P.CHITCHAT_QUESTIONS["train"][0]
     recs = R.generate_nohijack_docs(words, 4, split="train", seed=0, base_answers={q: "I am fine, thanks."})
@@ -140,6 +156,8 @@ def test_nohijack_with_base_answers():
     (lambda: R.generate_number_docs(2, max_numbers=9), "max_numbers"),
     (lambda: R.generate_niah_docs(words, bins=[(64, 32)]), "bin"),
     (lambda: R.generate_niah_docs(words, digits=(0, 9)), "digits"),
+    (lambda: R.generate_niah_docs(words, n_questions=0), "n_questions"),
+    (lambda: R.generate_niah_docs(words, absent_prob=-0.1), "absent_prob"),
     (lambda: R.generate_niah_docs(words, bins=[(300, 302)]), "widen the bin"),
     (lambda: R.generate_nohijack_docs(words, 2, base_answers={"q": ""}), "base_answers"),
     (lambda: R.generate_reading(words), "nothing to generate"),
