@@ -28,9 +28,9 @@ PERSON_TRAIN: dict[str, dict[str, list[str]]] = {
                       "Which city saw the birth of {name}?", "Where did the life of {name} begin?"]},
     "home_city": {
         "preds": ["lives in {value}", "has settled in {value}", "now makes a home in {value}",
-                  "is living in {value} at present", "has an apartment in {value} and lives there",
+                  "is living in {value} at present", "occupies an apartment in {value}",
                   "has made {value} a permanent home", "is now a resident of {value}",
-                  "moved house to {value} and lives there still", "has a current address in {value}",
+                  "has lived in {value} since moving house", "has a current address in {value}",
                   "lives today in the city of {value}", "shares a home with two cats in {value}"],
         "questions": ["Where does {name} live?", "In which city does {name} live now?", "What city is home to {name}?",
                       "Where is {name} living these days?", "Which city is {name} a resident of?",
@@ -38,7 +38,7 @@ PERSON_TRAIN: dict[str, dict[str, list[str]]] = {
                       "Where has {name} settled?", "Which city does {name} live in at present?"]},
     "employer": {
         "preds": ["works for {value}", "is employed by {value}", "has a job at {value}",
-                  "took a post with {value} and still works there", "is on the staff at {value}",
+                  "has held a post with {value} for years", "is on the staff at {value}",
                   "goes to work each morning at {value}", "was hired by {value}", "gets paid by {value}",
                   "has worked at {value} for some years", "is an employee of {value}",
                   "reports to a manager at {value}"],
@@ -61,7 +61,7 @@ PERSON_TRAIN: dict[str, dict[str, list[str]]] = {
                   "is a keen amateur on the {value}", "plays the {value} in a jazz band at weekends",
                   "has mastered the {value}", "gives concerts on the {value}", "teaches the {value} to children",
                   "picked up the {value} at a young age", "spends hours each day on the {value}",
-                  "has a fine ear and plays the {value}"],
+                  "plays the {value} with a fine ear"],
         "questions": ["What instrument does {name} play?", "Which instrument does {name} practise?",
                       "What musical instrument did {name} learn?", "Which instrument can {name} play?",
                       "Name the instrument that {name} plays.", "On what instrument does {name} make music?",
@@ -80,7 +80,7 @@ PERSON_TRAIN: dict[str, dict[str, list[str]]] = {
     "object": {
         "preds": ["owns a {value}", "keeps a {value} on the desk", "treasures a {value}",
                   "is the proud owner of a {value}", "has a {value} at home", "never parts with a beloved {value}",
-                  "found a {value} in the attic and kept it", "possesses a {value}",
+                  "kept a {value} found in the attic", "possesses a {value}",
                   "brought a {value} back from a long journey", "looks after a {value} with great care",
                   "displays a {value} in the living room"],
         "questions": ["What does {name} own?", "What does {name} keep on the desk?",
