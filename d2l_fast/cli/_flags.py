@@ -1,5 +1,6 @@
 """argparse flags generated from a settings dataclass: one ``--<field-name>`` flag per field (or
-``metadata["flag"]``), its help from ``metadata["help"]``, its default the field's, its type from the annotation."""
+``metadata["flag"]``), its help from ``metadata["help"]``, its default the field's, its type from the annotation,
+its allowed values from ``metadata["choices"]`` when given."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), types:
         else:
             kw["type"] = (types or {}).get(f.name, tp)
             kw["metavar"] = {int: "N", float: "X"}.get(tp, flag_name(f)[2:].upper().replace("-", "_"))
+            if "choices" in f.metadata:  # argparse lists them and rejects anything else
+                kw["choices"] = tuple(f.metadata["choices"])
+                del kw["metavar"]
         parser.add_argument(flag_name(f), **kw)
         names.append(f.name)
     return names

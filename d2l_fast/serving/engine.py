@@ -253,6 +253,15 @@ class DecodeEngine:
         self.joins_mid_batch = 0
         self.cancelled_rows = 0  # rows dropped because their client went away
 
+    @property
+    def decode_path(self) -> dict:
+        """How steps are decoded (``/health``): ``{"decode": "static" | "dynamic", "cuda_graphs": bool,
+        "static_off": why static decoding is not used, or None}``; static is wanted until the first batch shows the
+        model cannot take it."""
+        static = self.static and self.static_off is None
+        return {"decode": "static" if static else "dynamic", "cuda_graphs": bool(static and self.cuda_graphs),
+                "static_off": self.static_off}
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         with self._cv:

@@ -173,7 +173,7 @@ async def index():
 @router.get("/health")
 async def health(request: Request):
     srv = server_of(request)
-    return {"status": "ok", "documents": len(srv.store), "in_flight": srv.engine.in_flight}
+    return {"status": "ok", "documents": len(srv.store), "in_flight": srv.engine.in_flight, **srv.engine.decode_path}
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -54,7 +54,9 @@ class DocumentServer:
         self.heap = HeapTrimmer()  # freed tensors back to the OS when the workers go idle (glibc)
         self.batcher = InternalizeBatcher(model, window_s=settings.batch_window_ms / 1000.0,
                                           slice_tokens=settings.encode_slice_tokens or None, heap=self.heap)
-        self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue, heap=self.heap)
+        static = {"off": False, "on": True, "auto": "auto"}[settings.static_decode]
+        self.engine = DecodeEngine(model, max_batch=settings.max_batch, max_queue=settings.max_queue, heap=self.heap,
+                                   static=static)
         self.context_window = int(getattr(model.base_model.config, "max_position_embeddings", 0) or 0)
         self.uploads = UploadRegistry()
         self.loras = RuntimeAdapters(int(settings.adapter_memory_mb * 2**20))  # POST /v1/load_lora_adapter

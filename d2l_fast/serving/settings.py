@@ -38,6 +38,10 @@ class ServerSettings:
     allow_runtime_lora_loading: bool = _opt(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
                                             "(vLLM's runtime LoRA API): the server then reads PEFT folders from "
                                             "local paths a client names; off by default")
+    static_decode: str = _opt("off", "decode steps with a preallocated KV cache, fixed shapes and the adapters in a "
+                              "slot bank, captured as CUDA graphs on a GPU (serving/static_decode.py): 'on', 'off', "
+                              "or 'auto' (on for a model on CUDA); a model it cannot serve keeps the dynamic path "
+                              "and /health says why", choices=("off", "on", "auto"))
     data_dir: str | None = _opt(None, "folder of generated data and 'd2l-fast eval' outputs (*.jsonl) to browse at "
                                 "/view (the data viewer; read-only)")
 
@@ -58,6 +62,8 @@ class ServerSettings:
         if not isinstance(self.allow_runtime_lora_loading, bool):
             raise ValueError(f"ServerSettings.allow_runtime_lora_loading must be a bool, got "
                              f"{self.allow_runtime_lora_loading!r}")
+        if self.static_decode not in ("off", "on", "auto"):
+            raise ValueError(f"ServerSettings.static_decode must be 'off', 'on' or 'auto', got {self.static_decode!r}")
         for k in ("model_name", "store", "api_key", "data_dir"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, str):

@@ -217,3 +217,45 @@ def test_cuda_graphs_equal_the_dynamic_path(small_buffers):
     assert eng._static is not None and eng._static.graphs and eng._static.captures >= 3
     _, dyn = run(model, spec, static=False)
     assert got == dyn
+
+
+def test_server_static_decode_setting(llama):
+    """``d2l-fast serve --static-decode on``: a real server and the official client get the tokens the dynamic
+    server gives, concurrently and with a document; /health says which path decodes; bad values are refused."""
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2l_fast.cli import build_parser
+    from d2l_fast.cli.serve import settings_from_args
+    from d2l_fast.serving import BackgroundServer, ServerSettings, create_app
+
+    model, _ = llama
+    answers, health = {}, {}
+    for mode in ("off", "on"):
+        with BackgroundServer(create_app(model, ServerSettings(static_decode=mode, max_batch=4))) as srv:
+            http = httpx.Client(base_url=srv.url, timeout=60)
+            health[mode] = http.get("/health").json()
+            doc = http.post("/v1/documents", json={"text": DOCS[0]}).json()["id"]
+            oa = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+            def ask(i, oa=oa, doc=doc):
+                extra = {"documents": [doc]} if i % 2 else {}
+                r = oa.chat.completions.create(model=srv.app.state.d2l.model_name, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": f"Question {i}?"}],
+                                               extra_body=extra)
+                return r.choices[0].message.content
+
+            with ThreadPoolExecutor(4) as pool:
+                answers[mode] = list(pool.map(ask, range(6)))
+            assert http.get("/health").json()["decode"] == health[mode]["decode"]  # still static after the batch
+    assert answers["on"] == answers["off"] and all(answers["off"])
+    assert health["off"]["decode"] == "dynamic" and health["on"]["decode"] == "static"
+    assert health["on"]["static_off"] is None and health["on"]["cuda_graphs"] is False  # CPU: no graphs
+    with pytest.raises(ValueError, match="static_decode must be"):
+        ServerSettings(static_decode="yes")
+    args = build_parser().parse_args(["serve", "--untrained", "--static-decode", "auto"])
+    assert settings_from_args(args).static_decode == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--untrained", "--static-decode", "always"])
