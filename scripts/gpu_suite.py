@@ -506,7 +506,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 420)))
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections (default: all of {SECTIONS})")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma list of sections (default: all: {','.join(SECTIONS)})")
     a = ap.parse_args(argv)
     unknown = sorted(set(a.only.split(",")) - set(SECTIONS))
     if unknown:
