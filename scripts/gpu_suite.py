@@ -34,6 +34,11 @@ each time-guarded so a slow one cannot starve the rest, each writing into gpu_su
             dynamic (HF DynamicCache) vs static eager vs static + CUDA graphs, each also without adapters: tokens/s,
             host and CUDA ms per step (benchmarks/serving/bench_static_decode.py); targets: static graphs >= 0.9x
             its no-adapter run and >= 3x dynamic
+  train     one real trainer step (Trainer._step, bf16 autocast) on a fresh Gemma-2-2b-shaped model with the main
+            hypernet config, one pack of 8 contexts x 512 + 8 QAs x 512 tokens: step time (CUDA events after a
+            warm-up step), peak memory, tokens/s, the reference's per-token copies (spec 1.8) for the same pack;
+            distillation, CE through Liger's fused linear CE (or why not) and CE without it
+            (benchmarks/e2e/bench_train_step.py; if the budget skipped it, run --only env,train: about a minute)
 """
 
 from __future__ import annotations
@@ -54,10 +59,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from d2l_fast.kernels.segmented_lora import SegmentMeta, segmented_lora_, segmented_lora_ref  # noqa: E402
+from benchmarks.ops.lora_tensors import LoraTensors  # noqa: E402  (the lora section's case tensors)
+from d2l_fast.kernels.segmented_lora import segmented_lora_, segmented_lora_ref  # noqa: E402
 from d2l_fast.kernels.segmented_lora.configs import KernelConfig, pick_config  # noqa: E402
 from d2l_fast.kernels.segmented_lora.launch import segmented_lora_fwd  # noqa: E402
-from d2l_fast.profiling.shapes import MODEL_SHAPES, LoraCase, lora_cases  # noqa: E402
+from d2l_fast.profiling.shapes import MODEL_SHAPES, lora_cases  # noqa: E402
 
 DT = torch.bfloat16
 
@@ -236,70 +242,6 @@ def sec_tests(S: Suite):
         if rc not in (0, 5):
             print(out[-6000:], flush=True)
     S.data["tests"] = res
-
-
-class LoraTensors:
-    """One :class:`~d2l_fast.profiling.shapes.LoraCase` on the GPU: input, adapters and base weight in bf16."""
-
-    def __init__(self, case: LoraCase, seed=0):
-        self.case, self.kind, self.shape, self.name = case, case.kind, case.shape, case.name
-        self.d_in, self.d_out = case.d_in, case.d_out
-        self.seq_lens, self.seg_adapter, self.ranks = list(case.seq_lens), list(case.seg_adapter), list(case.ranks)
-        g = torch.Generator().manual_seed(seed)
-        self.offs = [0]
-        for r in self.ranks:
-            self.offs.append(self.offs[-1] + r)
-        self.meta = SegmentMeta.from_lengths(self.seq_lens, self.seg_adapter, self.offs, device="cuda")
-        T = self.meta.n_tokens
-        self.x = torch.randn(T, self.d_in, generator=g).to("cuda", DT)
-        self.A = (torch.randn(self.offs[-1], self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
-        self.B = (torch.randn(self.offs[-1], self.d_out, generator=g) / 8).to("cuda", DT)
-        self.W = (torch.randn(self.d_out, self.d_in, generator=g) / self.d_in**0.5).to("cuda", DT)
-        self.scale = case.scale
-
-    def counts(self):
-        T = self.meta.n_tokens
-        used = sorted({a for a in self.seg_adapter if a >= 0})
-        adapter_bytes = sum(self.ranks[a] for a in used) * (self.d_in + self.d_out) * 2
-        lora_bytes = adapter_bytes + T * (self.d_in + 2 * self.d_out) * 2
-        lora_flops = 2 * sum(n * self.ranks[a] for n, a in zip(self.seq_lens, self.seg_adapter) if a >= 0) * (
-            self.d_in + self.d_out
-        )
-        base_flops = 2 * T * self.d_in * self.d_out
-        base_bytes = (self.d_in * self.d_out + T * (self.d_in + self.d_out)) * 2
-        return dict(adapter_bytes=adapter_bytes, lora_bytes=lora_bytes, lora_flops=lora_flops, base_flops=base_flops,
-                    base_bytes=base_bytes)  # fmt: skip
-
-    def peft(self):
-        from peft import LoraConfig, get_peft_model
-        from torch import nn
-
-        class Wrap(nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.lin = lin
-
-            def forward(self, x):
-                return self.lin(x)
-
-        lin = nn.Linear(self.d_in, self.d_out, bias=False, device="cuda", dtype=DT)
-        lin.weight.data.copy_(self.W)
-        model = None
-        used = sorted({a for a in self.seg_adapter if a >= 0})
-        for i in used:
-            r = self.ranks[i]
-            cfg = LoraConfig(r=r, lora_alpha=self.scale * r, target_modules=["lin"], lora_dropout=0.0)
-            if model is None:
-                model = get_peft_model(Wrap(lin), cfg, adapter_name=f"a{i}")
-            else:
-                model.add_adapter(f"a{i}", cfg)
-        layer = model.base_model.model.lin
-        with torch.no_grad():
-            for i in used:
-                rs, r = self.offs[i], self.ranks[i]
-                layer.lora_A[f"a{i}"].weight.copy_(self.A[rs : rs + r])
-                layer.lora_B[f"a{i}"].weight.copy_(self.B[rs : rs + r].T)
-        return model.eval().to(DT)
 
 
 def sec_lora(S: Suite):
@@ -545,15 +487,35 @@ def sec_decode(S: Suite):
         S.row(section="decode", **row)
 
 
+def sec_train(S: Suite):
+    from benchmarks.e2e.bench_train_step import train_rows
+    from d2l_fast import D2LModel
+
+    _E2E.clear()  # the e2e section's base carries PEFT's adapters by now: free it, train a fresh one
+    torch.cuda.empty_cache()
+    d2l = D2LModel.from_base(gemma2_2b_model(), None, seed=0, base_model_name_or_path="random-gemma-2-2b-shaped",
+                             init_scaler_B=0.02)  # the main config; a small scaler_B: every adapter matters
+    for row in train_rows(d2l, left_s=S.left):
+        S.row(**row)
+
+
+SECTIONS = ("env", "tests", "lora", "mlp", "readout", "internalize", "e2e", "decode", "train")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/d2l_gpu"))
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("D2L_GPU_BUDGET_S", 420)))
-    ap.add_argument("--only", default="env,tests,lora,mlp,readout,internalize,e2e,decode",
-                    help="comma list of sections")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma list of sections (default: all: {','.join(SECTIONS)})")
     a = ap.parse_args(argv)
+    unknown = sorted(set(a.only.split(",")) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--only: unknown section(s) {unknown}; expected names from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
-        print("gpu_suite: no CUDA device; nothing to do", file=sys.stderr)
+        print("gpu_suite: no CUDA device; nothing to do (CPU runs of the same code: python -m "
+              "benchmarks.e2e.bench_encoder_attention, python benchmarks/e2e/bench_train_step.py --tiny)",
+              file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("gpu_suite: unset TRITON_INTERPRET (kernels would be interpreted)", file=sys.stderr)
@@ -562,8 +524,8 @@ def main(argv=None):
     only = a.only.split(",")
     table = {"env": (sec_env, 0), "tests": (sec_tests, 180), "lora": (sec_lora, 100), "mlp": (sec_mlp, 40),
              "readout": (sec_readout, 60), "internalize": (sec_internalize, 90), "e2e": (sec_e2e, 50),
-             "decode": (sec_decode, 60)}  # fmt: skip
-    for name in ("env", "tests", "lora", "mlp", "readout", "internalize", "e2e", "decode"):
+             "decode": (sec_decode, 60), "train": (sec_train, 60)}  # fmt: skip
+    for name in SECTIONS:
         if name in only:
             fn, need = table[name]
             S.section(name, lambda fn=fn: fn(S), min_left_s=need)
