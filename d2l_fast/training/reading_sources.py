@@ -14,6 +14,8 @@ import sysconfig
 import zlib
 from collections.abc import Callable
 
+from .generators import _length_fn  # noqa: F401 - text → token count, shared with the NIAH generator
+
 SPLITS = ("train", "dev", "test")
 
 _FILLER_BANNED = {"number", "numbers", "code", "codes", "password", "combination", "magic", "secret", "lucky",
@@ -100,15 +102,6 @@ def filler_sources(split: str) -> list[tuple[str, tuple[str, ...]]]:
         raise RuntimeError(f"no filler prose found for split {split!r} (looked in the Python standard library, "
                            "/usr/share/common-licenses and /usr/share/doc/*/copyright)")
     return list(docs)
-
-
-def _length_fn(tokenizer) -> Callable[[str], int]:
-    if callable(tokenizer) and hasattr(tokenizer, "convert_ids_to_tokens"):
-        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if callable(tokenizer):
-        return tokenizer
-    raise TypeError(f"tokenizer must be a Hugging Face tokenizer or a callable text → token count, got "
-                    f"{type(tokenizer).__name__}")
 
 
 class _Filler:
