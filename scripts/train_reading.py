@@ -30,7 +30,8 @@ import time
 
 import torch
 
-SPLIT_SEEDS = {"train": 0, "dev": 1, "test": 2}  # eval data seeds (train data uses --data-seed)
+COPY_BINS = ((32, 128), (128, 256), (256, 512), (512, 1024))
+SPLIT_SEEDS = {"train": 100, "dev": 1, "test": 2}  # eval data seeds (train data uses --data-seed, never 100)
 
 
 def contexts_per_s(metrics_path: pathlib.Path, last: int | None = None) -> tuple[int, float]:
@@ -53,16 +54,17 @@ def _monitor(metrics_path: pathlib.Path, stop: threading.Event, every_s: float =
             seen = len(rows)
 
 
-def _records(tok, a, split: str, base_answers):
+def _records(tok, a, split: str, base_answers, *, training: bool = False):
     from d2l_fast.training.reading import (
         LONG_BINS,
         NIAH_EVAL_BINS,
         NIAH_TRAIN_BINS,
+        generate_copy_docs,
         generate_niah_docs,
         generate_reading,
     )
 
-    if split == "train":
+    if training:
         recs = generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
                                 n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
                                 long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
@@ -71,6 +73,9 @@ def _records(tok, a, split: str, base_answers):
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
                                        n_questions=a.niah_questions, absent_prob=a.niah_absent)
+        if a.n_copy_per_bin:  # copy needles: invented words, names and codes in prose, 32 to 1,024 tokens
+            recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_copy_per_bin,
+                                       seed=a.data_seed, absent_prob=a.niah_absent)
         return recs
     return generate_reading(tok, split=split, seed=SPLIT_SEEDS[split], n_facts=a.n_eval_facts,
                             n_numbers=a.n_eval_numbers, n_niah_per_bin=a.n_eval_niah_per_bin,
@@ -98,7 +103,7 @@ def make_data(base, tok, a, out: pathlib.Path) -> pathlib.Path:
     if not (raw / "gen_data.json").exists():
         t = time.time()
         answers = _chitchat(base, tok, "train", out / "base_answers_train.json") if a.n_nohijack else None
-        recs = _records(tok, a, "train", answers)
+        recs = _records(tok, a, "train", answers, training=True)
         write_records(recs, out / "train_records.jsonl")
         stats = generate_data(base, tok, eval_layout(recs, EVAL_INSTRUCTION), raw, gold=True, system="",
                               shuffle_seed=a.data_seed)
@@ -150,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "another needle (gold: the document does not say) in a NIAH document")
     ap.add_argument("--n-niah-long-per-bin", type=int, default=0, help="train NIAH documents per longer bin "
                     "(256–512, 512–1,024, 1,024–2,048); use with --chunk-len")
+    ap.add_argument("--n-copy-per-bin", type=int, default=0, help="train copy-needle documents (invented words, "
+                    "names and codes to copy; 1–3 needles, --niah-absent for the unanswered question) per bin of "
+                    "32–128, 128–256, 256–512, 512–1,024 tokens")
     ap.add_argument("--n-long-per-bin", type=int, default=0, help="train long documents per bin (512–1,024, "
                     "1,024–2,048); use with --chunk-len")
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")
@@ -174,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--data-only", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
-    ap.add_argument("--split", default="dev", choices=("dev", "test"), help="evaluation split (test: final table only)")
+    ap.add_argument("--split", default="dev", choices=("train", "dev", "test"),
+                    help="evaluation split (test: final table only; train: eval-sized data of the train pools, seed "
+                         f"{SPLIT_SEEDS['train']}, to tell not-learned from not-generalized)")
     ap.add_argument("--checkpoint", help="evaluate this checkpoint (default: the run's newest)")
     ap.add_argument("--eval-bins", type=int, default=5, help="NIAH evaluation bins: the first N of 32–2,048")
     ap.add_argument("--n-eval-facts", type=int, default=60)
@@ -207,7 +217,10 @@ def train_config(a, data, out: pathlib.Path, layers: list[int]):
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.data_seed in (SPLIT_SEEDS["train"], SPLIT_SEEDS["train"] - 1000):
+        ap.error(f"--data-seed {a.data_seed} would overlap the train-split evaluation data (seed {SPLIT_SEEDS['train']})")
     torch.set_num_threads(a.threads)
     from d2l_fast.demo import load_smollm2
     from d2l_fast.training.trainer import find_checkpoints, train

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from . import reading_pools as P
 from .reading_sources import SPLITS, _check_split, _Filler, _fit, _length_fn, filler_sources, split_of
 
-KINDS = ("facts", "numbers", "niah", "long", "nohijack")
+KINDS = ("facts", "numbers", "niah", "long", "nohijack")  # the evaluation mix; "copy" is train-only
 NIAH_TRAIN_BINS = ((32, 128), (128, 256))
 NIAH_EVAL_BINS = ((32, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048))
 LONG_BINS = ((512, 1024), (1024, 2048))
@@ -354,6 +354,61 @@ def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
     return out
 
 
+def generate_copy_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
+                       n_per_bin: int = 100, seed: int = 0, max_needles: int = 3,
+                       absent_prob: float = 0.3) -> list[dict]:
+    """Copy needles (train split only, ``meta.kind`` ``copy``): prose filler with 1 to ``max_needles`` statements of
+    different :data:`~.reading_pools_train.COPY_NEEDLES_TRAIN` groups whose values are invented words, invented
+    names or letter-digit codes, one question per needle and, with ``absent_prob``, a question about a group the
+    document does not hold (gold :data:`~.reading_pools.NOT_STATED`). The answers are rare-token strings the
+    reader can only copy, the skill the fact documents' names and the number documents' codes need."""
+    from .reading_pools_train import COPY_NEEDLES_TRAIN as groups
+
+    count = _length_fn(tokenizer)
+    if split != "train":
+        raise ValueError(f"copy needles are a training task: split must be 'train', got {split!r}")
+    bins = _check_bins(bins)
+    _check_count(n_per_bin, "n_per_bin")
+    _check_count(max_needles, "max_needles")
+    if max_needles >= len(groups):
+        raise ValueError(f"max_needles must be below the {len(groups)} copy-needle groups, got {max_needles}")
+    absent_prob = _check_prob(absent_prob, "absent_prob")
+    rng = random.Random(f"reading/copy/{split}/{seed}")
+    names, filler, out = _Names(rng, split), _Filler(rng, split, count), []
+    for lo, hi in bins:
+        for i in range(n_per_bin):
+            names.reset()
+            picked = rng.sample(range(len(groups)), rng.randint(1, max_needles) + 1)
+            absent, picked = picked[-1], picked[:-1]
+            needles, qas = [], []
+            for gi in picked:
+                kind, statements, questions = groups[gi]
+                value = make_number(rng, "code", split) if kind == "code" else names.value(
+                    "person" if kind == "person" else "city")
+                si, qi = rng.randrange(len(statements)), rng.randrange(len(questions))
+                needles.append(statements[si].format(w=value))
+                qas.append({"question": questions[qi], "answers": [value], "qa_kind": "copy", "attribute": f"copy{gi}",
+                            "value_kind": kind, "question_template": f"copy{gi}/{split}/{qi}",
+                            "fact_template": f"copy{gi}/{split}/{si}"})
+            if rng.random() < absent_prob:
+                qi = rng.randrange(len(groups[absent][2]))
+                qas.append({"question": groups[absent][2][qi], "answers": [P.NOT_STATED], "qa_kind": "absent",
+                            "attribute": f"copy{absent}", "question_template": f"copy{absent}/{split}/{qi}"})
+            slots = sorted(rng.random() for _ in needles)
+
+            def build(fill, needles=needles, slots=slots):
+                body = list(fill)
+                for k, (needle, at) in enumerate(zip(needles, slots)):
+                    body.insert(round(at * len(fill)) + k, needle)
+                return " ".join(body)
+
+            text, n_tok, sources = _fit(build, filler, count, lo, hi, sum(count(n) for n in needles))
+            out.append({"id": f"reading-{split}-copy-{seed}-{lo}-{hi}-{i:05d}", "task": "qa", "context": text,
+                        "qas": qas, "meta": {"kind": "copy", "split": split, "seed": seed, "bin": [lo, hi],
+                                             "n_tokens": n_tok, "sources": sources}})
+    return out
+
+
 def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = LONG_BINS,
                        n_per_bin: int = 50, seed: int = 0) -> list[dict]:
     """Long documents for the chunk stage: a fact document (:func:`generate_fact_docs`, sometimes with numbers)
@@ -465,5 +520,5 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
 
 
 __all__ = ["KINDS", "LONG_BINS", "NIAH_EVAL_BINS", "NIAH_TRAIN_BINS", "SPLITS", "filler_sources",
-           "generate_fact_docs", "generate_long_docs", "generate_niah_docs", "generate_nohijack_docs",
+           "generate_copy_docs", "generate_fact_docs", "generate_long_docs", "generate_niah_docs", "generate_nohijack_docs",
            "generate_number_docs", "generate_reading", "make_number", "n_digits", "split_of"]

@@ -7,7 +7,7 @@ reader trained on them has to match meaning, not words. They share no thing (a s
 locker, a guest wifi) and no run of four words with the dev and test pools (``tests/training/test_reading_pools.py``).
 
 Same rules as :mod:`.reading_pools`: predicates follow a subject and hold ``{value}`` once, questions hold ``{name}``
-once, needles hold ``{n}``, and nothing holds a digit.
+once, needles hold ``{n}``, copy needles ``{w}``, and nothing holds a digit.
 """
 
 from __future__ import annotations
@@ -376,4 +376,64 @@ NEEDLES_TRAIN = [
       "How many metres long is the hiking trail?"]),
 ]
 
-__all__ = ["FRAMES_TRAIN", "NEEDLES_TRAIN", "NUMBER_TRAIN", "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN", "PERSON_TRAIN"]
+#: copy needles (train only): ``(value kind, statements, questions)``; statements hold ``{w}`` once. The values are
+#: invented words (``word``), invented two-word names (``person``) and letter-digit codes (``code``), so the answer
+#: is a string of rare tokens the reader must copy, not a digit run or a real word it could guess.
+COPY_NEEDLES_TRAIN: list[tuple[str, list[str], list[str]]] = [
+    ("word", ["The fishing boat is called {w}.", "Painted on the bow of the fishing boat is its name, {w}.",
+              "Fishing boat: {w}."],
+     ["What is the fishing boat called?", "Which name is painted on the fishing boat?",
+      "What name does the fishing boat carry?"]),
+    ("word", ["Our old dog answers to the name {w}.", "The dog, {w}, sleeps by the stove.", "Name of the dog: {w}."],
+     ["What is the dog's name?", "What name does the old dog answer to?", "What is the dog called?"]),
+    ("word", ["The village at the end of the valley is {w}.", "At the end of the valley lies the village of {w}.",
+              "Last village in the valley: {w}."],
+     ["Which village lies at the end of the valley?", "What is the village at the end of the valley called?",
+      "Name the last village in the valley."]),
+    ("word", ["The code word for the operation is {w}.", "Say {w} to confirm the operation.",
+              "Operation code word: {w}."],
+     ["What is the code word for the operation?", "Which word confirms the operation?",
+      "What must be said to confirm the operation?"]),
+    ("word", ["The new bakery on the corner is named {w}.", "On the corner, a bakery called {w} has opened.",
+              "Corner bakery: {w}."],
+     ["What is the new bakery on the corner called?", "What name does the corner bakery have?",
+      "Which bakery opened on the corner?"]),
+    ("word", ["The horse that won the race is {w}.", "The race was won by a horse named {w}.",
+              "Winner of the horse race: {w}."],
+     ["Which horse won the race?", "Which horse crossed the finish line first?", "Who won the horse race?"]),
+    ("word", ["The river that floods each spring is the {w}.", "Each spring the {w} river floods the meadows.",
+              "Flooding river: the {w}."],
+     ["Which river floods each spring?", "Which river floods in spring?",
+      "Which river floods the meadows?"]),
+    ("person", ["The letter was signed by {w}.", "At the bottom of the letter is the signature of {w}.",
+                "Letter signed: {w}."],
+     ["Who signed the letter?", "Whose signature is at the bottom of the letter?", "By whom was the letter signed?"]),
+    ("person", ["The keys are kept by the caretaker, {w}.", "Ask {w}, the caretaker, for the keys.",
+                "Caretaker with the keys: {w}."],
+     ["Who is the caretaker?", "Who keeps the keys?", "Whom should you ask for the keys?"]),
+    ("person", ["Tonight's concert is conducted by {w}.", "{w} will conduct the orchestra tonight.",
+                "Conductor tonight: {w}."],
+     ["Who conducts tonight's concert?", "Who will conduct the orchestra tonight?", "Who is tonight's conductor?"]),
+    ("person", ["The parcel must be handed to {w}.", "Hand the parcel only to {w}.", "Parcel recipient: {w}."],
+     ["To whom must the parcel be handed?", "Who should receive the parcel?", "Who is the parcel's recipient?"]),
+    ("person", ["The chess tournament was won by {w}.", "{w} won the chess tournament without losing a game.",
+                "Chess champion: {w}."],
+     ["Who won the chess tournament?", "Who is the chess champion?", "Which player won the chess tournament?"]),
+    ("code", ["The booking reference is {w}.", "Quote booking reference {w} at the desk.", "Booking ref: {w}."],
+     ["What is the booking reference?", "Which reference should be quoted at the desk?",
+      "Name the booking reference."]),
+    ("code", ["The licence plate of the van reads {w}.", "The van, plate {w}, is parked outside.",
+              "Van licence plate: {w}."],
+     ["What does the van's licence plate read?", "Which plate does the van have?",
+      "What is the licence plate of the van?"]),
+    ("code", ["The spare filter has part number {w}.", "Order the spare filter as part {w}.",
+              "Spare filter part: {w}."],
+     ["What is the part number of the spare filter?", "Under which part number is the spare filter ordered?",
+      "Which part is the spare filter?"]),
+    ("code", ["The voucher code for the shop is {w}.", "Enter {w} at checkout to use the shop voucher.",
+              "Shop voucher: {w}."],
+     ["What is the voucher code for the shop?", "Which code uses the shop voucher at checkout?",
+      "Name the shop's voucher code."]),
+]
+
+__all__ = ["COPY_NEEDLES_TRAIN", "FRAMES_TRAIN", "NEEDLES_TRAIN", "NUMBER_TRAIN", "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN", "PERSON_TRAIN"]

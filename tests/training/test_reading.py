@@ -236,3 +236,34 @@ def test_fewshot_examples_come_from_the_train_split():
     train_q = {t for d in (*P.PERSON_ATTRIBUTES.values(), *P.NUMBER_ATTRIBUTES.values())
                for t in d["questions"]["train"]}
     assert all(any(re.fullmatch(re.escape(t).replace(r"\{name\}", ".+"), q) for t in train_q) for _, q, _ in ex)
+
+
+def test_copy_needles_are_train_only_verbatim_and_deterministic():
+    bins = ((32, 128), (256, 512))
+    recs = R.generate_copy_docs(words, bins=bins, n_per_bin=20, seed=4, max_needles=3, absent_prob=0.5)
+    assert recs == R.generate_copy_docs(words, bins=bins, n_per_bin=20, seed=4, max_needles=3, absent_prob=0.5)
+    assert recs != R.generate_copy_docs(words, bins=bins, n_per_bin=20, seed=5, max_needles=3, absent_prob=0.5)
+    assert len(recs) == 40 and len({r["id"] for r in recs}) == 40
+    kinds, n_needles = set(), set()
+    for r in recs:
+        validate_record(r, r["id"], need_answers=True)
+        lo, hi = r["meta"]["bin"]
+        assert r["meta"]["kind"] == "copy" and lo <= r["meta"]["n_tokens"] < hi
+        copies = [q for q in r["qas"] if q["qa_kind"] == "copy"]
+        n_needles.add(len(copies))
+        groups = [q["attribute"] for q in r["qas"]]
+        assert len(set(groups)) == len(groups)  # each needle and the absent question: a different group
+        for q in copies:
+            kinds.add(q["value_kind"])
+            assert q["answers"][0] in r["context"] and not q["answers"][0].isdigit()
+            if q["value_kind"] == "code":
+                assert any(c.isdigit() for c in q["answers"][0]) and any(c.isalpha() for c in q["answers"][0])
+        for q in r["qas"]:
+            if q["qa_kind"] == "absent":
+                assert q["answers"] == [P.NOT_STATED] and P.NOT_STATED not in r["context"]
+    assert kinds == {"word", "person", "code"} and n_needles == {1, 2, 3}
+    assert any(q["qa_kind"] == "absent" for r in recs for q in r["qas"])
+    with pytest.raises(ValueError, match="training task"):
+        R.generate_copy_docs(words, split="dev", n_per_bin=2)
+    with pytest.raises(ValueError, match="max_needles"):
+        R.generate_copy_docs(words, n_per_bin=2, max_needles=99)

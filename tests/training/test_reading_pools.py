@@ -157,3 +157,20 @@ def test_train_pool_words_do_not_change_held_out_data(monkeypatch):
     name = want["dev"][0]["meta"]["entity"].split()[0].lower()  # the comparison sees a word that names someone
     monkeypatch.setattr(R, "_common_words", lambda: held | {name})
     assert R.generate_reading(words, split="dev", seed=1, **sizes) != want["dev"]
+
+
+def test_copy_needles_follow_the_rules_and_share_nothing_with_held_out_pools():
+    groups = T.COPY_NEEDLES_TRAIN
+    assert len(groups) >= 12 and {k for k, _, _ in groups} == {"word", "person", "code"}
+    held = {g for pool in POOLS for s in HELD_OUT for t in texts(pool, s) for g in four_grams(t)}
+    all_q = [q for _, _, qs in groups for q in qs]
+    assert len(set(all_q)) == len(all_q)
+    for kind, statements, questions in groups:
+        assert 2 <= len(statements) <= 4 and 3 <= len(questions) <= 4, statements
+        assert all(s.count("{w}") == 1 for s in statements) and not any("{" in q for q in questions)
+        for t in statements + questions:
+            assert not re.search(r"\d", t), t
+            assert not four_grams(t) & held, t
+            low = t.lower()
+            assert not any(thing in low for thing in ("side door", "hidden", "blue locker", "wifi", "password",
+                                                      "guest", "access code")), t
