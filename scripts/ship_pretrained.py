@@ -3,11 +3,12 @@
     python scripts/ship_pretrained.py --checkpoint runs/smollm2c/run/checkpoint-N \
         --eval runs/smollm2c/eval_N --steps "..." --training-command "..."
 
-    # a reading model (issue 16): its test-split evaluation (all four methods) and the shipped model's D2L report on
-    # the same test data; refuses unless the new one beats the shipped one on every headline row and is lower on
-    # no row by more than that row's 95 % sampling margin (reading_tables' `ships` verdict)
+    # a reading model (issue 16): its test-split evaluation and the shipped model's report on the same test data
+    # (--previous-report; default: the one in the shipped model card); refuses unless the new one beats the shipped
+    # one on every headline row and is lower on no row by more than that row's 95 % sampling margin
+    # (reading_tables' `ships` verdict)
     python scripts/ship_pretrained.py --checkpoint runs/reading2/run/checkpoint-N \
-        --reading-eval runs/reading2/eval_test_N --previous-report runs/eval_test_shipped/reading_report.json ...
+        --reading-eval runs/reading2/eval_test_N [--previous-report runs/eval_test_shipped/reading_report.json] ...
 
 Writes ``d2l_fast/data/pretrained/<name>/``: the pickle-free checkpoint in float16 (``save_checkpoint(...,
 dtype=torch.float16)``), ``model_card.json`` (base, command, steps, the held-out scores of ``--eval``'s
@@ -87,7 +88,20 @@ def heldout_from_eval(eval_dir: pathlib.Path, baseline_dir: pathlib.Path | None 
     return out
 
 
-def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tuple[dict, str]:
+def report_from_card(folder: pathlib.Path) -> dict:
+    """The reading report (methods' rows and fact floors) that the model card in ``folder`` was shipped with: the
+    ``--previous-report`` when the run folder that held the shipped model's own evaluation is gone."""
+    path = folder / "model_card.json"
+    if not path.is_file():
+        raise SystemExit(f"no --previous-report and no shipped model card at {path} to take it from")
+    heldout = json.loads(path.read_text()).get("heldout") or {}
+    if heldout.get("kind") != "reading" or "d2l" not in heldout.get("methods", {}):
+        raise SystemExit(f"{path}: the shipped card holds no reading report (heldout kind "
+                         f"{heldout.get('kind')!r}); pass --previous-report")
+    return {**heldout["methods"], "blind_floor_f1": heldout.get("blind_floor_f1", {})}
+
+
+def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path | dict) -> tuple[dict, str]:
     """A reading model's card results: ``eval_dir``'s ``reading_report.json`` (D2L, base and in-prompt rows, fact
     floors) and the verdict against ``previous`` (the shipped model's report on the same split), plus the README
     table of both. Exits unless the new report passes ``compare_reports``' ``ships`` verdict (higher on every
@@ -95,7 +109,7 @@ def heldout_from_reading(eval_dir: pathlib.Path, previous: pathlib.Path) -> tupl
     from d2l_fast.training.reading_tables import compare_markdown, compare_reports
 
     report = json.loads((eval_dir / "reading_report.json").read_text())
-    old = json.loads(previous.read_text())
+    old = previous if isinstance(previous, dict) else json.loads(previous.read_text())
     for need, rep, where in (("d2l", report, eval_dir), ("d2l", old, previous)):
         if need not in rep:
             raise SystemExit(f"{where}: no {need} rows in the reading report (keys {sorted(rep)})")
@@ -196,9 +210,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--eval", help="folder of a --eval-only run of train_smollm2.py")
-    src.add_argument("--reading-eval", help="folder of a --split test --eval-only run of train_reading.py (all "
-                     "methods); needs --previous-report")
-    ap.add_argument("--previous-report", help="reading_report.json of the shipped model on the same test data")
+    src.add_argument("--reading-eval", help="folder of a --split test --eval-only run of train_reading.py (d2l "
+                     "at least; the baselines come from the previous report)")
+    ap.add_argument("--previous-report", help="reading_report.json of the shipped model on the same test data "
+                    "(default: the report in the model card of the checkpoint --dest / --name now holds)")
     ap.add_argument("--baseline-eval", default=None, help="folder of a base,in_context evaluation of the same samples")
     ap.add_argument("--name", default="smollm2-135m")
     ap.add_argument("--dest", default=None, help="folder to write (default: d2l_fast/data/pretrained/<name>)")
@@ -217,10 +232,10 @@ def main(argv=None) -> int:
     from d2l_fast.training.evaluate import EVAL_INSTRUCTION
 
     table = None
+    dest = pathlib.Path(a.dest) if a.dest else ROOT / "d2l_fast" / "data" / "pretrained" / a.name
     if a.reading_eval:
-        if not a.previous_report:
-            raise SystemExit("--reading-eval needs --previous-report (the shipped model's report on the same data)")
-        heldout, table = heldout_from_reading(pathlib.Path(a.reading_eval), pathlib.Path(a.previous_report))
+        previous = pathlib.Path(a.previous_report) if a.previous_report else report_from_card(dest)
+        heldout, table = heldout_from_reading(pathlib.Path(a.reading_eval), previous)
     else:
         heldout = heldout_from_eval(pathlib.Path(a.eval), pathlib.Path(a.baseline_eval) if a.baseline_eval else None)
     heldout["data"] = a.eval_command
@@ -229,7 +244,6 @@ def main(argv=None) -> int:
             "reads": a.reads, **({"training_data": a.training_data} if a.training_data else {})}
     if a.reading_eval:
         card["training_data"] = "reading"  # the demo shows reading documents for it
-    dest = pathlib.Path(a.dest) if a.dest else ROOT / "d2l_fast" / "data" / "pretrained" / a.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         stage = pathlib.Path(tmp) / a.name

@@ -217,3 +217,16 @@ def test_ship_script_reading_card(tmp_path):
 
     a, b = load_checkpoint(str(shipped)), load_checkpoint(str(dest))  # the same weights, float16 round trip
     assert a.state_dict.keys() == b.state_dict.keys()
+    # without --previous-report the bar is the report in the card of the checkpoint at --dest (the one just shipped)
+    args = [x for i, x in enumerate(args) if x != "--previous-report" and args[i - 1] != "--previous-report"]
+    shipped_card = (dest / "model_card.json").read_text()
+    p = run()  # the same report again: ties, refused, the shipped folder untouched
+    assert p.returncode != 0 and "not shipped" in p.stderr, (p.stdout, p.stderr)
+    assert (dest / "model_card.json").read_text() == shipped_card
+    (tmp_path / "new" / "reading_report.json").write_text(json.dumps(_report(1.3)))
+    p = run()
+    assert p.returncode == 0, p.stderr
+    assert read_model_card(dest)["heldout"]["methods"]["d2l"]["facts/f1/all"]["mean"] == pytest.approx(0.65)
+    args[args.index("--dest") + 1] = str(tmp_path / "empty")
+    p = run()
+    assert p.returncode != 0 and "no shipped model card" in p.stderr, (p.stdout, p.stderr)
