@@ -77,10 +77,14 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
             recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_copy_per_bin,
                                        seed=a.data_seed, absent_prob=a.niah_absent)
         return recs
-    return generate_reading(tok, split=split, seed=SPLIT_SEEDS[split], n_facts=a.n_eval_facts,
+    recs = generate_reading(tok, split=split, seed=SPLIT_SEEDS[split], n_facts=a.n_eval_facts,
                             n_numbers=a.n_eval_numbers, n_niah_per_bin=a.n_eval_niah_per_bin,
                             niah_bins=NIAH_EVAL_BINS[: a.eval_bins], n_long_per_bin=a.n_eval_long_per_bin,
                             n_nohijack=a.n_eval_nohijack, base_answers=base_answers)
+    if split == "train" and a.n_eval_copy_per_bin:  # copy needles exist for the train split only
+        recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_eval_copy_per_bin,
+                                   seed=SPLIT_SEEDS["train"], absent_prob=0.0)
+    return recs
 
 
 def _chitchat(base, tok, split: str, cache: pathlib.Path):
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-eval-niah-per-bin", type=int, default=20)
     ap.add_argument("--n-eval-long-per-bin", type=int, default=10)
     ap.add_argument("--n-eval-nohijack", type=int, default=30)
+    ap.add_argument("--n-eval-copy-per-bin", type=int, default=10,
+                    help="copy-needle documents per bin in a --split train evaluation (dev/test have none)")
     ap.add_argument("--eval-methods", default="base,in_context,in_context_fewshot,d2l")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--eval-out", default=None)

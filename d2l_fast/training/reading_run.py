@@ -114,11 +114,12 @@ def _contains(pred: str, gold: str) -> bool:
 
 
 def answer_matches(kind: str, prediction: str, gold: str) -> bool:
-    """How :func:`reading_report` marks a ``number`` answer (the prediction, stripped of quotes and a final full
-    stop, is the gold string, case-insensitive) and a ``needle`` / ``general`` one (it contains the gold string)."""
-    if kind not in ("number", "needle", "general"):
-        raise ValueError(f"kind must be 'number', 'needle' or 'general', got {kind!r}")
-    return _norm(prediction) == _norm(gold) if kind == "number" else _contains(prediction, gold)
+    """How :func:`reading_report` marks a ``number`` or ``copy`` answer (the prediction, stripped of quotes and a
+    final full stop, is the gold string, case-insensitive) and a ``needle`` / ``general`` one (it contains the gold
+    string)."""
+    if kind not in ("number", "copy", "needle", "general"):
+        raise ValueError(f"kind must be 'number', 'copy', 'needle' or 'general', got {kind!r}")
+    return _norm(prediction) == _norm(gold) if kind in ("number", "copy") else _contains(prediction, gold)
 
 
 def qa_index(records: Sequence[dict]) -> dict[str, tuple[dict, dict]]:
@@ -139,7 +140,8 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
     """Per method: fact F1 per attribute (with :func:`blind_floor`), number exact recall (the prediction, stripped
     of quotes and a final full stop, equals the gold string) by number kind and digit count, needle recall (gold
     contained) by length bin, long-document F1 by bin, and no-hijack scores: ``general`` (gold contained),
-    ``absent`` (answers :data:`~.reading_pools.NOT_STATED`) and ``chitchat`` (F1 against the base answer).
+    ``absent`` (answers :data:`~.reading_pools.NOT_STATED`) and ``chitchat`` (F1 against the base answer); copy
+    needles (train split only): exact recall by value kind and F1.
     ``rows`` are ``samples.jsonl`` rows of :func:`~.evaluate.evaluate` on ``records``."""
     index = qa_index(records)
     acc: dict = defaultdict(lambda: defaultdict(list))
@@ -164,13 +166,18 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
             a[f"{rkind}/exact/all"].append(ok)
             a[f"{rkind}/exact/{qa.get('number_kind')}"].append(ok)
             a[f"{rkind}/exact/digits={qa.get('digits')}"].append(ok)
+        elif kind == "copy":  # copy needles (train split only): exact string, by value kind
+            ok = float(answer_matches("copy", pred, gold))
+            a["copy/exact/all"].append(ok)
+            a[f"copy/exact/{qa.get('value_kind')}"].append(ok)
+            a["copy/f1/all"].append(f1)
         elif kind == "general":
             a["nohijack/general/accuracy"].append(float(answer_matches(kind, pred, gold)))
         elif kind == "absent":
             a[f"nohijack/absent/{rkind}"].append(float(_norm(pred) == _norm(NOT_STATED)))
         elif kind == "chitchat":
             a["nohijack/chitchat/f1_vs_base"].append(f1)
-        if "bin" in rec["meta"] and kind in ("fact", "number", "needle"):
+        if "bin" in rec["meta"] and kind in ("fact", "number", "needle", "copy"):
             lo, hi = rec["meta"]["bin"]
             a[f"{rkind}/by_bin/{lo}-{hi}"].append(f1 if kind == "fact" else float(_contains(pred, gold)))
     out = {m: {k: {"n": len(v), "mean": sum(v) / len(v)} for k, v in sorted(d.items())} for m, d in acc.items()}

@@ -191,6 +191,19 @@ def test_report_scores_perfect_and_blind_answers():
         reading_report(recs, [{"sample_id": "x/0", "method": "d2l", "prediction": ""}])
 
 
+def test_report_scores_copy_needles_exactly():
+    recs = R.generate_copy_docs(words, bins=((32, 128),), n_per_bin=8, seed=1, absent_prob=0.0)
+    idx = qa_index(recs)
+    rows = [{"sample_id": sid, "method": "d2l", "prediction": qa["answers"][0] + "."} for sid, (_, qa) in idx.items()]
+    rows += [{"sample_id": sid, "method": "base", "prediction": "It is " + qa["answers"][0]}
+             for sid, (_, qa) in idx.items()]
+    rep = reading_report(recs, rows)
+    n = len(idx)
+    assert rep["d2l"]["copy/exact/all"] == {"n": n, "mean": 1.0} and rep["d2l"]["copy/by_bin/32-128"]["mean"] == 1.0
+    assert sum(rep["d2l"][f"copy/exact/{k}"]["n"] for k in ("word", "person", "code")) == n
+    assert rep["base"]["copy/exact/all"]["mean"] == 0.0 and 0 < rep["base"]["copy/f1/all"]["mean"] < 1
+
+
 def test_blind_floor_is_best_constant():
     qas = [{"answers": ["cello"]}, {"answers": ["cello"]}, {"answers": ["harp"]}]
     assert blind_floor(qas) == pytest.approx(2 / 3)
