@@ -65,10 +65,12 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
     )
 
     if training:
-        recs = generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
-                                n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
-                                long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
-                                niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent)
+        recs = []
+        if a.n_facts or a.n_numbers or a.n_niah_per_bin or a.n_long_per_bin or a.n_nohijack:
+            recs = generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
+                                    n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
+                                    long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
+                                    niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent)
         if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
@@ -76,6 +78,8 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
         if a.n_copy_per_bin:  # copy needles: invented words, names and codes in prose, 32 to 1,024 tokens
             recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_copy_per_bin,
                                        seed=a.data_seed, absent_prob=a.niah_absent)
+        if not recs:
+            raise SystemExit("every train count is 0: nothing to train on")
         return recs
     recs = generate_reading(tok, split=split, seed=SPLIT_SEEDS[split], n_facts=a.n_eval_facts,
                             n_numbers=a.n_eval_numbers, n_niah_per_bin=a.n_eval_niah_per_bin,
