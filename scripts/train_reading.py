@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     if a.data_seed in (SPLIT_SEEDS["train"], SPLIT_SEEDS["train"] - 1000):
-        ap.error(f"--data-seed {a.data_seed} would overlap the train-split evaluation data (seed {SPLIT_SEEDS['train']})")
+        ap.error(f"--data-seed {a.data_seed} would overlap the train-split evaluation data "
+                 f"(seed {SPLIT_SEEDS['train']})")
     torch.set_num_threads(a.threads)
     from d2l_fast.demo import load_smollm2
     from d2l_fast.training.trainer import find_checkpoints, train

@@ -520,5 +520,5 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
 
 
 __all__ = ["KINDS", "LONG_BINS", "NIAH_EVAL_BINS", "NIAH_TRAIN_BINS", "SPLITS", "filler_sources",
-           "generate_copy_docs", "generate_fact_docs", "generate_long_docs", "generate_niah_docs", "generate_nohijack_docs",
-           "generate_number_docs", "generate_reading", "make_number", "n_digits", "split_of"]
+           "generate_copy_docs", "generate_fact_docs", "generate_long_docs", "generate_niah_docs",
+           "generate_nohijack_docs", "generate_number_docs", "generate_reading", "make_number", "n_digits", "split_of"]

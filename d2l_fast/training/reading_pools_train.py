@@ -436,4 +436,5 @@ COPY_NEEDLES_TRAIN: list[tuple[str, list[str], list[str]]] = [
       "Name the shop's voucher code."]),
 ]
 
-__all__ = ["COPY_NEEDLES_TRAIN", "FRAMES_TRAIN", "NEEDLES_TRAIN", "NUMBER_TRAIN", "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN", "PERSON_TRAIN"]
+__all__ = ["COPY_NEEDLES_TRAIN", "FRAMES_TRAIN", "NEEDLES_TRAIN", "NUMBER_TRAIN", "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN",
+           "PERSON_TRAIN"]

@@ -165,7 +165,7 @@ def test_copy_needles_follow_the_rules_and_share_nothing_with_held_out_pools():
     held = {g for pool in POOLS for s in HELD_OUT for t in texts(pool, s) for g in four_grams(t)}
     all_q = [q for _, _, qs in groups for q in qs]
     assert len(set(all_q)) == len(all_q)
-    for kind, statements, questions in groups:
+    for _kind, statements, questions in groups:
         assert 2 <= len(statements) <= 4 and 3 <= len(questions) <= 4, statements
         assert all(s.count("{w}") == 1 for s in statements) and not any("{" in q for q in questions)
         for t in statements + questions:
