@@ -280,3 +280,31 @@ def test_copy_needles_are_train_only_verbatim_and_deterministic():
         R.generate_copy_docs(words, split="dev", n_per_bin=2)
     with pytest.raises(ValueError, match="max_needles"):
         R.generate_copy_docs(words, n_per_bin=2, max_needles=99)
+
+
+def test_copy_diagnostic_swaps_in_real_values():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "copy_diagnostic.py"
+    if not path.exists():
+        pytest.skip("needs the source tree's scripts")
+    spec = importlib.util.spec_from_file_location("copy_diagnostic", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recs = R.generate_copy_docs(words, bins=((32, 128),), n_per_bin=12, seed=2, absent_prob=0.0)
+    real = mod.with_real_values(recs)
+    assert len(real) == len(recs) and not {r["id"] for r in real} & {r["id"] for r in recs}
+    kinds = set()
+    for old, new in zip(recs, real):
+        validate_record(new, new["id"], need_answers=True)
+        for qa_old, qa_new in zip(old["qas"], new["qas"]):
+            kinds.add(qa_new["value_kind"])
+            assert qa_new["question"] == qa_old["question"] and qa_new["answers"][0] in new["context"]
+            if qa_old["value_kind"] == "code":
+                assert qa_new == qa_old
+            else:
+                pool = mod.REAL_PEOPLE if qa_old["value_kind"] == "person" else mod.REAL_WORDS
+                assert qa_new["answers"][0] in pool and qa_old["answers"][0] not in new["context"]
+                assert qa_new["value_kind"] == "real_" + qa_old["value_kind"]
+    assert kinds == {"code", "real_word", "real_person"}
