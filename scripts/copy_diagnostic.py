@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     from d2l_fast.training.generators import write_records
     from d2l_fast.training.reading import generate_copy_docs
     from d2l_fast.training.reading_run import reading_report
+    from d2l_fast.training.reading_tables import load_eval_dir
 
     base, tok = load_smollm2()
     model = D2LModel.from_checkpoint(a.checkpoint, base_model=base, tokenizer=tok)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     recs += with_real_values(recs)
     out = pathlib.Path(a.out)
     evaluate(model, recs, out, methods=["d2l"], max_new_tokens=16, overwrite=True, max_chunk_len=a.chunk_len)
-    rows = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    _, rows = load_eval_dir(out, recs)
     report = {k: v for k, v in reading_report(recs, rows)["d2l"].items() if k.startswith("copy/")}
     write_records(recs, out / "records.jsonl")
     (out / "copy_report.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -34,6 +34,7 @@ import re
 from collections.abc import Sequence
 
 from . import reading_pools as P
+from .reading_pools_train import COPY_NEEDLES_TRAIN
 from .reading_sources import SPLITS, _check_split, _Filler, _fit, _length_fn, filler_sources, split_of
 
 KINDS = ("facts", "numbers", "niah", "long", "nohijack")  # the evaluation mix; "copy" is train-only
@@ -362,8 +363,7 @@ def generate_copy_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
     names or letter-digit codes, one question per needle and, with ``absent_prob``, a question about a group the
     document does not hold (gold :data:`~.reading_pools.NOT_STATED`). The answers are rare-token strings the
     reader can only copy, the skill the fact documents' names and the number documents' codes need."""
-    from .reading_pools_train import COPY_NEEDLES_TRAIN as groups
-
+    groups = COPY_NEEDLES_TRAIN
     count = _length_fn(tokenizer)
     if split != "train":
         raise ValueError(f"copy needles are a training task: split must be 'train', got {split!r}")
