@@ -104,6 +104,15 @@ def _target_modules(tm) -> tuple[str, ...]:
     return tuple(sorted(tm))
 
 
+def _copy_modules(cm) -> tuple[str, ...]:
+    """``copy_modules`` as a sorted tuple of distinct names (membership in target_modules is checked by validate)."""
+    if not isinstance(cm, (list, tuple)):
+        raise ValueError(f"copy_modules must be a list of target-module names, got {type(cm).__name__} {cm!r:.80}")
+    if any(not isinstance(m, str) for m in cm) or len(set(cm)) != len(cm):
+        raise ValueError(f"copy_modules must be distinct module names, got {list(cm)!r:.120}")
+    return tuple(sorted(cm))
+
+
 @functools.lru_cache(maxsize=1)
 def _reserved_module_names() -> frozenset[str]:
     """Attribute names of the torch containers the hypernetwork keys by target-module name."""
@@ -160,6 +169,9 @@ class D2LSpec:
     encoder_layer_idx: int | None = None
     encoder_last_layer: int | None = None
     quantize_ctx_encoder: bool = False
+    # d2l_fast extension (not in the reference): target modules whose B vectors also get a copy head's output,
+    # an attention-weighted sum of the context tokens' output embeddings (see d2l_fast.hypernet.copy_head)
+    copy_modules: tuple[str, ...] = ()
 
     @property
     def layer_to_layer(self) -> bool:
@@ -182,6 +194,10 @@ class D2LSpec:
         d = dataclasses.asdict(self)
         d["layer_indices"] = list(self.layer_indices)
         d["target_modules"] = list(self.target_modules)
+        if self.copy_modules:
+            d["copy_modules"] = list(self.copy_modules)
+        else:  # absent when off, so configs (and model fingerprints) of plain hypernetworks stay the reference's
+            del d["copy_modules"]
         return d
 
     @classmethod
@@ -200,6 +216,8 @@ class D2LSpec:
             raise ValueError(f"layer_indices must be a list of at most {INT_LIMITS['num_layers'][1]} ints")
         d["layer_indices"] = tuple(as_int(i, "layer_indices") for i in li)
         d["target_modules"] = _target_modules(d["target_modules"])
+        if "copy_modules" in d:
+            d["copy_modules"] = _copy_modules(d["copy_modules"])
         d["d_in"] = _feature_dims(d["d_in"], "d_in", d["target_modules"])
         d["d_out"] = _feature_dims(d["d_out"], "d_out", d["target_modules"])
         spec = cls(**d)
@@ -257,6 +275,13 @@ class D2LSpec:
         if len(self.layer_indices) != self.num_layers:
             raise ValueError(f"layer_indices has {len(self.layer_indices)} entries, expected "
                              f"num_layers={self.num_layers}")
+        _copy_modules(self.copy_modules)
+        for m in self.copy_modules:
+            if m not in self.target_modules:
+                raise ValueError(f"copy_modules must be target modules ({list(self.target_modules)}), got {m!r}")
+        if self.copy_modules and self.layer_to_layer:
+            raise ValueError("copy_modules needs encoder_type 'early_exit' or 'embed_only' (one feature map per "
+                             "context token), got 'per_layer_activations'")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 

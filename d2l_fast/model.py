@@ -103,6 +103,8 @@ class D2LModel(nn.Module):
         if spec.layer_to_layer and self.ctx_encoder.n_features != spec.num_layers:
             raise CheckpointError(f"layer-to-layer hypernet expects {spec.num_layers} feature maps but the encoder "
                                   f"produces {self.ctx_encoder.n_features}")
+        if spec.copy_modules:
+            self._copy_values()  # the copy head reads the output embedding: refuse a model without a fitting one
         self._lora_ctx = patch_model(base_model, spec.target_modules)
         self._layer_map = {b: i for i, b in enumerate(spec.layer_indices)}
         self.model_id = model_fingerprint(spec, hypernet)
@@ -178,6 +180,19 @@ class D2LModel(nn.Module):
         return int(self.base_model.get_input_embeddings().weight.shape[0])
 
     # ----------------------------------------------------------------- context → LoRA
+    def _copy_values(self) -> torch.Tensor:
+        """The copy head's value table: the base model's output embedding weight [vocab, hidden]."""
+        head = self.base_model.get_output_embeddings()
+        w = getattr(head, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise CheckpointError(f"this hypernetwork has a copy head, which reads the base model's output embedding, "
+                                  f"and {type(self.base_model).__name__} has none")
+        for m in self.spec.copy_modules:
+            if w.shape[1] != self.spec.d_out[m]:
+                raise CheckpointError(f"copy module {m!r} writes d_out={self.spec.d_out[m]} features, the output "
+                                      f"embedding has {w.shape[1]}")
+        return w
+
     def chunk_loras(self, packed: PackedContexts, *, intermediates: dict | None = None) -> dict:
         """Per-chunk LoRAs {m: {A: [C, L, r, d_in], B: [C, L, r, d_out]}} from packed contexts (one packed pass)."""
         spec = self.spec
@@ -202,7 +217,12 @@ class D2LModel(nn.Module):
             cu, x = cu_c, feats[0]
         if intermediates is not None:
             intermediates["features"] = feats
-        loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates, projected=stream)
+        copy_kw = {}
+        if spec.copy_modules:
+            ids = torch.tensor([t for ch in packed.chunks for t in ch], dtype=torch.long, device=feats.device)
+            copy_kw = {"token_ids": ids, "value_table": self._copy_values().detach()}
+        loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates, projected=stream,
+                              **copy_kw)
         u = self.user_defined_scaling
         if u != 1.0:
             loras = {m: {"A": d["A"] * u, "B": d["B"] * u} for m, d in loras.items()}

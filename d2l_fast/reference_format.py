@@ -226,7 +226,11 @@ def spec_from_reference(base_model_name_or_path: str, hypernet_config, ctx_encod
 
 def spec_to_reference(spec: D2LSpec) -> tuple[HypernetConfig, CtxEncoderArguments]:
     """Reference-style ``(hypernet_config, ctx_encoder_args)`` for ``spec`` (used when saving in the reference's
-    format)."""
+    format). A hypernetwork with a copy head (a d2l_fast extension) has no reference form: ValueError."""
+    if spec.copy_modules:
+        raise ValueError(f"this hypernetwork has a copy head (copy_modules={list(spec.copy_modules)}), which the "
+                         "reference format cannot hold; save it with save_pretrained (d2l_config.json + "
+                         "hypernet.safetensors) instead")
     lc = LoraConfig(
         r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
         target_modules=set(spec.target_modules), base_model_name_or_path=spec.base_model_name_or_path,

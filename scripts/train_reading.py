@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "docs/training-reading.md, Training speed); default fp32 on CPU")
     ap.add_argument("--student-packing", default="dense", choices=("dense", "segments", "shared_prefix"),
                     help="student row layout (TrainConfig.student_packing): shared_prefix is the fastest, same loss")
+    ap.add_argument("--copy-modules", default="", help="comma-separated target modules that get a copy head "
+                    "(d2l_fast.hypernet.copy_head, e.g. down_proj); added zero-gated to an --init-checkpoint "
+                    "without one")
     ap.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's hypernetwork")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("D2L_TRAIN_THREADS", "2")))
     ap.add_argument("--resume", action="store_true")
@@ -222,7 +225,7 @@ def train_config(a, data, out: pathlib.Path, layers: list[int]):
         ctx_encoder_type="early_exit", layer_indices=layers, init_scaler_B=a.init_scaler_b or None,
         save_steps=a.save_steps, save_total_limit=3, disable_tqdm=True, resume=a.resume,
         init_checkpoint=None if a.resume else a.init_checkpoint, bf16=True if a.bf16 else None,
-        student_packing=a.student_packing,
+        student_packing=a.student_packing, copy_modules=[m for m in a.copy_modules.split(",") if m],
     )  # fmt: skip
 
 

@@ -96,6 +96,9 @@ class TrainConfig:
     ctx_encoder_type: str = "per_layer_activations"
     layer_idx: int | None = None  # early_exit encoder depth (default: layers // 4)
     layer_indices: list[int] | None = None  # base layers that get a LoRA (default: all)
+    # modules whose B vectors get a copy head (d2l_fast extension, see d2l_fast.hypernet.copy_head); added with a
+    # zero gate when init_checkpoint has none, so the first step's adapters equal that checkpoint's
+    copy_modules: list[str] = field(default_factory=list)
     init_scaler_B: float | None = None  # new runs: scaler_B ~ N(0, this²) instead of the reference's zeros (see README)
     # saving and logging
     save_steps: int = 5000
@@ -195,6 +198,9 @@ class TrainConfig:
         if not isinstance(self.target_modules, list) or not self.target_modules or \
                 not all(isinstance(m, str) and m for m in self.target_modules):
             bad("target_modules", "a non-empty list of module names")
+        if not isinstance(self.copy_modules, list) or len(set(map(repr, self.copy_modules))) != len(self.copy_modules) \
+                or not all(isinstance(m, str) and m in self.target_modules for m in self.copy_modules):
+            bad("copy_modules", f"a list of distinct target modules ({self.target_modules})")
         if self.layer_indices is not None:
             li = self.layer_indices
             if not isinstance(li, list) or not li or len(set(map(repr, li))) != len(li) or \

@@ -63,6 +63,7 @@ from .config import HYPERNET_FIELDS, TrainConfig, TrainConfigError
 from .data import DataError, PackStream, check_data, collate, stream_packs
 from .losses import lora_l1_norm, qa_loss
 from .student import segment_attention, student_row
+from .warm_start import with_copy_head
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -260,6 +261,8 @@ class Trainer:
         dev = self._device()
         self.use_bf16 = (dev.type == "cuda") if c.bf16 is None else c.bf16
         ckpt = self._resume_state["checkpoint"] if self._resume_state else self._init_ckpt
+        if ckpt is not None and c.copy_modules:
+            ckpt = with_copy_head(ckpt, c.copy_modules, seed=c.seed)
         if self.model is None:
             base = load_base_model(c.model_name_or_path, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
                                    device=dev)
@@ -267,6 +270,8 @@ class Trainer:
                 self.model = D2LModel.from_checkpoint(ckpt, base_model=base)
             else:
                 kw = {k: getattr(c, k) for k in HYPERNET_FIELDS}
+                if c.copy_modules:
+                    kw["copy_modules"] = tuple(sorted(c.copy_modules))
                 self.model = D2LModel.from_base(base, seed=c.seed, base_model_name_or_path=c.model_name_or_path,
                                                 encoder_type=c.ctx_encoder_type, encoder_layer_idx=c.layer_idx,
                                                 layer_indices=c.layer_indices, init_scaler_B=c.init_scaler_B, **kw)

@@ -393,3 +393,33 @@ def test_split_modules_keep_the_old_import_paths(data):
     with pytest.raises(ValueError, match="window must be a positive int, got 0"):
         next(data_mod.stream_packs(data, teacher=False, vocab_size=None, max_qas_per_sample=1, max_packed_inp_len=64,
                                    max_packed_ctx_len=64, window=0))
+
+
+def test_copy_head_added_to_an_init_checkpoint_trains_and_resumes(base_dir, data, tmp_path):
+    """``copy_modules`` on a run from a checkpoint without a copy head: the head is added zero-gated (step 1's
+    adapters equal the checkpoint's), it trains, its checkpoint reloads with the head, and a resume keeps it."""
+    kw = dict(ctx_encoder_type="early_exit", save_steps=2)
+    first = Trainer(_cfg(base_dir, data, tmp_path / "plain", max_steps=2, **kw)).train()
+    plain = load_checkpoint(first.checkpoint)
+    assert plain.spec.copy_modules == ()
+    tr = Trainer(_cfg(base_dir, data, tmp_path / "copy", max_steps=4, init_checkpoint=str(first.checkpoint),
+                      copy_modules=["down_proj"], **kw))
+    tr._build_model()
+    net = tr.model.hypernet
+    assert net.spec.copy_modules == ("down_proj",)
+    assert not net.copy_head.gate["down_proj"].detach().any()
+    for k, v in plain.state_dict.items():  # loaded weights, no arithmetic: equal
+        assert torch.equal(net.state_dict()[k].float(), v), k
+    res = tr.train()
+    ck = load_checkpoint(res.checkpoint)
+    assert ck.spec.copy_modules == ("down_proj",)
+    assert ck.state_dict["copy_head.gate.down_proj"].abs().sum() > 0  # the gate moved: the head is in the graph
+    assert not (tmp_path / "copy" / "checkpoint-4" / "pytorch_model.bin").exists()  # no reference form exists
+    more = Trainer(_cfg(base_dir, data, tmp_path / "copy", max_steps=6, resume=True, **kw)).train()
+    assert load_checkpoint(more.checkpoint).spec.copy_modules == ("down_proj",)
+    with pytest.raises(TrainConfigError, match="copy_modules"):
+        _cfg(base_dir, data, tmp_path / "x", copy_modules=["o_proj"]).validate()
+    l2l = Trainer(_cfg(base_dir, data, tmp_path / "l2l", max_steps=1, save_steps=1)).train()  # per-layer encoder
+    with pytest.raises(TrainConfigError, match="cannot add a copy head.*early_exit"):
+        Trainer(_cfg(base_dir, data, tmp_path / "l2l-copy", max_steps=1, init_checkpoint=str(l2l.checkpoint),
+                     copy_modules=["down_proj"]))._build_model()
