@@ -43,7 +43,7 @@ def add_train_flags(t) -> None:
         kind = str(f.type)
         if f.name in ("resume", "overwrite_output_dir", "disable_tqdm"):
             t.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS)
-        elif f.name in ("data", "target_modules"):
+        elif f.name in ("data", "target_modules", "copy_modules"):
             t.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS)
         elif f.name == "layer_indices":
             t.add_argument(*flags, dest=f.name, nargs="+", type=int, default=argparse.SUPPRESS)

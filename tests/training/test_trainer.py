@@ -304,6 +304,10 @@ def test_cli_train_and_errors(base_dir, data, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "train_config.json").read_text())["learning_rate"] == 1e-3
     assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 1
     assert "already exists" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "c"), "--ctx-encoder-type",
+                 "early_exit", "--copy-modules", "down_proj", "--save-steps", "2"]) == 0
+    capsys.readouterr()
+    assert load_checkpoint(tmp_path / "c" / "checkpoint-2").spec.copy_modules == ("down_proj",)
 
 
 # ------------------------------------------------------------------ pieces
