@@ -47,8 +47,10 @@ def _params(L, D, R, modules, seed=0):
                 module_index={m: i for i, m in enumerate(modules)}, eps=1e-6)
 
 
-@pytest.mark.parametrize("lens", [[3, 1, 5], [1], [7, 7]])
-def test_copy_attention_matches_a_per_chunk_loop(lens):
+@pytest.mark.parametrize("lens,budget", [([3, 1, 5], 16384), ([1], 16384), ([7, 7], 16384), ([3, 1, 5, 2, 9], 10),
+                                         ([4, 4, 4], 1)])
+def test_copy_attention_matches_a_per_chunk_loop(lens, budget):
+    """Padded groups (one, several under a small slot budget, one chunk each) equal the slot-by-slot loop."""
     L, M, R, D, V, d = 3, 2, 2, 16, 50, 12
     g = torch.Generator().manual_seed(1)
     C, T = len(lens), sum(lens)
@@ -56,7 +58,7 @@ def test_copy_attention_matches_a_per_chunk_loop(lens):
     e = torch.nn.functional.normalize(torch.randn(C, L, M, R, D, generator=g), dim=-1)
     ctx, ids, table = torch.randn(T, D, generator=g), torch.randint(0, V, (T,), generator=g), torch.randn(V, d)
     p = _params(L, D, R, ("a", "b"))
-    got = copy_reference(e, ctx, cu, ids, table, **p)
+    got = copy_reference(e, ctx, cu, ids, table, slot_budget=budget, **p)
     want = _loop_reference(e, ctx, cu, ids, table, **p)
     for m in ("a", "b"):
         assert got[m].shape == (C, L, R, d)

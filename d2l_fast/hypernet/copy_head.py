@@ -51,31 +51,52 @@ class CopyHead(nn.Module):
                               module_index=self.module_index, eps=self.eps)
 
 
+#: padded (chunk, token) slots one attention group may hold: bounds the [chunks, tokens, d] value gather and the
+#: [chunks, slots, tokens] weights when one long chunk sits among many short ones (16,384 × 576 fp32 = 38 MiB)
+COPY_SLOT_BUDGET = 16384
+
+
 def copy_reference(e, ctx, cu_seqlens, token_ids, value_table, *, q_weight, q_bias, k_norm, k_weight, gates: dict,
-                   module_index: dict, eps: float) -> dict:
-    """Plain-torch copy attention (padded per chunk, masked); see the module docstring for the maths."""
+                   module_index: dict, eps: float, slot_budget: int = COPY_SLOT_BUDGET) -> dict:
+    """Plain-torch copy attention (see the module docstring for the maths). Chunks are sorted by length and
+    padded in groups of at most ``slot_budget`` (chunk, token) slots (a chunk longer than that is its own group)."""
     C, L, M, R, D = e.shape
-    T = ctx.shape[0]
     dt = e.dtype
     cu = cu_seqlens.to(device=ctx.device, dtype=torch.long)
     lens = cu[1:] - cu[:-1]
-    t_max = int(lens.max()) if C else 0
-    pos = torch.arange(t_max, device=ctx.device)
-    valid = pos[None, :] < lens[:, None]  # [C, t_max]
-    idx = (cu[:-1, None] + pos[None, :]).clamp_max(max(T - 1, 0))
-    # queries [C, L, M, R, dk] (LayerMix maths, per layer)
+    # queries [C, L, M, R, dk] (LayerMix maths, per layer); keys [T, dk]; values [T, d] at unit RMS
     q = torch.bmm(e.transpose(0, 1).reshape(L, C * M * R, D), q_weight.to(dt)).view(L, C, M, R, -1).transpose(0, 1)
-    q = q + q_bias.to(dt)
+    q = (q + q_bias.to(dt)) * (q.shape[-1] ** -0.5)
     c32 = ctx.float()
-    kn = c32 * torch.rsqrt(c32.pow(2).mean(-1, keepdim=True) + eps) * k_norm.float()
-    k = (kn.to(dt) @ k_weight.to(dt))[idx]  # [C, t_max, dk]
-    logits = torch.einsum("clmrk,ctk->clmrt", q, k) * (k.shape[-1] ** -0.5)
-    logits = logits.float().masked_fill(~valid[:, None, None, None, :], float("-inf"))
-    w = torch.softmax(logits, dim=-1).to(dt)
-    v = value_table[token_ids.to(value_table.device)[idx]].float()  # [C, t_max, d]
-    v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(dt)
-    out = torch.einsum("clmrt,ctd->clmrd", w, v)
-    return {m: out[:, :, i] * g.to(dt) for m, (i, g) in ((m, (module_index[m], gates[m])) for m in gates)}
+    k = (c32 * torch.rsqrt(c32.pow(2).mean(-1, keepdim=True) + eps) * k_norm.float()).to(dt) @ k_weight.to(dt)
+    out = e.new_empty(C, L, M, R, value_table.shape[1])
+    ids = token_ids.to(value_table.device)
+    for group in _groups(lens.tolist(), slot_budget):
+        g = torch.tensor(group, device=ctx.device)
+        t_max = int(lens[g].max())
+        pos = torch.arange(t_max, device=ctx.device)
+        valid = pos[None, :] < lens[g, None]  # [G, t_max]
+        idx = torch.where(valid, cu[g, None] + pos[None, :], 0)
+        logits = torch.einsum("glmrk,gtk->glmrt", q[g], k[idx]).float()
+        w = torch.softmax(logits.masked_fill(~valid[:, None, None, None, :], float("-inf")), dim=-1).to(dt)
+        v = value_table[ids[idx]].float()  # [G, t_max, d]
+        v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(dt)
+        out[g] = torch.einsum("glmrt,gtd->glmrd", w, v)
+    return {m: out[:, :, module_index[m]] * gates[m].to(dt) for m in gates}
 
 
-__all__ = ["COPY_KEY_DIM", "CopyHead", "copy_reference"]
+def _groups(lens: list[int], budget: int) -> list[list[int]]:
+    """Chunk indices in groups by ascending length, each padding to at most ``budget`` slots (or one chunk)."""
+    groups, cur, cur_max = [], [], 0
+    for c in sorted(range(len(lens)), key=lens.__getitem__):
+        if cur and (len(cur) + 1) * max(cur_max, lens[c]) > budget:
+            groups.append(cur)
+            cur, cur_max = [], 0
+        cur.append(c)
+        cur_max = max(cur_max, lens[c])
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+__all__ = ["COPY_KEY_DIM", "COPY_SLOT_BUDGET", "CopyHead", "copy_reference"]
