@@ -275,7 +275,8 @@ class D2LSpec:
         if len(self.layer_indices) != self.num_layers:
             raise ValueError(f"layer_indices has {len(self.layer_indices)} entries, expected "
                              f"num_layers={self.num_layers}")
-        _copy_modules(self.copy_modules)
+        if not isinstance(self.copy_modules, tuple) or _copy_modules(self.copy_modules) != self.copy_modules:
+            raise ValueError(f"copy_modules must be a sorted tuple of distinct names, got {self.copy_modules!r:.120}")
         for m in self.copy_modules:
             if m not in self.target_modules:
                 raise ValueError(f"copy_modules must be target modules ({list(self.target_modules)}), got {m!r}")

@@ -147,6 +147,9 @@ def spec_for_model(
         d_in[m], d_out[m] = int(lin.in_features), int(lin.out_features)
     if encoder_type == "early_exit" and encoder_layer_idx is None:
         encoder_layer_idx = max(1, n_layers // 4)
+    if "copy_modules" in overrides:  # any sequence of names → the spec's sorted tuple (checked by validate)
+        cm = overrides["copy_modules"]
+        overrides["copy_modules"] = tuple(sorted(cm)) if isinstance(cm, (list, tuple)) else cm
     spec = D2LSpec(
         base_model_name_or_path=base_model_name_or_path or getattr(cfg, "_name_or_path", "") or cfg.model_type,
         num_layers=len(layer_indices),

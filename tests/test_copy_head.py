@@ -119,6 +119,8 @@ def test_spec_format_and_refusals():
         _spec(copy_modules=("q_proj",))
     with pytest.raises(ValueError, match="copy_modules needs encoder_type 'early_exit'"):
         _spec(copy_modules=("down_proj",), encoder_type="per_layer_activations", encoder_layer_idx=None)
+    with pytest.raises(ValueError, match="sorted tuple"):
+        _spec(target_modules=("down_proj", "o_proj"), copy_modules=("o_proj", "down_proj"))
     with pytest.raises(ValueError, match="copy_modules must be a list"):
         D2LSpec.from_dict({**s.to_dict(), "copy_modules": "down_proj"})
     with pytest.raises(ValueError, match="distinct"):
@@ -198,7 +200,8 @@ def tiny_copy_model():
     base = tiny_model("llama", seed=4)
     m = D2LModel.from_base(base, seed=1, encoder_type="early_exit", encoder_layer_idx=1, latent_size=32,
                            num_blocks=1, n_heads=2, head_dim=16, n_kv_heads=1, n_latent_queries=4,
-                           target_modules=("down_proj",), copy_modules=("down_proj",), init_scaler_B=0.5)
+                           target_modules=("down_proj",), copy_modules=["down_proj"], init_scaler_B=0.5)
+    assert m.spec.copy_modules == ("down_proj",)  # a list of names becomes the spec's tuple
     with torch.no_grad():
         m.hypernet.copy_head.gate["down_proj"].normal_()
     return m
