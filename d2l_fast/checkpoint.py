@@ -511,10 +511,10 @@ def reference_configs_or_raise(ckpt: LoadedCheckpoint):
     """The reference config objects for ``ckpt``; :class:`CheckpointError` if they cannot describe its spec (the
     reference's configs do not store e.g. the perceiver's attention heads, which its code fixes at 16 × 128 with 4
     KV heads: a hypernetwork with other heads has no reference-layout equivalent; nor has a copy head)."""
-    if ckpt.spec.copy_modules:
-        raise CheckpointError(f"the reference's pytorch_model.bin layout cannot hold a copy head (copy_modules="
-                              f"{list(ckpt.spec.copy_modules)}); save it with save_checkpoint (pickle-free) instead")
-    hc, ce = _full_reference_configs(ckpt)
+    try:
+        hc, ce = _full_reference_configs(ckpt)
+    except ValueError as e:  # spec_to_reference: a spec the layout cannot hold at all (a copy head)
+        raise CheckpointError(str(e)) from None
     back = spec_from_reference(ckpt.spec.base_model_name_or_path, hc, ce)
     if back != ckpt.spec:
         a, b = ckpt.spec.to_dict(), back.to_dict()

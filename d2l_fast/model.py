@@ -219,8 +219,7 @@ class D2LModel(nn.Module):
             intermediates["features"] = feats
         copy_kw = {}
         if spec.copy_modules:
-            ids = torch.tensor([t for ch in packed.chunks for t in ch], dtype=torch.long, device=feats.device)
-            copy_kw = {"token_ids": ids, "value_table": self._copy_values().detach()}
+            copy_kw = {"token_ids": packed.input_ids(feats.device)[0], "value_table": self._copy_values().detach()}
         loras = self.hypernet(x, cu.to(feats.device), packed.max_seqlen, C, intermediates, projected=stream,
                               **copy_kw)
         u = self.user_defined_scaling

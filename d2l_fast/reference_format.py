@@ -228,9 +228,8 @@ def spec_to_reference(spec: D2LSpec) -> tuple[HypernetConfig, CtxEncoderArgument
     """Reference-style ``(hypernet_config, ctx_encoder_args)`` for ``spec`` (used when saving in the reference's
     format). A hypernetwork with a copy head (a d2l_fast extension) has no reference form: ValueError."""
     if spec.copy_modules:
-        raise ValueError(f"this hypernetwork has a copy head (copy_modules={list(spec.copy_modules)}), which the "
-                         "reference format cannot hold; save it with save_pretrained (d2l_config.json + "
-                         "hypernet.safetensors) instead")
+        raise ValueError(f"the reference's pytorch_model.bin layout cannot hold a copy head (copy_modules="
+                         f"{list(spec.copy_modules)}); save it pickle-free (save_pretrained / save_checkpoint) instead")
     lc = LoraConfig(
         r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
         target_modules=set(spec.target_modules), base_model_name_or_path=spec.base_model_name_or_path,

@@ -34,19 +34,20 @@ class CopyHead(nn.Module):
     def __init__(self, spec):
         super().__init__()
         L, D, r = spec.num_layers, spec.latent_size, spec.lora_r
-        self.modules_ = tuple(spec.copy_modules)
-        self.module_index = {m: spec.target_modules.index(m) for m in self.modules_}
+        self.module_index = {m: spec.target_modules.index(m) for m in spec.copy_modules}
         self.eps = spec.rms_norm_eps
         self.q = LayerMix(L, D, COPY_KEY_DIM)
         self.k_norm = nn.Parameter(torch.ones(D))
         self.k = nn.Parameter(torch.empty(D, COPY_KEY_DIM))
         nn.init.uniform_(self.k, -math.sqrt(3 / D), math.sqrt(3 / D))
-        self.gate = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, L, r, 1)) for m in self.modules_})
+        self.gate = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, L, r, 1)) for m in spec.copy_modules})
 
-    def forward(self, e, ctx, cu_seqlens, token_ids, value_table) -> dict:
+    def forward(self, e, ctx, cu_seqlens, token_ids, value_table, lens: list[int] | None = None) -> dict:
         """e [C, L, M, r, D] (l2-normalised head input); ctx [T, D] projected features; cu_seqlens int [C+1];
-        token_ids long [T]; value_table [V, d]. Returns {module: [C, L, r, d]} in ``e``'s dtype."""
-        return copy_reference(e, ctx, cu_seqlens, token_ids, value_table, q_weight=self.q.weight, q_bias=self.q.bias,
+        token_ids long [T]; value_table [V, d]; ``lens``: the chunk lengths if already on the host. Returns
+        {module: [C, L, r, d]} in ``e``'s dtype."""
+        return copy_reference(e, ctx, cu_seqlens, token_ids, value_table, lens=lens, q_weight=self.q.weight,
+                              q_bias=self.q.bias,
                               k_norm=self.k_norm, k_weight=self.k, gates=dict(self.gate.items()),
                               module_index=self.module_index, eps=self.eps)
 
@@ -57,13 +58,17 @@ COPY_SLOT_BUDGET = 16384
 
 
 def copy_reference(e, ctx, cu_seqlens, token_ids, value_table, *, q_weight, q_bias, k_norm, k_weight, gates: dict,
-                   module_index: dict, eps: float, slot_budget: int = COPY_SLOT_BUDGET) -> dict:
+                   module_index: dict, eps: float, slot_budget: int = COPY_SLOT_BUDGET,
+                   lens: list[int] | None = None) -> dict:
     """Plain-torch copy attention (see the module docstring for the maths). Chunks are sorted by length and
-    padded in groups of at most ``slot_budget`` (chunk, token) slots (a chunk longer than that is its own group)."""
+    padded in groups of at most ``slot_budget`` (chunk, token) slots (a chunk longer than that is its own group).
+    ``lens``: the chunk lengths as a host list when the caller has them (else read once from ``cu_seqlens``)."""
     C, L, M, R, D = e.shape
     dt = e.dtype
     cu = cu_seqlens.to(device=ctx.device, dtype=torch.long)
-    lens = cu[1:] - cu[:-1]
+    if lens is None:
+        lens = (cu[1:] - cu[:-1]).tolist()
+    lens_dev = torch.tensor(lens, device=ctx.device)
     # queries [C, L, M, R, dk] (LayerMix maths, per layer); keys [T, dk]; values [T, d] at unit RMS
     q = torch.bmm(e.transpose(0, 1).reshape(L, C * M * R, D), q_weight.to(dt)).view(L, C, M, R, -1).transpose(0, 1)
     q = (q + q_bias.to(dt)) * (q.shape[-1] ** -0.5)
@@ -71,11 +76,11 @@ def copy_reference(e, ctx, cu_seqlens, token_ids, value_table, *, q_weight, q_bi
     k = (c32 * torch.rsqrt(c32.pow(2).mean(-1, keepdim=True) + eps) * k_norm.float()).to(dt) @ k_weight.to(dt)
     out = e.new_empty(C, L, M, R, value_table.shape[1])
     ids = token_ids.to(value_table.device)
-    for group in _groups(lens.tolist(), slot_budget):
+    for group in _groups(lens, slot_budget):
         g = torch.tensor(group, device=ctx.device)
-        t_max = int(lens[g].max())
+        t_max = max(lens[c] for c in group)
         pos = torch.arange(t_max, device=ctx.device)
-        valid = pos[None, :] < lens[g, None]  # [G, t_max]
+        valid = pos[None, :] < lens_dev[g, None]  # [G, t_max]
         idx = torch.where(valid, cu[g, None] + pos[None, :], 0)
         logits = torch.einsum("glmrk,gtk->glmrt", q[g], k[idx]).float()
         w = torch.softmax(logits.masked_fill(~valid[:, None, None, None, :], float("-inf")), dim=-1).to(dt)

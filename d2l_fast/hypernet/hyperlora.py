@@ -78,7 +78,7 @@ class HyperLoRA(nn.Module):
         """E [C, L, M, r, D] -> {module: {"A": [C, L, r, d_in], "B": [C, L, r, d_out]}} with scalers applied.
 
         ``copy_inputs`` (needed when the hypernetwork has a copy head): ``(ctx [T, D] projected features,
-        cu_seqlens [C+1], token_ids [T], value_table [V, d_out])``."""
+        cu_seqlens [C+1], token_ids [T], value_table [V, d_out], chunk lengths as a host list)``."""
         s = self.spec
         e = e.float() if e.dtype != self.head.weight.dtype else e
         for blk in self.layers:
@@ -134,14 +134,16 @@ class HyperLoRA(nn.Module):
             if value_table.shape[1] != s.d_out[m]:
                 raise ValueError(f"value_table rows have {value_table.shape[1]} features, copy module {m!r} writes "
                                  f"d_out={s.d_out[m]}")
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= value_table.shape[0]):
-            raise ValueError(f"token_ids must lie in [0, {value_table.shape[0]}), got ids in "
-                             f"[{int(token_ids.min())}, {int(token_ids.max())}]")
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        if lens.numel() and int(lens.min()) < 1:
+        # one host read for the checks and the copy head's grouping (chunk lengths), not one per check
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if token_ids.numel():
+            lo, hi = torch.stack([token_ids.min(), token_ids.max()]).tolist()
+            if lo < 0 or hi >= value_table.shape[0]:
+                raise ValueError(f"token_ids must lie in [0, {value_table.shape[0]}), got ids in [{lo}, {hi}]")
+        if lens and min(lens) < 1:
             raise ValueError("every chunk needs at least one token for the copy head, got an empty chunk")
         ctx = features if projected else self.perceiver.modality_projection(features)
-        return ctx, cu_seqlens, token_ids, value_table
+        return ctx, cu_seqlens, token_ids, value_table, lens
 
     def bias_lora(self):
         if not self.spec.use_bias:

@@ -271,7 +271,7 @@ class Trainer:
             else:
                 kw = {k: getattr(c, k) for k in HYPERNET_FIELDS}
                 if c.copy_modules:
-                    kw["copy_modules"] = tuple(sorted(c.copy_modules))
+                    kw["copy_modules"] = c.copy_modules  # spec_for_model makes it the spec's sorted tuple
                 self.model = D2LModel.from_base(base, seed=c.seed, base_model_name_or_path=c.model_name_or_path,
                                                 encoder_type=c.ctx_encoder_type, encoder_layer_idx=c.layer_idx,
                                                 layer_indices=c.layer_indices, init_scaler_B=c.init_scaler_B, **kw)
