@@ -70,7 +70,8 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
             recs = generate_reading(tok, split="train", seed=a.data_seed, n_facts=a.n_facts, n_numbers=a.n_numbers,
                                     n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
                                     long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
-                                    niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent)
+                                    niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent,
+                                    nohijack_present=a.nohijack_present)
         if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-long-per-bin", type=int, default=0, help="train long documents per bin (512–1,024, "
                     "1,024–2,048); use with --chunk-len")
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")
+    ap.add_argument("--nohijack-present", action="store_true", help="train: each no-hijack document also asks "
+                    "one question it does answer (beside its unanswered ones)")
     ap.add_argument("--chunk-len", type=int, default=0, help="split contexts longer than this into chunks (0: off)")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)

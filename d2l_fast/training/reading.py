@@ -449,13 +449,19 @@ def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
 
 
 def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed: int = 0,
-                           base_answers: dict[str, str] | None = None) -> list[dict]:
+                           base_answers: dict[str, str] | None = None, with_present: bool = False) -> list[dict]:
     """Documents whose questions they do not answer: fact documents (a question about an attribute they do not
     state, gold :data:`~.reading_pools.NOT_STATED`) and needle documents (a question about another needle), each
     with a general-knowledge question (fixed short answer) and, when ``base_answers`` maps a chit-chat question of
-    :data:`~.reading_pools.CHITCHAT_QUESTIONS` to the base model's own answer, a chit-chat question."""
+    :data:`~.reading_pools.CHITCHAT_QUESTIONS` to the base model's own answer, a chit-chat question.
+
+    ``with_present`` (training): each document also keeps one question it does answer (the main person's fact or
+    the needle's own question), so every "does not say" has an answered question of the same document beside it.
+    Off (the default) draws exactly the documents and questions it always drew."""
     _check_count(n_docs, "n_docs")
     _check_split(split)
+    if not isinstance(with_present, bool):
+        raise ValueError(f"with_present must be a bool, got {with_present!r}")
     if base_answers is not None and (not isinstance(base_answers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in base_answers.items())):
         raise ValueError("base_answers must map chit-chat questions to non-empty answer strings")
@@ -469,6 +475,8 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
         if i % 2 == 0:
             src = facts[i]
             qas = [qa for qa in src["qas"] if qa["qa_kind"] == "absent"]
+            if with_present:
+                qas.append(next(qa for qa in src["qas"] if qa["qa_kind"] == "fact" and qa["entity_role"] == "main"))
         else:
             src = needles[(i // 2) % len(needles)]
             gi = int(src["qas"][0]["attribute"][len("needle"):])
@@ -477,6 +485,8 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
             qi = rng.randrange(len(P.NEEDLES[split][g][1]))
             qas = [{"question": P.NEEDLES[split][g][1][qi], "answers": [P.NOT_STATED], "qa_kind": "absent",
                     "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{qi}"}]
+            if with_present:
+                qas.append(src["qas"][0])
         q, ans = rng.choice(P.GENERAL_QUESTIONS[split])
         qas.append({"question": q, "answers": [ans], "qa_kind": "general"})
         if chit:
@@ -492,10 +502,11 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
                      n_niah_per_bin: int = 0, niah_bins: Sequence[tuple[int, int]] | None = None,
                      n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
                      base_answers: dict[str, str] | None = None, niah_questions: int = 1,
-                     niah_absent_prob: float = 0.0) -> list[dict]:
+                     niah_absent_prob: float = 0.0, nohijack_present: bool = False) -> list[dict]:
     """The reading mix of one split: each part by its generator above (a count of 0 leaves it out). ``niah_bins``
     default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise; ``niah_questions`` and
-    ``niah_absent_prob``: :func:`generate_niah_docs`' ``n_questions`` and ``absent_prob``."""
+    ``niah_absent_prob``: :func:`generate_niah_docs`' ``n_questions`` and ``absent_prob``; ``nohijack_present``:
+    :func:`generate_nohijack_docs`' ``with_present``."""
     _check_split(split)
     for v, what in ((n_facts, "n_facts"), (n_numbers, "n_numbers"), (n_niah_per_bin, "n_niah_per_bin"),
                     (n_long_per_bin, "n_long_per_bin"), (n_nohijack, "n_nohijack")):
@@ -513,7 +524,8 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
     if n_long_per_bin:
         recs += generate_long_docs(tokenizer, split=split, bins=long_bins, n_per_bin=n_long_per_bin, seed=seed)
     if n_nohijack:
-        recs += generate_nohijack_docs(tokenizer, n_nohijack, split=split, seed=seed, base_answers=base_answers)
+        recs += generate_nohijack_docs(tokenizer, n_nohijack, split=split, seed=seed, base_answers=base_answers,
+                                       with_present=nohijack_present)
     if not recs:
         raise ValueError("every count is 0: nothing to generate")
     return recs

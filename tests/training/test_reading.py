@@ -148,7 +148,29 @@ def test_nohijack_with_base_answers():
     assert all(qa["answers"] == [P.NOT_STATED] for r in recs for qa in r["qas"] if qa["qa_kind"] == "absent")
 
 
+def test_nohijack_with_present_keeps_the_documents_and_adds_an_answered_question():
+    q = P.CHITCHAT_QUESTIONS["train"][0]
+    plain = R.generate_nohijack_docs(words, 6, split="train", seed=3, base_answers={q: "Fine."})
+    rich = R.generate_nohijack_docs(words, 6, split="train", seed=3, base_answers={q: "Fine."}, with_present=True)
+    assert [r["context"] for r in rich] == [r["context"] for r in plain]  # the same documents
+    for r, p in zip(rich, plain):
+        unanswered = [qa for qa in r["qas"] if qa["qa_kind"] in UNANSWERED]
+        answered = [qa for qa in r["qas"] if qa["qa_kind"] not in UNANSWERED]
+        assert [qa["qa_kind"] for qa in unanswered][:1] == ["absent"] and len(unanswered) == 3
+        assert len(answered) == 1 and answered[0]["answers"][0] in r["context"]
+        assert answered[0]["qa_kind"] == ("fact" if r["meta"]["source_kind"] == "facts" else "needle")
+        if answered[0]["qa_kind"] == "fact":
+            assert answered[0]["entity_role"] == "main"
+        assert [qa for qa in p["qas"] if qa["qa_kind"] == "absent"] == unanswered[:1]
+    # and the mix passes the switch through; off, nothing changes
+    mix = R.generate_reading(words, split="train", seed=3, n_nohijack=4, nohijack_present=True)
+    assert all(any(qa["qa_kind"] not in UNANSWERED for qa in r["qas"]) for r in mix)
+    assert R.generate_reading(words, split="train", seed=3, n_nohijack=4) == R.generate_nohijack_docs(
+        words, 4, split="train", seed=3)
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda: R.generate_nohijack_docs(words, 2, with_present=1), "with_present"),
     (lambda: R.generate_fact_docs(2, split="validation"), "split must be one of"),
     (lambda: R.generate_fact_docs(0), "n_docs"),
     (lambda: R.generate_fact_docs(2, min_facts=5, max_facts=3), "min_facts"),
