@@ -1,6 +1,6 @@
 """Do a long document's other chunks drown the chunk that holds the needle? Each long NIAH record (more than
 ``--min-tokens`` tokens, exactly one chunk holding the gold number) of an evaluation's ``records.jsonl`` is answered
-three ways through the same checkpoint: every chunk's adapter at scale 1 (what ``internalize`` does), only the
+three ways from one pass of the encoder and hypernetwork: every chunk's adapter at scale 1 (what ``internalize`` does), only the
 needle chunk's (the other chunks' scalers 0) and the other chunks at half scale. A reader whose chunks stay quiet
 when they hold nothing scores the same on all three.
 
@@ -58,9 +58,10 @@ def main(argv=None) -> int:
         if len(hits) != 1:  # the number split across two chunks: no single needle chunk to keep
             continue
         n, answers = len(packed.chunks), {}
+        with torch.no_grad():
+            loras = model.chunk_loras(packed)  # once: the variants differ only in how the chunks are merged
         for v in VARIANTS:
-            adapter = model.internalize([r["context"]], max_chunk_len=a.max_chunk_len,
-                                        scalers=torch.tensor(_scalers(v, n, hits[0])))
+            adapter = model.merge(loras, packed.n_chunks, scalers=torch.tensor(_scalers(v, n, hits[0])))
             answers[v] = model.generate_text([question], adapter, max_new_tokens=12, **layout)[0]
             exact[v] += answers[v].strip() == gold
             refused[v] += "does not say" in answers[v].lower()
