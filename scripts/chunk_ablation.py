@@ -1,8 +1,8 @@
 """Do a long document's other chunks drown the chunk that holds the needle? Each long NIAH record (more than
 ``--min-tokens`` tokens, exactly one chunk holding the gold number) of an evaluation's ``records.jsonl`` is answered
-three ways from one pass of the encoder and hypernetwork: every chunk's adapter at scale 1 (what ``internalize`` does), only the
-needle chunk's (the other chunks' scalers 0) and the other chunks at half scale. A reader whose chunks stay quiet
-when they hold nothing scores the same on all three.
+three ways from one pass of the encoder and hypernetwork: every chunk's adapter at scale 1 (what ``internalize``
+does), only the needle chunk's (the other chunks' scalers 0) and the other chunks at half scale. A reader whose
+chunks stay quiet when they hold nothing scores the same on all three.
 
     python scripts/chunk_ablation.py --checkpoint checkpoints/reading11-step1600 \
         --records runs/dev_r11/records.jsonl --out runs/chunk_ablation_r11.json
