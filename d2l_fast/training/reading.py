@@ -296,6 +296,21 @@ def _check_bins(bins) -> list[tuple[int, int]]:
     return out
 
 
+def _absent_needle_question(rng: random.Random, split: str, gi: int) -> dict:
+    """The unanswered question of a document holding a needle of group ``gi``: a question of another group, or,
+    where that group is generic (:data:`~.reading_pools.GENERIC_NEEDLES`: any planted number answers it), one of
+    :data:`~.reading_pools.ABSENT_NEEDLE_QUESTIONS`. The draws from ``rng`` are the same either way, so the other
+    questions and documents of a generator do not depend on which groups are generic."""
+    g = rng.choice([g for g in range(len(P.NEEDLES[split])) if g != gi])
+    q = rng.randrange(len(P.NEEDLES[split][g][1]))
+    if g in P.GENERIC_NEEDLES[split]:
+        k = q % len(P.ABSENT_NEEDLE_QUESTIONS[split])
+        return {"question": P.ABSENT_NEEDLE_QUESTIONS[split][k], "answers": [P.NOT_STATED], "qa_kind": "absent",
+                "attribute": "unnamed", "question_template": f"unnamed/{split}/{k}"}
+    return {"question": P.NEEDLES[split][g][1][q], "answers": [P.NOT_STATED], "qa_kind": "absent",
+            "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{q}"}
+
+
 def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
                        n_per_bin: int = 100, seed: int = 0, digits: tuple[int, int] = (3, 7), n_questions: int = 1,
                        absent_prob: float = 0.0) -> list[dict]:
@@ -344,10 +359,7 @@ def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
                     "number_kind": "integer", "digits": len(number), "question_template": f"needle{gi}/{split}/{q}",
                     "fact_template": f"needle{gi}/{split}/{si}"} for q in qis]
             if absent_prob and len(P.NEEDLES[split]) > 1 and rng.random() < absent_prob:
-                g = rng.choice([g for g in range(len(P.NEEDLES[split])) if g != gi])
-                q = rng.randrange(len(P.NEEDLES[split][g][1]))
-                qas.append({"question": P.NEEDLES[split][g][1][q], "answers": [P.NOT_STATED], "qa_kind": "absent",
-                            "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{q}"})
+                qas.append(_absent_needle_question(rng, split, gi))
             out.append({"id": f"reading-{split}-niah-{seed}-{lo}-{hi}-{i:05d}", "task": "niah", "context": text,
                         "qas": qas,
                         "meta": {"kind": "niah", "split": split, "seed": seed, "bin": [lo, hi], "n_tokens": n_tok,
@@ -479,12 +491,7 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
                 qas.append(next(qa for qa in src["qas"] if qa["qa_kind"] == "fact" and qa["entity_role"] == "main"))
         else:
             src = needles[(i // 2) % len(needles)]
-            gi = int(src["qas"][0]["attribute"][len("needle"):])
-            others = [g for g in range(len(P.NEEDLES[split])) if g != gi]
-            g = rng.choice(others)
-            qi = rng.randrange(len(P.NEEDLES[split][g][1]))
-            qas = [{"question": P.NEEDLES[split][g][1][qi], "answers": [P.NOT_STATED], "qa_kind": "absent",
-                    "attribute": f"needle{g}", "question_template": f"needle{g}/{split}/{qi}"}]
+            qas = [_absent_needle_question(rng, split, int(src["qas"][0]["attribute"][len("needle"):]))]
             if with_present:
                 qas.append(src["qas"][0])
         q, ans = rng.choice(P.GENERAL_QUESTIONS[split])

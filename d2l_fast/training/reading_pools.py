@@ -192,6 +192,17 @@ NEEDLES = {
               ["What is the wifi password for guests?", "Which password do guests use for the wifi?"])],
 }
 
+#: needle groups whose questions any planted number answers ("Which number was hidden in this text?"): a question
+#: of such a group is never the unanswered question of a document holding another group's needle
+GENERIC_NEEDLES = {"train": frozenset(), "dev": frozenset({1}), "test": frozenset()}
+
+#: unanswered needle questions used in place of a generic group's (numbered things no needle of the split names)
+ABSENT_NEEDLE_QUESTIONS = {
+    "train": ["What is the prescription number at the pharmacy?", "Which kennel number does the dog sleep in?"],
+    "dev": ["Which gate does the island ferry leave from?", "What is the serial number of the old projector?"],
+    "test": ["What is the frame number of the stolen scooter?", "Which berth is the cargo ship moored at?"],
+}
+
 #: general-knowledge questions with a fixed short answer, per split (the document never holds the answer)
 GENERAL_QUESTIONS = {
     "train": [("Name the capital city of France.", "Paris"), ("How many days does a week have?", "Seven"),
@@ -245,6 +256,6 @@ SCHOOL_FORMS = ["the University of {w}", "{w} College", "{w} Academy of Music", 
                 "{w} Technical Institute"]
 CURRENCIES = ("$", "€", "£")
 
-__all__ = ["CHITCHAT_QUESTIONS", "CURRENCIES", "FRAMES", "GENERAL_QUESTIONS", "INSTRUMENTS", "NEEDLES", "NOT_STATED",
-           "NUMBER_ATTRIBUTES", "OBJECTS", "OPENERS", "ORG_SUFFIXES", "PERSON_ATTRIBUTES", "PROFESSIONS",
-           "SCHOOL_FORMS"]
+__all__ = ["ABSENT_NEEDLE_QUESTIONS", "CHITCHAT_QUESTIONS", "CURRENCIES", "FRAMES", "GENERAL_QUESTIONS",
+           "GENERIC_NEEDLES", "INSTRUMENTS", "NEEDLES", "NOT_STATED", "NUMBER_ATTRIBUTES", "OBJECTS", "OPENERS",
+           "ORG_SUFFIXES", "PERSON_ATTRIBUTES", "PROFESSIONS", "SCHOOL_FORMS"]

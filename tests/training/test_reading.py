@@ -139,6 +139,34 @@ def test_niah_training_extras_add_wordings_and_absent_questions():
         assert absent[0]["attribute"] != f"needle{gi}" and absent[0]["question"] not in P.NEEDLES["train"][gi][1]
 
 
+
+def test_absent_needle_questions_never_ask_what_any_number_answers():
+    """A question of a generic needle group ("Which number was hidden in this text?") is answered by whatever
+    number a document holds, so it is never a document's unanswered question; a question about a numbered thing
+    no needle names takes its place, and every other question and document stays as drawn."""
+    for split in R.SPLITS:
+        statements = [s for group in P.NEEDLES[split] for s in group[0]]
+        for q in P.ABSENT_NEEDLE_QUESTIONS[split]:  # split-own wording that no needle answers
+            assert q.endswith("?") and not any(q in other for s2 in R.SPLITS if s2 != split
+                                               for other in P.ABSENT_NEEDLE_QUESTIONS[s2])
+            assert not any(set(re.findall(r"[a-z]{5,}", q.lower())) & set(re.findall(r"[a-z]{5,}", s.lower()))
+                           - {"number"} for s in statements), (split, q)
+    generic = {q for g in P.GENERIC_NEEDLES["dev"] for q in P.NEEDLES["dev"][g][1]}
+    assert generic  # the dev split has one ("Hidden somewhere in this text is the number {n}.")
+    docs = R.generate_nohijack_docs(words, 40, split="dev", seed=1) + R.generate_niah_docs(
+        words, split="dev", n_per_bin=20, seed=1, absent_prob=1.0)
+    absent = [qa for r in docs for qa in r["qas"] if qa["qa_kind"] == "absent"]
+    replaced = [qa for qa in absent if qa["attribute"] == "unnamed"]
+    assert absent and not {qa["question"] for qa in absent} & generic and replaced
+    assert {qa["question"] for qa in replaced} <= set(P.ABSENT_NEEDLE_QUESTIONS["dev"])
+    assert all(qa["answers"] == [P.NOT_STATED] for qa in absent)
+    # the rest of each document is what the generator drew before generic groups were skipped
+    for r in docs:
+        others = [qa for qa in r["qas"] if qa["qa_kind"] != "absent"]
+        if r["meta"]["kind"] == "niah":
+            assert others and all(qa["answers"][0] in r["context"] for qa in others)
+
+
 def test_nohijack_with_base_answers():
     q = P.CHITCHAT_QUESTIONS["train"][0]
     recs = R.generate_nohijack_docs(words, 4, split="train", seed=0, base_answers={q: "I am fine, thanks."})
