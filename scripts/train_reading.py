@@ -71,14 +71,15 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
                                     n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
                                     long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
                                     niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent,
-                                    nohijack_present=a.nohijack_present)
+                                    nohijack_present=a.nohijack_present, story_filler=a.story_filler)
         if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
-                                       n_questions=a.niah_questions, absent_prob=a.niah_absent)
+                                       n_questions=a.niah_questions, absent_prob=a.niah_absent,
+                                       story_filler=a.story_filler)
         if a.n_copy_per_bin:  # copy needles: invented words, names and codes in prose, 32 to 1,024 tokens
             recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_copy_per_bin,
-                                       seed=a.data_seed, absent_prob=a.niah_absent)
+                                       seed=a.data_seed, absent_prob=a.niah_absent, story_filler=a.story_filler)
         if not recs:
             raise SystemExit("every train count is 0: nothing to train on")
         return recs
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")
     ap.add_argument("--nohijack-present", action="store_true", help="train: each no-hijack document also asks "
                     "one question it does answer (beside its unanswered ones)")
+    ap.add_argument("--story-filler", action="store_true", help="train: some filler of the needle, copy, long and "
+                    "no-hijack documents is everyday prose (d2l_fast.training.reading_stories), not only docstrings "
+                    "and licences")
     ap.add_argument("--chunk-len", type=int, default=0, help="split contexts longer than this into chunks (0: off)")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)

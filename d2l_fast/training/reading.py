@@ -313,15 +313,16 @@ def _absent_needle_question(rng: random.Random, split: str, gi: int) -> dict:
 
 def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
                        n_per_bin: int = 100, seed: int = 0, digits: tuple[int, int] = (3, 7), n_questions: int = 1,
-                       absent_prob: float = 0.0) -> list[dict]:
+                       absent_prob: float = 0.0, story_filler: bool = False) -> list[dict]:
     """Needle-in-a-haystack records (``task="niah"``): prose filler of ``split``'s sources with one needle of
     ``split``'s phrasings (a ``digits``-digit number of ``split``'s pool) at a depth drawn within a decile
     (deciles shuffled per ten records), ``lo ≤`` tokens ``< hi`` of its bin (``tokenizer``: the model's tokenizer or
     a callable text → token count).
 
     Training extras (the defaults draw nothing more, so evaluation data does not change): up to ``n_questions``
-    different wordings of the needle's question, and with ``absent_prob`` a question about another needle group
-    whose gold is :data:`~.reading_pools.NOT_STATED` (the model must tell which thing the document names)."""
+    different wordings of the needle's question, with ``absent_prob`` a question about another needle group
+    whose gold is :data:`~.reading_pools.NOT_STATED` (the model must tell which thing the document names), and with
+    ``story_filler`` (train split only) some filler from :mod:`.reading_stories`' everyday prose."""
     count = _length_fn(tokenizer)
     _check_split(split)
     bins = _check_bins(bins)
@@ -331,7 +332,7 @@ def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
     if not (isinstance(digits, tuple) and len(digits) == 2 and 1 <= digits[0] <= digits[1] <= 8):
         raise ValueError(f"digits must be a (lo, hi) tuple with 1 ≤ lo ≤ hi ≤ 8, got {digits!r}")
     rng = random.Random(f"reading/niah/{split}/{seed}")
-    filler = _Filler(rng, split, count)
+    filler = _Filler(rng, split, count, story_filler)
     out = []
     for lo, hi in bins:
         deciles: list[int] = []
@@ -369,12 +370,13 @@ def generate_niah_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
 
 def generate_copy_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = NIAH_TRAIN_BINS,
                        n_per_bin: int = 100, seed: int = 0, max_needles: int = 3,
-                       absent_prob: float = 0.3) -> list[dict]:
+                       absent_prob: float = 0.3, story_filler: bool = False) -> list[dict]:
     """Copy needles (train split only, ``meta.kind`` ``copy``): prose filler with 1 to ``max_needles`` statements of
     different :data:`~.reading_pools_train.COPY_NEEDLES_TRAIN` groups whose values are invented words, invented
     names or letter-digit codes, one question per needle and, with ``absent_prob``, a question about a group the
     document does not hold (gold :data:`~.reading_pools.NOT_STATED`). The answers are rare-token strings the
-    reader can only copy, the skill the fact documents' names and the number documents' codes need."""
+    reader can only copy, the skill the fact documents' names and the number documents' codes need.
+    ``story_filler``: some filler from :mod:`.reading_stories`' everyday prose."""
     groups = COPY_NEEDLES_TRAIN
     count = _length_fn(tokenizer)
     if split != "train":
@@ -386,7 +388,7 @@ def generate_copy_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
         raise ValueError(f"max_needles must be below the {len(groups)} copy-needle groups, got {max_needles}")
     absent_prob = _check_prob(absent_prob, "absent_prob")
     rng = random.Random(f"reading/copy/{split}/{seed}")
-    names, filler, out = _Names(rng, split), _Filler(rng, split, count), []
+    names, filler, out = _Names(rng, split), _Filler(rng, split, count, story_filler), []
     for lo, hi in bins:
         for i in range(n_per_bin):
             names.reset()
@@ -422,17 +424,18 @@ def generate_copy_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
 
 
 def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[int, int]] = LONG_BINS,
-                       n_per_bin: int = 50, seed: int = 0) -> list[dict]:
+                       n_per_bin: int = 50, seed: int = 0, story_filler: bool = False) -> list[dict]:
     """Long documents for the chunk stage: a fact document (:func:`generate_fact_docs`, sometimes with numbers)
     whose sentences are spread at random depths through prose filler, ``lo ≤`` tokens ``< hi`` of its bin, so its
-    facts fall into different chunks."""
+    facts fall into different chunks. ``story_filler`` (train split only): some filler from
+    :mod:`.reading_stories`' everyday prose."""
     count = _length_fn(tokenizer)
     _check_split(split)
     bins = _check_bins(bins)
     _check_count(n_per_bin, "n_per_bin")
     rng = random.Random(f"reading/long/{split}/{seed}")
     names = _Names(rng, split)
-    filler = _Filler(rng, split, count)
+    filler = _Filler(rng, split, count, story_filler)
     out = []
     for lo, hi in bins:
         for i in range(n_per_bin):
@@ -461,7 +464,8 @@ def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
 
 
 def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed: int = 0,
-                           base_answers: dict[str, str] | None = None, with_present: bool = False) -> list[dict]:
+                           base_answers: dict[str, str] | None = None, with_present: bool = False,
+                           story_filler: bool = False) -> list[dict]:
     """Documents whose questions they do not answer: fact documents (a question about an attribute they do not
     state, gold :data:`~.reading_pools.NOT_STATED`) and needle documents (a question about another needle), each
     with a general-knowledge question (fixed short answer) and, when ``base_answers`` maps a chit-chat question of
@@ -469,7 +473,8 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
 
     ``with_present`` (training): each document also keeps one question it does answer (the main person's fact or
     the needle's own question), so every "does not say" has an answered question of the same document beside it.
-    Off (the default) draws exactly the documents and questions it always drew."""
+    Off (the default) draws exactly the documents and questions it always drew. ``story_filler``: the needle
+    documents' filler as :func:`generate_niah_docs` draws it with ``story_filler``."""
     _check_count(n_docs, "n_docs")
     _check_split(split)
     if not isinstance(with_present, bool):
@@ -480,7 +485,7 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
     rng = random.Random(f"reading/nohijack/{split}/{seed}")
     facts = generate_fact_docs(n_docs, split=split, seed=seed, absent_prob=1.0, general_prob=0.0)
     needles = generate_niah_docs(tokenizer, split=split, bins=NIAH_TRAIN_BINS[:1] if n_docs < 2 else NIAH_TRAIN_BINS,
-                                 n_per_bin=max(1, n_docs // 2), seed=seed)
+                                 n_per_bin=max(1, n_docs // 2), seed=seed, story_filler=story_filler)
     chit = [q for q in P.CHITCHAT_QUESTIONS[split] if base_answers and q in base_answers]
     out = []
     for i in range(n_docs):
@@ -509,11 +514,12 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
                      n_niah_per_bin: int = 0, niah_bins: Sequence[tuple[int, int]] | None = None,
                      n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
                      base_answers: dict[str, str] | None = None, niah_questions: int = 1,
-                     niah_absent_prob: float = 0.0, nohijack_present: bool = False) -> list[dict]:
+                     niah_absent_prob: float = 0.0, nohijack_present: bool = False,
+                     story_filler: bool = False) -> list[dict]:
     """The reading mix of one split: each part by its generator above (a count of 0 leaves it out). ``niah_bins``
     default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise; ``niah_questions`` and
     ``niah_absent_prob``: :func:`generate_niah_docs`' ``n_questions`` and ``absent_prob``; ``nohijack_present``:
-    :func:`generate_nohijack_docs`' ``with_present``."""
+    :func:`generate_nohijack_docs`' ``with_present``; ``story_filler``: every filler-using generator's (train only)."""
     _check_split(split)
     for v, what in ((n_facts, "n_facts"), (n_numbers, "n_numbers"), (n_niah_per_bin, "n_niah_per_bin"),
                     (n_long_per_bin, "n_long_per_bin"), (n_nohijack, "n_nohijack")):
@@ -527,12 +533,13 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
         recs += generate_number_docs(n_numbers, split=split, seed=seed)
     if n_niah_per_bin:
         recs += generate_niah_docs(tokenizer, split=split, bins=niah_bins, n_per_bin=n_niah_per_bin, seed=seed,
-                                   n_questions=niah_questions, absent_prob=niah_absent_prob)
+                                   n_questions=niah_questions, absent_prob=niah_absent_prob, story_filler=story_filler)
     if n_long_per_bin:
-        recs += generate_long_docs(tokenizer, split=split, bins=long_bins, n_per_bin=n_long_per_bin, seed=seed)
+        recs += generate_long_docs(tokenizer, split=split, bins=long_bins, n_per_bin=n_long_per_bin, seed=seed,
+                                   story_filler=story_filler)
     if n_nohijack:
         recs += generate_nohijack_docs(tokenizer, n_nohijack, split=split, seed=seed, base_answers=base_answers,
-                                       with_present=nohijack_present)
+                                       with_present=nohijack_present, story_filler=story_filler)
     if not recs:
         raise ValueError("every count is 0: nothing to generate")
     return recs

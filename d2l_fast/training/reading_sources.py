@@ -2,7 +2,7 @@
 filler source (``crc32 mod 10``), and the filler prose — sentences of the Python standard library's docstrings,
 ``/usr/share/common-licenses`` and ``/usr/share/doc/*/copyright``, each source file in the split of its name's crc32,
 sentences found in two splits' sources dropped — with the runs of sentences that fill a document to a token
-length."""
+length; on request the train split's runs also come from :mod:`.reading_stories`' everyday prose."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable
 
 from .generators import _length_fn  # noqa: F401 - text → token count, shared with the NIAH generator
+from .reading_stories import story_sources
 
 SPLITS = ("train", "dev", "test")
 
@@ -104,11 +105,23 @@ def filler_sources(split: str) -> list[tuple[str, tuple[str, ...]]]:
     return list(docs)
 
 
-class _Filler:
-    """Runs of consecutive filler sentences (a random source, a random start, continuing in another source)."""
+#: with ``stories`` on, the share of filler runs drawn from :mod:`.reading_stories` instead of the corpus sources
+STORY_SHARE = 0.4
 
-    def __init__(self, rng: random.Random, split: str, count: Callable[[str], int]):
+
+class _Filler:
+    """Runs of consecutive filler sentences (a random source, a random start, continuing in another source).
+    ``stories`` (train split only): a :data:`STORY_SHARE` of the runs come from the everyday-prose stories of
+    :mod:`.reading_stories`; off, the draws are exactly those made without stories."""
+
+    def __init__(self, rng: random.Random, split: str, count: Callable[[str], int], stories: bool = False):
+        if not isinstance(stories, bool):
+            raise ValueError(f"stories must be a bool, got {stories!r}")
+        if stories and split != "train":
+            raise ValueError(f"story filler is a training extra: split must be 'train', got {split!r} (the "
+                             "evaluation splits keep their sources so their documents stay comparable)")
         self.rng, self.docs, self.count, self.cache = rng, filler_sources(split), count, {}
+        self.stories = story_sources() if stories else ()
 
     def tokens(self, s: str) -> int:
         if s not in self.cache:
@@ -119,7 +132,8 @@ class _Filler:
         """Sentences of about ``n_tokens`` tokens in all, and the sources they came from."""
         out, names, total = [], [], 0
         while total < n_tokens:
-            name, sents = self.rng.choice(self.docs)
+            pool = self.stories if self.stories and self.rng.random() < STORY_SHARE else self.docs
+            name, sents = self.rng.choice(pool)
             names.append(name)
             for s in sents[self.rng.randrange(len(sents)):]:
                 if total >= n_tokens:
