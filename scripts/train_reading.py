@@ -114,6 +114,13 @@ def make_data(base, tok, a, out: pathlib.Path) -> pathlib.Path:
         t = time.time()
         answers = _chitchat(base, tok, "train", out / "base_answers_train.json") if a.n_nohijack else None
         recs = _records(tok, a, "train", answers, training=True)
+        if a.general_from_base:
+            from d2l_fast.training.reading import general_training_questions, rebase_general
+            from d2l_fast.training.reading_run import base_model_answers
+
+            general = base_model_answers(base, tok, general_training_questions(), instruction=EVAL_INSTRUCTION,
+                                         cache=out / "base_answers_general_train.json")
+            recs = rebase_general(recs, general, seed=a.data_seed)
         write_records(recs, out / "train_records.jsonl")
         stats = generate_data(base, tok, eval_layout(recs, EVAL_INSTRUCTION), raw, gold=True, system="",
                               shuffle_seed=a.data_seed)
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")
     ap.add_argument("--nohijack-present", action="store_true", help="train: each no-hijack document also asks "
                     "one question it does answer (beside its unanswered ones)")
+    ap.add_argument("--general-from-base", action="store_true", help="train: general-knowledge questions come "
+                    "from a larger train-only list with the base model's own answer as gold (rebase_general)")
     ap.add_argument("--story-filler", action="store_true", help="train: some filler of the needle, copy, long and "
                     "no-hijack documents is everyday prose (d2l_fast.training.reading_stories), not only docstrings "
                     "and licences")

@@ -34,7 +34,7 @@ import re
 from collections.abc import Sequence
 
 from . import reading_pools as P
-from .reading_pools_train import COPY_NEEDLES_TRAIN
+from .reading_pools_train import COPY_NEEDLES_TRAIN, GENERAL_TRAIN_MORE
 from .reading_sources import SPLITS, _check_split, _Filler, _fit, _length_fn, filler_sources, split_of
 
 KINDS = ("facts", "numbers", "niah", "long", "nohijack")  # the evaluation mix; "copy" is train-only
@@ -510,6 +510,42 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
     return out
 
 
+def general_training_questions() -> list[str]:
+    """The train split's general-knowledge questions: the fixed-answer list's and
+    :data:`~.reading_pools_train.GENERAL_TRAIN_MORE` (for :func:`rebase_general`)."""
+    return list(dict.fromkeys([q for q, _ in P.GENERAL_QUESTIONS["train"]] + list(GENERAL_TRAIN_MORE)))
+
+
+def rebase_general(records: Sequence[dict], base_answers: dict[str, str], *, seed: int = 0) -> list[dict]:
+    """Training records whose ``general`` questions ask one of ``base_answers``' questions (drawn per question
+    from the record id and ``seed``) with the base model's own answer as gold (``gold_source: "base"``), so the
+    adapter learns to leave questions the document has nothing to do with to the base model, not to recite a short
+    answer list. Other questions and the input records are left as they are."""
+    if isinstance(records, dict) or not all(isinstance(r, dict) and "qas" in r and "id" in r for r in records):
+        raise ValueError("records must be a list of reading records (dicts with 'id' and 'qas')")
+    if not isinstance(base_answers, dict) or not base_answers or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in base_answers.items()):
+        got = f"{len(base_answers)} entries" if isinstance(base_answers, dict) else type(base_answers).__name__
+        raise ValueError(f"base_answers must map at least one question to a non-empty answer string, got {got}")
+    held = [r["id"] for r in records if r.get("meta", {}).get("split", "train") != "train"]
+    if held:
+        raise ValueError(f"rebase_general is for training records; got held-out record {held[0]!r}")
+    pool = sorted(base_answers)
+    out = []
+    for r in records:
+        if not any(qa.get("qa_kind") == "general" for qa in r["qas"]):
+            out.append(r)
+            continue
+        qas = []
+        for k, qa in enumerate(r["qas"]):
+            if qa.get("qa_kind") == "general":
+                q = pool[random.Random(f"reading/general/{seed}/{r['id']}/{k}").randrange(len(pool))]
+                qa = {**qa, "question": q, "answers": [base_answers[q]], "gold_source": "base"}
+            qas.append(qa)
+        out.append({**r, "qas": qas})
+    return out
+
+
 def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts: int = 0, n_numbers: int = 0,
                      n_niah_per_bin: int = 0, niah_bins: Sequence[tuple[int, int]] | None = None,
                      n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
@@ -547,4 +583,5 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
 
 __all__ = ["KINDS", "LONG_BINS", "NIAH_EVAL_BINS", "NIAH_TRAIN_BINS", "SPLITS", "filler_sources",
            "generate_copy_docs", "generate_fact_docs", "generate_long_docs", "generate_niah_docs",
-           "generate_nohijack_docs", "generate_number_docs", "generate_reading", "make_number", "n_digits", "split_of"]
+           "generate_nohijack_docs", "generate_number_docs", "generate_reading", "general_training_questions",
+           "make_number", "n_digits", "rebase_general", "split_of"]

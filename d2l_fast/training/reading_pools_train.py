@@ -436,5 +436,38 @@ COPY_NEEDLES_TRAIN: list[tuple[str, list[str], list[str]]] = [
       "Name the shop's voucher code."]),
 ]
 
-__all__ = ["COPY_NEEDLES_TRAIN", "FRAMES_TRAIN", "NEEDLES_TRAIN", "NUMBER_TRAIN", "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN",
-           "PERSON_TRAIN"]
+#: general-knowledge questions for training only (no gold: the base model's own answer without the document is
+#: the target, so the adapter learns to leave such questions to the base model instead of memorising a short answer
+#: list); phrasings and subjects differ from the dev and test lists of ``reading_pools.GENERAL_QUESTIONS``
+_COUNTRIES = ["France", "Germany", "Portugal", "Greece", "Poland", "Norway", "Sweden", "Egypt", "Canada", "Mexico",
+              "Brazil", "Argentina", "Peru", "Kenya", "India", "China", "Russia", "Turkey", "Ireland", "Austria",
+              "Hungary", "Finland", "Denmark", "Belgium", "the Netherlands", "Australia", "Chile", "Cuba", "Thailand",
+              "Vietnam"]
+_BABIES = ["dog", "cow", "sheep", "horse", "goat", "duck", "frog", "bear", "pig", "deer", "kangaroo", "owl"]
+_OPPOSITES = ["big", "fast", "old", "happy", "light", "early", "loud", "full", "strong", "rich", "open", "hard",
+              "high", "wide", "thick"]
+_FRUITS = ["banana", "lemon", "tomato", "strawberry", "plum", "lime", "cherry", "blueberry"]
+_COUNTS = [("legs", "dog"), ("legs", "bird"), ("legs", "insect"), ("arms", "octopus"), ("sides", "square"),
+           ("sides", "hexagon"), ("sides", "pentagon"), ("sides", "octagon"), ("wings", "butterfly"),
+           ("strings", "standard guitar")]
+GENERAL_TRAIN_MORE = (
+    [f"Name the capital city of {c}." for c in _COUNTRIES]
+    + [f"On which continent would you find {c}?" for c in _COUNTRIES]
+    + [f"Which language do most people speak in {c}?" for c in _COUNTRIES]
+    + [f"What do you call a baby {a}?" for a in _BABIES]
+    + [f"Give me the opposite of the word {w}." for w in _OPPOSITES]
+    + [f"When a {f} is ripe, what colour is it?" for f in _FRUITS]
+    + [f"Tell me how many {x} a {y} has." for x, y in _COUNTS]
+    + [f"Add {a} and {b}: what do you get?" for a, b in [(2, 3), (4, 5), (6, 2), (7, 1), (3, 3), (8, 4), (9, 5),
+                                                          (5, 5), (10, 7), (12, 6)]]
+    + ["Who wrote the play Romeo and Juliet?", "Which metal is liquid at room temperature?",
+       "What is the boiling point of water in Celsius?", "Which organ pumps blood around the body?",
+       "What do caterpillars turn into?", "Which is the tallest animal on land?", "What is the main ingredient of "
+       "bread?", "Which season comes after winter?", "What instrument has black and white keys?",
+       "Which bird is a symbol of peace?", "What do you use to write on a blackboard?",
+       "Which is the longest river in Africa?", "What is the freezing point of water in Fahrenheit?",
+       "Which gas do humans breathe out?", "What shape has no corners?"]
+)
+
+__all__ = ["COPY_NEEDLES_TRAIN", "FRAMES_TRAIN", "GENERAL_TRAIN_MORE", "NEEDLES_TRAIN", "NUMBER_TRAIN",
+           "NUMBER_TRAIN_PAIRS", "OPENERS_TRAIN", "PERSON_TRAIN"]

@@ -358,3 +358,38 @@ def test_copy_diagnostic_swaps_in_real_values():
                 assert qa_new["answers"][0] in pool and qa_old["answers"][0] not in new["context"]
                 assert qa_new["value_kind"] == "real_" + qa_old["value_kind"]
     assert kinds == {"code", "real_word", "real_person"}
+
+
+def test_rebase_general_asks_the_train_pool_with_the_base_models_answers():
+    recs = R.generate_reading(words, split="train", seed=2, n_facts=40, n_nohijack=6)
+    answers = {q: f"base says {i}" for i, q in enumerate(R.general_training_questions())}
+    out = R.rebase_general(recs, answers, seed=2)
+    assert out == R.rebase_general(recs, answers, seed=2) and len(out) == len(recs)
+    general = [qa for r in out for qa in r["qas"] if qa["qa_kind"] == "general"]
+    assert len(general) >= 6 and len({qa["question"] for qa in general}) > 3
+    assert all(qa["answers"] == [answers[qa["question"]]] and qa["gold_source"] == "base" for qa in general)
+    for r, o in zip(recs, out):  # only the general questions change; the input is not modified
+        assert r["context"] == o["context"] and len(r["qas"]) == len(o["qas"])
+        for a, b in zip(r["qas"], o["qas"]):
+            assert a == b or a["qa_kind"] == "general" and "gold_source" not in a
+    # an answer list the pool does not cover is still used whole; held-out records are refused
+    assert {qa["question"] for r in R.rebase_general(recs, {"Q?": "A"}) for qa in r["qas"]
+            if qa["qa_kind"] == "general"} == {"Q?"}
+    dev = R.generate_reading(words, split="dev", seed=2, n_facts=4)
+    for bad, match in ((dev, "held-out"), ({"id": 1}, "records"), ([{"qas": []}], "records")):
+        with pytest.raises(ValueError, match=match):
+            R.rebase_general(bad, answers)
+    for bad in ({}, {"q": ""}, [("q", "a")]):
+        with pytest.raises(ValueError, match="base_answers"):
+            R.rebase_general(recs, bad)
+
+
+def test_train_general_questions_share_no_four_words_or_subject_with_held_out_ones():
+    train = R.general_training_questions()
+    assert len(train) == len(set(train)) >= 150
+    held = [q for s in ("dev", "test") for q, _ in P.GENERAL_QUESTIONS[s]]
+    grams = lambda t: {tuple(w[i:i + 4]) for w in [re.findall(r"[a-z]+", t.lower())] for i in range(len(w) - 3)}
+    held_grams = set().union(*(grams(q) for q in held))
+    assert not [q for q in train if grams(q) & held_grams]
+    for subject in ("Italy", "Spain", "Japan", "England", "bicycle", "triangle", "snow", "grass", "red planet"):
+        assert not [q for q in train if subject.lower() in q.lower()], subject
