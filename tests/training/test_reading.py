@@ -388,7 +388,10 @@ def test_train_general_questions_share_no_four_words_or_subject_with_held_out_on
     train = R.general_training_questions()
     assert len(train) == len(set(train)) >= 150
     held = [q for s in ("dev", "test") for q, _ in P.GENERAL_QUESTIONS[s]]
-    grams = lambda t: {tuple(w[i:i + 4]) for w in [re.findall(r"[a-z]+", t.lower())] for i in range(len(w) - 3)}
+    def grams(t):
+        w = re.findall(r"[a-z]+", t.lower())
+        return {tuple(w[i:i + 4]) for i in range(len(w) - 3)}
+
     held_grams = set().union(*(grams(q) for q in held))
     assert not [q for q in train if grams(q) & held_grams]
     for subject in ("Italy", "Spain", "Japan", "England", "bicycle", "triangle", "snow", "grass", "red planet"):
