@@ -75,7 +75,8 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
         if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
-                                       n_questions=a.niah_questions, absent_prob=a.niah_absent,
+                                       n_questions=a.niah_questions,
+                                       absent_prob=a.niah_absent if a.niah_absent_long is None else a.niah_absent_long,
                                        story_filler=a.story_filler)
         if a.n_copy_per_bin:  # copy needles: invented words, names and codes in prose, 32 to 1,024 tokens
             recs += generate_copy_docs(tok, split="train", bins=COPY_BINS, n_per_bin=a.n_copy_per_bin,
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "NIAH document (the encoder runs once for all)")
     ap.add_argument("--niah-absent", type=float, default=0.0, help="train: probability of a question about "
                     "another needle (gold: the document does not say) in a NIAH document")
+    ap.add_argument("--niah-absent-long", type=float, default=None, help="train: --niah-absent for the longer "
+                    "NIAH documents (--n-niah-long-per-bin) alone; default: --niah-absent. 0 keeps the absent "
+                    "questions in single-chunk documents, so empty chunks are not taught to refuse")
     ap.add_argument("--n-niah-long-per-bin", type=int, default=0, help="train NIAH documents per longer bin "
                     "(256–512, 512–1,024, 1,024–2,048); use with --chunk-len")
     ap.add_argument("--n-copy-per-bin", type=int, default=0, help="train copy-needle documents (invented words, "

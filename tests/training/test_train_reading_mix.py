@@ -1,0 +1,53 @@
+"""scripts/train_reading.py's training mix: the extras reach every generator they name (story filler, the long
+needles' own absent probability), and off they leave the mix as it was."""
+
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def words(text):
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+@pytest.fixture(scope="module")
+def script():
+    path = ROOT / "scripts" / "train_reading.py"
+    if not path.exists():
+        pytest.skip("the scripts ship with the source tree only")
+    spec = importlib.util.spec_from_file_location("train_reading_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def mix(script, *extra):
+    a = script.build_parser().parse_args(["--out", "unused", "--n-facts", "0", "--n-numbers", "0",
+                                          "--n-niah-per-bin", "3", "--n-niah-long-per-bin", "2", "--n-nohijack", "0",
+                                          "--niah-absent", "1.0", *extra])
+    return script._records(words, a, "train", None, training=True)
+
+
+def kind(r):
+    return "long" if r["meta"]["bin"][0] >= 256 else "short"
+
+
+def test_niah_absent_long_sets_the_longer_needles_alone(script):
+    plain, split = mix(script), mix(script, "--niah-absent-long", "0")
+
+    def absent(recs, k):
+        return [any(q["qa_kind"] == "absent" for q in r["qas"]) for r in recs if kind(r) == k]
+
+    assert all(absent(plain, "short")) and all(absent(plain, "long"))
+    assert all(absent(split, "short")) and split and not any(absent(split, "long"))
+    assert len(plain) == len(split) and absent(split, "long")
+
+
+def test_story_filler_reaches_the_training_mix(script):
+    plain, rich = mix(script), mix(script, "--story-filler")
+    story = [any(s.startswith("story:") for s in r["meta"]["sources"]) for r in rich]
+    assert any(story) and not any(s.startswith("story:") for r in plain for s in r["meta"]["sources"])
