@@ -4,8 +4,8 @@ three ways from one pass of the encoder and hypernetwork: every chunk's adapter 
 does), only the needle chunk's (the other chunks' scalers 0) and the other chunks at half scale. A reader whose
 chunks stay quiet when they hold nothing scores the same on all three.
 
-    python scripts/chunk_ablation.py --checkpoint checkpoints/reading11-step1600 \
-        --records runs/dev_r11/records.jsonl --out runs/chunk_ablation_r11.json
+    python scripts/chunk_ablation.py --checkpoint checkpoints/reading14-step1800 \
+        --records runs/dev_r14/records.jsonl --out runs/chunk_ablation_r14.json
 
 Greedy answers with the bundled model card's prompt layout, ``--max-chunk-len`` tokens per chunk (default 256).
 Writes one JSON: per-record answers and the counts (exact, "does not say").

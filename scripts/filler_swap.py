@@ -5,7 +5,7 @@ same needle sentence at the same sentence position in corpus filler of the readi
 (``reading_sources.filler_sources``). A reader that learned what a needle is, not what its filler looks like,
 scores the same on all three.
 
-    python scripts/filler_swap.py --checkpoint checkpoints/reading11-step1600 --out runs/filler_swap_r11.json
+    python scripts/filler_swap.py --checkpoint checkpoints/reading14-step1800 --out runs/filler_swap_r14.json
 
 Greedy answers with the bundled model card's prompt layout, 256-token chunks. Writes one JSON: counts (exact,
 "does not say") per filler and every answer.

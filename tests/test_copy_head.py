@@ -258,9 +258,9 @@ def test_model_feeds_the_copy_head_its_ids_and_output_embedding(tiny_copy_model)
 
 
 def test_the_committed_seed_checkpoint_loads():
-    """checkpoints/reading11-step1600 (the next reading run's init) stays loadable by the pickle-free loader."""
+    """checkpoints/reading14-step1800 (the next reading run's init) stays loadable by the pickle-free loader."""
     import pathlib
 
-    ck = load_checkpoint(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "reading11-step1600").validate()
+    ck = load_checkpoint(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "reading14-step1800").validate()
     assert ck.spec.copy_modules == ("down_proj",) and ck.spec.encoder_type == "early_exit"
     assert ck.state_dict["copy_head.gate.down_proj"].abs().max() > 0  # a trained head, not a fresh zero gate
