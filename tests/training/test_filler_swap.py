@@ -1,26 +1,15 @@
 """scripts/filler_swap.py's swap: the needle sentence stays at its sentence position, every other sentence is
 replaced by a run of the given sources' sentences, and the document keeps its sentence count."""
 
-import importlib.util
-import pathlib
 import random
-
-import pytest
 
 from d2l_fast.training.generators import FILLER_BLOCK, NIAH_TRAIN_BINS, generate_niah
 from d2l_fast.training.reading_sources import filler_sources
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests._scripts import load_script
 
 
 def _swap():
-    path = ROOT / "scripts" / "filler_swap.py"
-    if not path.exists():
-        pytest.skip("the scripts ship with the source tree only")
-    spec = importlib.util.spec_from_file_location("filler_swap", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.swap_filler
+    return load_script("filler_swap").swap_filler
 
 
 def test_swap_keeps_the_needle_and_its_position_and_replaces_every_other_sentence():

@@ -1,13 +1,11 @@
 """scripts/train_reading.py's training mix: the extras reach every generator they name (story filler, the long
 needles' own absent probability), and off they leave the mix as it was."""
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests._scripts import load_script
 
 
 def words(text):
@@ -16,13 +14,7 @@ def words(text):
 
 @pytest.fixture(scope="module")
 def script():
-    path = ROOT / "scripts" / "train_reading.py"
-    if not path.exists():
-        pytest.skip("the scripts ship with the source tree only")
-    spec = importlib.util.spec_from_file_location("train_reading_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_reading")
 
 
 def mix(script, *extra):
