@@ -7,7 +7,6 @@ H100 runs (lora, readout, e2e, profile) and the CPU internalize run. The mlp row
 run, so they are built here.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -23,20 +22,11 @@ pytest.importorskip("pyarrow")
 
 from benchmarks.e2e import bench_train_step as bts  # noqa: E402
 from d2l_fast.profiling.shapes import MODEL_SHAPES  # noqa: E402
+from tests._scripts import load_script  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 2**30
-
-
-def _load(name: str):
-    path = ROOT / "scripts" / f"{name}.py"
-    if not path.exists():
-        pytest.skip("the scripts ship with the source tree only")
-    spec = importlib.util.spec_from_file_location(f"_h23_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +124,7 @@ def test_tiny_command_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the suite's command line
 def test_gpu_suite_lists_train_and_needs_cuda(capsys):
-    gs = _load("gpu_suite")
+    gs = load_script("gpu_suite")
     assert gs.SECTIONS[-1] == "train" and {"internalize", "decode", "train"} <= set(gs.SECTIONS)
     with pytest.raises(SystemExit) as e:
         gs.main(["--help"])
@@ -172,7 +162,7 @@ def test_report_renders_every_section(tiny_run, tmp_path, capsys):
     for f in ("gpu_suite_h100_run2.json", "gpu_suite_h100_run4.json", "encoder_attention_cpu.json"):
         if not (RESULTS / f).exists():
             pytest.skip("the committed results ship with the source tree only")
-    gs, br = _load("gpu_suite"), _load("bench_report")
+    gs, br = load_script("gpu_suite"), load_script("bench_report")
     run2, run4 = (json.loads((RESULTS / f).read_text()) for f in ("gpu_suite_h100_run2.json",
                                                                    "gpu_suite_h100_run4.json"))
     internalize = [r for r in json.loads((RESULTS / "encoder_attention_cpu.json").read_text())
