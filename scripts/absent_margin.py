@@ -1,0 +1,105 @@
+"""How far is a reader from saying "The document does not say." when a number question asks about a number the
+document does not hold? For every absent question of an evaluation's no-hijack needle documents (one number in the
+document, a question about another one), the teacher-forced log-probability of the refusal minus that of the
+document's number; as a control, the same difference the other way round for answered needle questions (NIAH
+records up to ``--max-tokens`` tokens). A greedy reader refuses where the margin is above 0, so the mean margin
+over checkpoints is the learning curve of a row whose accuracy sits at 0 until it crosses.
+
+    python scripts/absent_margin.py --checkpoint checkpoints/reading14-step1800 \
+        --records runs/dev_r14/records.jsonl --out runs/absent_margin_r14.json
+
+The bundled model card's prompt layout, 256-token chunks (``--max-chunk-len``). Writes one JSON: per-question
+margins and, per records file, their mean and how many are above 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REFUSAL = "The document does not say."
+
+
+def answer_logprobs(model, adapters, question: str, answers: list, *, adapter_index: int = 0, **layout) -> list[float]:
+    """Teacher-forced sum of the log-probabilities of each answer's tokens (a string, or a list of token ids) after
+    ``question``'s prompt (the model's prompt layout, or ``layout``) through adapter ``adapter_index`` of
+    ``adapters`` (None: the base model)."""
+    if not isinstance(question, str) or isinstance(answers, str) or not answers:
+        raise ValueError(f"expected a question string and a non-empty list of answers, got {question!r}, {answers!r}")
+    ids, _ = model.encode_prompts([question], **layout)
+    index = None if adapters is None else torch.tensor([adapter_index], device=ids.device)
+    out = []
+    for a in answers:
+        a_ids = model.tokenizer(a, add_special_tokens=False)["input_ids"] if isinstance(a, str) else list(a)
+        if not a_ids:
+            raise ValueError(f"answer {a!r} is empty after tokenisation")
+        full = torch.cat([ids, torch.tensor([a_ids], device=ids.device)], 1)
+        with torch.no_grad():
+            logits = model(full, torch.ones_like(full), adapters=adapters, adapter_index=index).logits.float()
+        lp = torch.log_softmax(logits[0, ids.shape[1] - 1:-1], -1)
+        out.append(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum().item())
+    return out
+
+
+def _questions(records: list[dict], max_tokens: int) -> list[tuple[str, dict, str, str]]:
+    """``(kind, record, question, the document's number)``: absent questions of one-number no-hijack documents (ids
+    ``…-nohijack-…``),
+    and the first question of NIAH records up to ``max_tokens`` tokens."""
+    qs = []
+    for r in records:
+        nums = re.findall(r"\d+", r["context"])
+        if "-nohijack-" in r["id"] and len(nums) == 1:
+            qs += [("absent", r, qa["question"], nums[0]) for qa in r["qas"]
+                   if "does not say" in qa["answers"][0].lower()]
+        elif r["task"] == "niah" and r["meta"]["n_tokens"] <= max_tokens:
+            qs.append(("present", r, r["qas"][0]["question"], r["qas"][0]["answers"][0]))
+    return qs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder, or 'smollm2-135m' for the bundled one")
+    ap.add_argument("--records", required=True, nargs="+", help="records.jsonl of train_reading.py --eval-only runs")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--max-tokens", type=int, default=256, help="longest NIAH record of the control (tokens)")
+    ap.add_argument("--max-chunk-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    if a.max_tokens < 1 or a.max_chunk_len < 1 or a.threads < 1:
+        raise SystemExit("--max-tokens, --max-chunk-len and --threads must be ≥ 1")
+    torch.set_num_threads(a.threads)
+
+    from d2l_fast import zoo
+
+    model = zoo.pretrained(a.checkpoint, base_model="smollm2-135m", max_chunk_len=a.max_chunk_len)
+    layout = zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    report = {"checkpoint": a.checkpoint, "files": {}}
+    for path in a.records:
+        recs = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+        rows = []
+        for kind, r, q, number in _questions(recs, a.max_tokens):
+            adapter = model.internalize([r["context"]], max_chunk_len=a.max_chunk_len)
+            ref, num = answer_logprobs(model, adapter, q, [REFUSAL, number], **layout)
+            margin = ref - num if kind == "absent" else num - ref  # > 0: the greedy reader is right
+            rows.append({"id": r["id"], "kind": kind, "question": q, "number": number, "margin": round(margin, 4)})
+        summary = {}
+        for kind in ("absent", "present"):
+            m = [x["margin"] for x in rows if x["kind"] == kind]
+            summary[kind] = {"n": len(m), "mean_margin": round(sum(m) / len(m), 3) if m else None,
+                             "right": sum(x > 0 for x in m)}
+        report["files"][path] = {"summary": summary, "rows": rows}
+        print(path, json.dumps(summary), flush=True)
+    pathlib.Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""scripts/absent_margin.py: teacher-forced answer log-probabilities equal the greedy decoder's own, through the
+named adapter, and the questions it scores are the right ones."""
+
+import pytest
+import torch
+
+from tests._numerics import BATCHED_LOGITS
+from tests._scripts import load_script
+from tests._tiny import tiny_pair
+
+
+@pytest.fixture(scope="module")
+def tiny_d2l():
+    from d2l_fast import D2LModel
+
+    base, tok = tiny_pair("llama")
+    m = D2LModel.from_base(base, tok, seed=1, latent_size=32, n_latent_queries=8, num_blocks=2, n_heads=4,
+                           head_dim=16, n_kv_heads=2, init_scaler_B=1.0, max_chunk_len=128)
+    return m, m.internalize(["The fox watched the boats.", "Rain fell on the quiet town all night."])
+
+
+@pytest.mark.parametrize("index", [0, 1, None])
+def test_answer_logprob_equals_the_greedy_decoders_scores(tiny_d2l, index):
+    mod = load_script("absent_margin")
+    m, ad = tiny_d2l
+    adapters = None if index is None else ad
+    ids, mask = m.encode_prompts(["Who watched the boats?"])
+    out = m.generate(ids, mask, adapters=adapters, adapter_index=None if index is None else torch.tensor([index]),
+                     max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    gen = out.sequences[0, ids.shape[1]:].tolist()
+    want = sum(torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, gen))
+    got = mod.answer_logprobs(m, adapters, "Who watched the boats?", [gen], adapter_index=index or 0)
+    assert got[0] == pytest.approx(want, abs=BATCHED_LOGITS["atol"] * len(gen))
+    ids_of = m.tokenizer("the boats", add_special_tokens=False)["input_ids"]
+    as_text, as_ids = mod.answer_logprobs(m, adapters, "Who watched the boats?", ["the boats", ids_of],
+                                          adapter_index=index or 0)
+    assert as_text == as_ids  # a string answer is scored as its tokens: the same forward on the same ids
+
+
+def test_answer_logprob_follows_the_adapter_index_and_checks_its_input(tiny_d2l):
+    mod = load_script("absent_margin")
+    m, ad = tiny_d2l
+    q, answers = "Where did the rain fall?", ["On the town.", "The document does not say."]
+    by_index = [mod.answer_logprobs(m, ad, q, answers, adapter_index=i) for i in (0, 1)]
+    assert by_index[0] != by_index[1] and by_index[0] != mod.answer_logprobs(m, None, q, answers)
+    assert all(x < 0 for x in by_index[0] + by_index[1])
+    with pytest.raises(ValueError, match="non-empty list of answers"):
+        mod.answer_logprobs(m, ad, q, "On the town.")
+    with pytest.raises(ValueError, match="empty after tokenisation"):
+        mod.answer_logprobs(m, ad, q, [""])
+
+
+def test_questions_picks_absent_questions_of_one_number_documents_and_short_needles():
+    mod = load_script("absent_margin")
+    refuse = ["The document does not say."]
+    records = [
+        {"id": "reading-dev-nohijack-1-00000", "task": "qa", "context": "The code is 4471. Rain fell.",
+         "qas": [{"question": "What is the ferry gate?", "answers": refuse},
+                 {"question": "What is the capital of France?", "answers": ["Paris"]}]},
+        {"id": "reading-dev-nohijack-1-00001", "task": "qa", "context": "Codes 12 and 34.",
+         "qas": [{"question": "What is the ferry gate?", "answers": refuse}]},
+        {"id": "reading-dev-facts-1-00000", "task": "qa", "context": "Ann was born in 1974.",
+         "qas": [{"question": "Where does Ann live?", "answers": refuse}]},
+        {"id": "reading-dev-niah-1-00000", "task": "niah", "context": "x 55 y", "meta": {"n_tokens": 100},
+         "qas": [{"question": "Which number?", "answers": ["55"]}]},
+        {"id": "reading-dev-niah-1-00001", "task": "niah", "context": "x 66 y", "meta": {"n_tokens": 900},
+         "qas": [{"question": "Which number?", "answers": ["66"]}]},
+    ]
+    got = [(k, r["id"], q, n) for k, r, q, n in mod._questions(records, max_tokens=256)]
+    assert got == [("absent", "reading-dev-nohijack-1-00000", "What is the ferry gate?", "4471"),
+                   ("present", "reading-dev-niah-1-00000", "Which number?", "55")]
