@@ -3,7 +3,9 @@ document does not hold? For every absent question of an evaluation's no-hijack n
 document, a question about another one), the teacher-forced log-probability of the refusal minus that of the
 document's number; as a control, the same difference the other way round for answered needle questions (NIAH
 records up to ``--max-tokens`` tokens). A greedy reader refuses where the margin is above 0, so the mean margin
-over checkpoints is the learning curve of a row whose accuracy sits at 0 until it crosses.
+over checkpoints is the learning curve of a row whose accuracy sits at 0 until it crosses; the separation AUC
+(absent over answered questions, ranked by the same score) says whether a checkpoint tells them apart or only
+leans further towards refusing.
 
     python scripts/absent_margin.py --checkpoint checkpoints/reading14-step1800 \
         --records runs/dev_r14/records.jsonl --out runs/absent_margin_r14.json
@@ -47,6 +49,16 @@ def answer_logprobs(model, adapters, question: str, answers: list, *, adapter_in
         lp = torch.log_softmax(logits[0, ids.shape[1] - 1:-1], -1)
         out.append(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum().item())
     return out
+
+
+def separation_auc(absent: list[float], present: list[float]) -> float | None:
+    """How well the refusal score (log P(refusal) - log P(number)) ranks absent questions above answered ones, free
+    of the reader's overall lean to refuse: the fraction of (absent, answered) pairs ranked right (ties count half;
+    0.5 = no discrimination). Takes the two kinds' margins as :func:`main` stores them (each > 0 when right)."""
+    if not absent or not present:
+        return None
+    pairs = [(a > -p) + 0.5 * (a == -p) for a in absent for p in present]
+    return round(sum(pairs) / len(pairs), 4)
 
 
 def _questions(records: list[dict], max_tokens: int) -> list[tuple[str, dict, str, str]]:
@@ -95,6 +107,8 @@ def main(argv=None) -> int:
             m = [x["margin"] for x in rows if x["kind"] == kind]
             summary[kind] = {"n": len(m), "mean_margin": round(sum(m) / len(m), 3) if m else None,
                              "right": sum(x > 0 for x in m)}
+        summary["separation_auc"] = separation_auc([x["margin"] for x in rows if x["kind"] == "absent"],
+                                                   [x["margin"] for x in rows if x["kind"] == "present"])
         report["files"][path] = {"summary": summary, "rows": rows}
         print(path, json.dumps(summary), flush=True)
     pathlib.Path(a.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -69,3 +69,12 @@ def test_questions_picks_absent_questions_of_one_number_documents_and_short_need
     got = [(k, r["id"], q, n) for k, r, q, n in mod._questions(records, max_tokens=256)]
     assert got == [("absent", "reading-dev-nohijack-1-00000", "What is the ferry gate?", "4471"),
                    ("present", "reading-dev-niah-1-00000", "Which number?", "55")]
+
+
+def test_separation_auc_ranks_absent_above_answered_and_ignores_a_shared_lean():
+    auc = load_script("absent_margin").separation_auc
+    # margins as stored: absent = ref - num, answered = num - ref; a lean to refuse adds c to one, -c to the other
+    assert auc([1.0, 2.0], [1.0, 0.5]) == 1.0 and auc([-1.0], [1.0]) == 0.5 and auc([-3.0], [2.0]) == 0.0
+    for c in (-2.0, 0.5, 3.0):
+        assert auc([1.0 + c, -0.5 + c], [0.2 - c, 0.9 - c]) == auc([1.0, -0.5], [0.2, 0.9]) == 0.75
+    assert auc([], [1.0]) is None and auc([1.0], []) is None
