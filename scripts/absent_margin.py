@@ -2,7 +2,7 @@
 document does not hold? For every absent question of an evaluation's no-hijack needle documents (one number in the
 document, a question about another one), the teacher-forced log-probability of the refusal minus that of the
 document's number; as a control, the same difference the other way round for answered needle questions (NIAH
-records up to ``--max-tokens`` tokens). A greedy reader refuses where the margin is above 0, so the mean margin
+records up to ``--max-tokens`` tokens). Above 0 the reader prefers the right one of the two answers, so the mean margin
 over checkpoints is the learning curve of a row whose accuracy sits at 0 until it crosses; the separation AUC
 (absent over answered questions, ranked by the same score) says whether a checkpoint tells them apart or only
 leans further towards refusing.
@@ -63,8 +63,7 @@ def separation_auc(absent: list[float], present: list[float]) -> float | None:
 
 def _questions(records: list[dict], max_tokens: int) -> list[tuple[str, dict, str, str]]:
     """``(kind, record, question, the document's number)``: absent questions of one-number no-hijack documents (ids
-    ``…-nohijack-…``),
-    and the first question of NIAH records up to ``max_tokens`` tokens."""
+    ``…-nohijack-…``), and the first question of NIAH records up to ``max_tokens`` tokens."""
     qs = []
     for r in records:
         nums = re.findall(r"\d+", r["context"])
