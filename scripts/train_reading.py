@@ -71,7 +71,8 @@ def _records(tok, a, split: str, base_answers, *, training: bool = False):
                                     n_niah_per_bin=a.n_niah_per_bin, n_long_per_bin=a.n_long_per_bin,
                                     long_bins=LONG_BINS, n_nohijack=a.n_nohijack, base_answers=base_answers,
                                     niah_questions=a.niah_questions, niah_absent_prob=a.niah_absent,
-                                    nohijack_present=a.nohijack_present, story_filler=a.story_filler)
+                                    nohijack_present=a.nohijack_present, story_filler=a.story_filler,
+                                    fact_absent_prob=a.fact_absent, hard_absent=a.hard_absent)
         if a.n_niah_long_per_bin:  # needles in the evaluation's longer bins, read through the chunk stage
             recs += generate_niah_docs(tok, split="train", bins=NIAH_EVAL_BINS[len(NIAH_TRAIN_BINS):],
                                        n_per_bin=a.n_niah_long_per_bin, seed=a.data_seed + 1000,
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-nohijack", type=int, default=2000, help="train documents with unanswered questions")
     ap.add_argument("--nohijack-present", action="store_true", help="train: each no-hijack document also asks "
                     "one question it does answer (beside its unanswered ones)")
+    ap.add_argument("--fact-absent", type=float, default=None, help="train: probability of an unanswered "
+                    "question about the main person in a fact document (default: the generator's 0.25)")
+    ap.add_argument("--hard-absent", type=float, default=0.0, help="train: probability that an unanswered fact or "
+                    "number question asks what a distractor holds or a thing of the kind of a stated one (another "
+                    "city, another person, another year) — the binding negatives; 0 keeps the data as it was")
     ap.add_argument("--general-from-base", action="store_true", help="train: general-knowledge questions come "
                     "from a larger train-only list with the base model's own answer as gold (rebase_general)")
     ap.add_argument("--story-filler", action="store_true", help="train: some filler of the needle, copy, long and "

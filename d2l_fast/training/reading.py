@@ -154,9 +154,22 @@ def _fix_articles(s: str) -> str:
     return re.sub(r"\ba (?!(?i:us|uni|eu|one))(?=[aeiouAEIOU])", "an ", s)
 
 
+def _hard_absent(absent: list[str], facts: list, pool: dict) -> list[str]:
+    """The absent attributes of the main entity (``facts[0]``) a reader that does not bind a question to its
+    entity and attribute would answer from the document: ones a distractor holds, ones whose value is of the kind
+    of a stated main attribute (birthplace beside home city: both cities; a year beside a year) and a person (a
+    spouse: most documents name other people — distractors, a letter's writer or reader)."""
+    main_kinds = {pool[a].get("value", pool[a].get("kind")) for a, _, _ in facts[0][1]}
+    held = {a for _, items in facts[1:] for a, _, _ in items}
+    return [a for a in absent if a in held or pool[a].get("value", pool[a].get("kind")) in main_kinds | {"person"}]
+
+
 def _fact_parts(rng: random.Random, names: _Names, split: str, *, min_facts: int, max_facts: int,
-                max_distractors: int, absent_prob: float, general_prob: float, numbers: bool):
-    """Sentences (unordered), frame and QAs of one fact (``numbers=False``) or number document."""
+                max_distractors: int, absent_prob: float, general_prob: float, numbers: bool,
+                hard_absent: float = 0.0):
+    """Sentences (unordered), frame and QAs of one fact (``numbers=False``) or number document. ``hard_absent``:
+    the probability that an absent question asks one of :func:`_hard_absent`'s attributes where there is one (0
+    draws nothing more)."""
     names.reset()
     pool = P.NUMBER_ATTRIBUTES if numbers else P.PERSON_ATTRIBUTES
     etype = rng.choice(("org", "person")) if numbers else "person"
@@ -200,11 +213,12 @@ def _fact_parts(rng: random.Random, names: _Names, split: str, *, min_facts: int
         facts.append((e, items))
     absent = [a for a in attrs_all if a not in {it[0] for it in facts[0][1]}]
     if absent and rng.random() < absent_prob:
-        a = rng.choice(absent)
+        hard = _hard_absent(absent, facts, pool) if hard_absent and rng.random() < hard_absent else []
+        a = rng.choice(hard or absent)
         qi = rng.randrange(len(pool[a]["questions"][split]))
         qas.append({"question": pool[a]["questions"][split][qi].format(name=main), "answers": [P.NOT_STATED],
                     "qa_kind": "absent", "attribute": a, "entity_role": "main",
-                    "question_template": f"{a}/{split}/{qi}"})
+                    "question_template": f"{a}/{split}/{qi}", **({"hard_negative": True} if hard else {})})
     if rng.random() < general_prob:
         q, ans = rng.choice(P.GENERAL_QUESTIONS[split])
         qas.append({"question": q, "answers": [ans], "qa_kind": "general"})
@@ -252,11 +266,14 @@ def _docs(n_docs, split, seed, kind, **kw) -> list[dict]:
 
 
 def generate_fact_docs(n_docs: int, *, split: str = "train", seed: int = 0, min_facts: int = 3, max_facts: int = 6,
-                       max_distractors: int = 2, absent_prob: float = 0.25, general_prob: float = 0.25) -> list[dict]:
+                       max_distractors: int = 2, absent_prob: float = 0.25, general_prob: float = 0.25,
+                       hard_absent: float = 0.0) -> list[dict]:
     """Prose documents about an invented person (a document frame, 1–3 facts per sentence, sentence order and
     subject wording random) with up to ``max_distractors`` other people holding 1–3 facts each; one QA per fact
     of the main person and about half of the distractors' facts, an ``absent`` question with ``absent_prob`` and
-    a ``general`` one with ``general_prob``."""
+    a ``general`` one with ``general_prob``. ``hard_absent`` (training): the probability that the absent question
+    asks an attribute a distractor holds or one of the kind of a stated one (another city, another person), where
+    there is one; 0 draws exactly the documents it always drew."""
     _check_count(min_facts, "min_facts")
     _check_count(max_facts, "max_facts")
     if min_facts > max_facts or max_facts > len(P.PERSON_ATTRIBUTES):
@@ -265,20 +282,23 @@ def generate_fact_docs(n_docs: int, *, split: str = "train", seed: int = 0, min_
     return _docs(n_docs, split, seed, "facts", min_facts=min_facts, max_facts=max_facts,
                  max_distractors=max_distractors,
                  absent_prob=_check_prob(absent_prob, "absent_prob"),
-                 general_prob=_check_prob(general_prob, "general_prob"))
+                 general_prob=_check_prob(general_prob, "general_prob"),
+                 hard_absent=_check_prob(hard_absent, "hard_absent"))
 
 
 def generate_number_docs(n_docs: int, *, split: str = "train", seed: int = 0, max_numbers: int = 4,
-                         absent_prob: float = 0.15, general_prob: float = 0.1) -> list[dict]:
+                         absent_prob: float = 0.15, general_prob: float = 0.1, hard_absent: float = 0.0) -> list[dict]:
     """Documents holding 1–``max_numbers`` numbers (integers of 1–8 digits, years, amounts, codes) about an
     invented organisation or person (sometimes a second one of the same kind); every question names its number
-    by entity and attribute; the gold answer is the number string exactly as written."""
+    by entity and attribute; the gold answer is the number string exactly as written. ``hard_absent``: as
+    :func:`generate_fact_docs`' (a number the other entity holds, or one of the kind of a stated number)."""
     _check_count(max_numbers, "max_numbers")
     if max_numbers > 5:
         raise ValueError(f"max_numbers must be at most 5 (numeric attributes per entity kind), got {max_numbers}")
     return _docs(n_docs, split, seed, "numbers", min_facts=1, max_facts=max_numbers, max_distractors=1,
                  absent_prob=_check_prob(absent_prob, "absent_prob"),
-                 general_prob=_check_prob(general_prob, "general_prob"))
+                 general_prob=_check_prob(general_prob, "general_prob"),
+                 hard_absent=_check_prob(hard_absent, "hard_absent"))
 
 
 # ---------------------------------------------------------------------------------------------------- NIAH, long
@@ -465,7 +485,7 @@ def generate_long_docs(tokenizer, *, split: str = "train", bins: Sequence[tuple[
 
 def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed: int = 0,
                            base_answers: dict[str, str] | None = None, with_present: bool = False,
-                           story_filler: bool = False) -> list[dict]:
+                           story_filler: bool = False, hard_absent: float = 0.0) -> list[dict]:
     """Documents whose questions they do not answer: fact documents (a question about an attribute they do not
     state, gold :data:`~.reading_pools.NOT_STATED`) and needle documents (a question about another needle), each
     with a general-knowledge question (fixed short answer) and, when ``base_answers`` maps a chit-chat question of
@@ -474,7 +494,8 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
     ``with_present`` (training): each document also keeps one question it does answer (the main person's fact or
     the needle's own question), so every "does not say" has an answered question of the same document beside it.
     Off (the default) draws exactly the documents and questions it always drew. ``story_filler``: the needle
-    documents' filler as :func:`generate_niah_docs` draws it with ``story_filler``."""
+    documents' filler as :func:`generate_niah_docs` draws it with ``story_filler``; ``hard_absent``: the fact
+    documents' as :func:`generate_fact_docs` draws them."""
     _check_count(n_docs, "n_docs")
     _check_split(split)
     if not isinstance(with_present, bool):
@@ -483,7 +504,8 @@ def generate_nohijack_docs(tokenizer, n_docs: int, *, split: str = "train", seed
             isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in base_answers.items())):
         raise ValueError("base_answers must map chit-chat questions to non-empty answer strings")
     rng = random.Random(f"reading/nohijack/{split}/{seed}")
-    facts = generate_fact_docs(n_docs, split=split, seed=seed, absent_prob=1.0, general_prob=0.0)
+    facts = generate_fact_docs(n_docs, split=split, seed=seed, absent_prob=1.0, general_prob=0.0,
+                               hard_absent=hard_absent)
     needles = generate_niah_docs(tokenizer, split=split, bins=NIAH_TRAIN_BINS[:1] if n_docs < 2 else NIAH_TRAIN_BINS,
                                  n_per_bin=max(1, n_docs // 2), seed=seed, story_filler=story_filler)
     chit = [q for q in P.CHITCHAT_QUESTIONS[split] if base_answers and q in base_answers]
@@ -551,11 +573,14 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
                      n_long_per_bin: int = 0, long_bins: Sequence[tuple[int, int]] = LONG_BINS, n_nohijack: int = 0,
                      base_answers: dict[str, str] | None = None, niah_questions: int = 1,
                      niah_absent_prob: float = 0.0, nohijack_present: bool = False,
-                     story_filler: bool = False) -> list[dict]:
+                     story_filler: bool = False, fact_absent_prob: float | None = None,
+                     hard_absent: float = 0.0) -> list[dict]:
     """The reading mix of one split: each part by its generator above (a count of 0 leaves it out). ``niah_bins``
     default: :data:`NIAH_TRAIN_BINS` for ``train``, :data:`NIAH_EVAL_BINS` otherwise; ``niah_questions`` and
     ``niah_absent_prob``: :func:`generate_niah_docs`' ``n_questions`` and ``absent_prob``; ``nohijack_present``:
-    :func:`generate_nohijack_docs`' ``with_present``; ``story_filler``: every filler-using generator's (train only)."""
+    :func:`generate_nohijack_docs`' ``with_present``; ``story_filler``: every filler-using generator's (train only);
+    ``fact_absent_prob``: the fact documents' ``absent_prob`` (None: its default); ``hard_absent``: the fact, number
+    and no-hijack documents'."""
     _check_split(split)
     for v, what in ((n_facts, "n_facts"), (n_numbers, "n_numbers"), (n_niah_per_bin, "n_niah_per_bin"),
                     (n_long_per_bin, "n_long_per_bin"), (n_nohijack, "n_nohijack")):
@@ -563,10 +588,11 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
     if niah_bins is None:
         niah_bins = NIAH_TRAIN_BINS if split == "train" else NIAH_EVAL_BINS
     recs = []
+    fact_kw = {} if fact_absent_prob is None else {"absent_prob": fact_absent_prob}
     if n_facts:
-        recs += generate_fact_docs(n_facts, split=split, seed=seed)
+        recs += generate_fact_docs(n_facts, split=split, seed=seed, hard_absent=hard_absent, **fact_kw)
     if n_numbers:
-        recs += generate_number_docs(n_numbers, split=split, seed=seed)
+        recs += generate_number_docs(n_numbers, split=split, seed=seed, hard_absent=hard_absent)
     if n_niah_per_bin:
         recs += generate_niah_docs(tokenizer, split=split, bins=niah_bins, n_per_bin=n_niah_per_bin, seed=seed,
                                    n_questions=niah_questions, absent_prob=niah_absent_prob, story_filler=story_filler)
@@ -575,7 +601,8 @@ def generate_reading(tokenizer, *, split: str = "train", seed: int = 0, n_facts:
                                    story_filler=story_filler)
     if n_nohijack:
         recs += generate_nohijack_docs(tokenizer, n_nohijack, split=split, seed=seed, base_answers=base_answers,
-                                       with_present=nohijack_present, story_filler=story_filler)
+                                       with_present=nohijack_present, story_filler=story_filler,
+                                       hard_absent=hard_absent)
     if not recs:
         raise ValueError("every count is 0: nothing to generate")
     return recs

@@ -197,8 +197,52 @@ def test_nohijack_with_present_keeps_the_documents_and_adds_an_answered_question
         words, 4, split="train", seed=3)
 
 
+def _kind(pool, attribute):
+    return pool[attribute].get("value", pool[attribute].get("kind"))
+
+
+@pytest.mark.parametrize("numbers", [False, True])
+def test_hard_absent_asks_what_a_reader_that_does_not_bind_would_answer(numbers):
+    gen = R.generate_number_docs if numbers else R.generate_fact_docs
+    pool = P.NUMBER_ATTRIBUTES if numbers else P.PERSON_ATTRIBUTES
+    assert gen(40, seed=2, absent_prob=1.0) == gen(40, seed=2, absent_prob=1.0, hard_absent=0.0)  # off: unchanged
+    recs = gen(200, seed=2, absent_prob=1.0, hard_absent=1.0)
+    n_hard = 0
+    for r in recs:
+        asked = [qa for qa in r["qas"] if qa["qa_kind"] in ("fact", "number")]
+        main_attrs = {qa["attribute"] for qa in asked if qa["entity_role"] == "main"}
+        for qa in r["qas"]:
+            if qa["qa_kind"] != "absent":
+                continue
+            assert qa["answers"] == [P.NOT_STATED] and qa["attribute"] not in main_attrs
+            if not qa.get("hard_negative"):
+                continue
+            n_hard += 1
+            # a distractor's attribute (needs a distractor), the kind of a stated main attribute, or a person
+            same_kind = _kind(pool, qa["attribute"]) in {_kind(pool, a) for a in main_attrs} | {"person"}
+            assert same_kind or r["meta"]["distractors"], (qa, main_attrs, r["meta"])
+    assert n_hard > 60  # most documents have a binding negative to ask
+    easy = gen(200, seed=2, absent_prob=1.0)
+    assert not any(qa.get("hard_negative") for r in easy for qa in r["qas"])
+
+
+def test_hard_absent_reaches_the_mix_and_the_no_hijack_documents():
+    mix = R.generate_reading(words, split="train", seed=4, n_facts=60, n_nohijack=20, fact_absent_prob=1.0,
+                             hard_absent=1.0)
+    absent = [qa for r in mix for qa in r["qas"] if qa["qa_kind"] == "absent"]
+    facts_absent = [qa for r in mix if r["meta"]["kind"] == "facts" for qa in r["qas"] if qa["qa_kind"] == "absent"]
+    assert len(facts_absent) == 60  # fact_absent_prob=1.0: one per fact document (default 0.25)
+    assert sum(bool(qa.get("hard_negative")) for qa in absent) > len(absent) // 3
+    nohijack = R.generate_nohijack_docs(words, 20, split="train", seed=4, hard_absent=1.0)
+    assert any(qa.get("hard_negative") for r in nohijack for qa in r["qas"])
+    assert R.generate_reading(words, split="train", seed=4, n_facts=10) == R.generate_reading(
+        words, split="train", seed=4, n_facts=10, fact_absent_prob=None, hard_absent=0.0)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: R.generate_nohijack_docs(words, 2, with_present=1), "with_present"),
+    (lambda: R.generate_fact_docs(2, hard_absent=2), "hard_absent"),
+    (lambda: R.generate_number_docs(2, hard_absent=-1), "hard_absent"),
     (lambda: R.generate_fact_docs(2, split="validation"), "split must be one of"),
     (lambda: R.generate_fact_docs(0), "n_docs"),
     (lambda: R.generate_fact_docs(2, min_facts=5, max_facts=3), "min_facts"),
