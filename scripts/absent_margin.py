@@ -12,6 +12,11 @@ leans further towards refusing.
 
 The bundled model card's prompt layout, 256-token chunks (``--max-chunk-len``). Writes one JSON: per-question
 margins and, per records file, their mean and how many are above 0.
+
+``--fact-docs N`` adds the same measure for binding in prose: N dev-split fact documents (seed ``--fact-seed``), and
+for each stated main attribute whose kind another attribute shares (birthplace and home city: both cities), the
+absent partner's question ("Where does X live?" when only the birthplace is stated) scored refusal vs the stated
+value, and the stated attribute's own question scored the other way round (section ``"facts"`` of the JSON).
 """
 
 from __future__ import annotations
@@ -75,6 +80,44 @@ def _questions(records: list[dict], max_tokens: int) -> list[tuple[str, dict, st
     return qs
 
 
+def fact_pairs(records: list[dict]) -> list[tuple[str, dict, str, str]]:
+    """``(kind, record, question, lure)`` for :func:`main`'s ``--fact-docs``: in each fact record, for each main
+    attribute whose value kind one absent attribute shares, that absent attribute's first question of the record's
+    split about the main entity (``"absent"``, lure: the stated value) and the stated attribute's own question
+    (``"present"``, lure: its gold answer, scored against the refusal)."""
+    from d2l_fast.training.reading_pools import PERSON_ATTRIBUTES as ATTRS
+
+    out = []
+    for r in records:
+        main = [qa for qa in r["qas"] if qa.get("qa_kind") == "fact" and qa.get("entity_role") == "main"]
+        stated = {qa["attribute"] for qa in main}
+        split, entity = r["meta"]["split"], r["meta"]["entity"]
+        for qa in main:
+            kind = ATTRS[qa["attribute"]]["value"]
+            partners = [b for b in sorted(ATTRS) if b not in stated and ATTRS[b]["value"] == kind]
+            if partners:
+                q = ATTRS[partners[0]]["questions"][split][0].format(name=entity)
+                out += [("absent", r, q, qa["answers"][0]), ("present", r, qa["question"], qa["answers"][0])]
+    return out
+
+
+def _score(model, layout, items, max_chunk_len: int) -> tuple[list[dict], dict]:
+    rows = []
+    for kind, r, q, lure in items:
+        adapter = model.internalize([r["context"]], max_chunk_len=max_chunk_len)
+        ref, val = answer_logprobs(model, adapter, q, [REFUSAL, lure], **layout)
+        margin = ref - val if kind == "absent" else val - ref  # > 0: the greedy reader is right
+        rows.append({"id": r["id"], "kind": kind, "question": q, "number": lure, "margin": round(margin, 4)})
+    summary = {}
+    for kind in ("absent", "present"):
+        m = [x["margin"] for x in rows if x["kind"] == kind]
+        summary[kind] = {"n": len(m), "mean_margin": round(sum(m) / len(m), 3) if m else None,
+                         "right": sum(x > 0 for x in m)}
+    summary["separation_auc"] = separation_auc([x["margin"] for x in rows if x["kind"] == "absent"],
+                                               [x["margin"] for x in rows if x["kind"] == "present"])
+    return rows, summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder, or 'smollm2-135m' for the bundled one")
@@ -83,9 +126,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="longest NIAH record of the control (tokens)")
     ap.add_argument("--max-chunk-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fact-docs", type=int, default=0, help="also score this many dev fact documents' binding "
+                    "pairs (0: off)")
+    ap.add_argument("--fact-seed", type=int, default=11, help="seed of the --fact-docs documents")
     a = ap.parse_args(argv)
-    if a.max_tokens < 1 or a.max_chunk_len < 1 or a.threads < 1:
-        raise SystemExit("--max-tokens, --max-chunk-len and --threads must be ≥ 1")
+    if a.max_tokens < 1 or a.max_chunk_len < 1 or a.threads < 1 or a.fact_docs < 0:
+        raise SystemExit("--max-tokens, --max-chunk-len and --threads must be ≥ 1, --fact-docs ≥ 0")
     torch.set_num_threads(a.threads)
 
     from d2l_fast import zoo
@@ -95,21 +141,16 @@ def main(argv=None) -> int:
     report = {"checkpoint": a.checkpoint, "files": {}}
     for path in a.records:
         recs = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-        rows = []
-        for kind, r, q, number in _questions(recs, a.max_tokens):
-            adapter = model.internalize([r["context"]], max_chunk_len=a.max_chunk_len)
-            ref, num = answer_logprobs(model, adapter, q, [REFUSAL, number], **layout)
-            margin = ref - num if kind == "absent" else num - ref  # > 0: the greedy reader is right
-            rows.append({"id": r["id"], "kind": kind, "question": q, "number": number, "margin": round(margin, 4)})
-        summary = {}
-        for kind in ("absent", "present"):
-            m = [x["margin"] for x in rows if x["kind"] == kind]
-            summary[kind] = {"n": len(m), "mean_margin": round(sum(m) / len(m), 3) if m else None,
-                             "right": sum(x > 0 for x in m)}
-        summary["separation_auc"] = separation_auc([x["margin"] for x in rows if x["kind"] == "absent"],
-                                                   [x["margin"] for x in rows if x["kind"] == "present"])
+        rows, summary = _score(model, layout, _questions(recs, a.max_tokens), a.max_chunk_len)
         report["files"][path] = {"summary": summary, "rows": rows}
         print(path, json.dumps(summary), flush=True)
+    if a.fact_docs:
+        from d2l_fast.training.reading import generate_fact_docs
+
+        recs = generate_fact_docs(a.fact_docs, split="dev", seed=a.fact_seed, absent_prob=0.0, general_prob=0.0)
+        rows, summary = _score(model, layout, fact_pairs(recs), a.max_chunk_len)
+        report["facts"] = {"n_docs": a.fact_docs, "seed": a.fact_seed, "summary": summary, "rows": rows}
+        print("facts", json.dumps(summary), flush=True)
     pathlib.Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

@@ -78,3 +78,23 @@ def test_separation_auc_ranks_absent_above_answered_and_ignores_a_shared_lean():
     for c in (-2.0, 0.5, 3.0):
         assert auc([1.0 + c, -0.5 + c], [0.2 - c, 0.9 - c]) == auc([1.0, -0.5], [0.2, 0.9]) == 0.75
     assert auc([], [1.0]) is None and auc([1.0], []) is None
+
+
+def test_fact_pairs_ask_the_unstated_partner_of_a_stated_city():
+    from d2l_fast.training.reading import generate_fact_docs
+    from d2l_fast.training.reading_pools import PERSON_ATTRIBUTES as ATTRS
+
+    pairs = load_script("absent_margin").fact_pairs
+    recs = generate_fact_docs(40, split="dev", seed=11, absent_prob=0.0, general_prob=0.0)
+    items = pairs(recs)
+    assert items and len(items) % 2 == 0 and {k for k, *_ in items} == {"absent", "present"}
+    for (k1, r1, q_absent, lure), (k2, r2, q_present, gold) in zip(items[::2], items[1::2]):
+        assert (k1, k2) == ("absent", "present") and r1 is r2 and lure == gold and lure in r1["context"]
+        main = {qa["attribute"]: qa for qa in r1["qas"] if qa.get("entity_role") == "main"}
+        stated = next(a for a, qa in main.items() if qa["question"] == q_present)
+        asked = [b for b in ATTRS if ATTRS[b]["questions"]["dev"][0].format(name=r1["meta"]["entity"]) == q_absent]
+        assert len(asked) == 1 and asked[0] not in main and ATTRS[asked[0]]["value"] == ATTRS[stated]["value"]
+    # a document stating both cities (or neither) has no pair
+    both = [r for r in recs if {"birthplace", "home_city"} <= {qa["attribute"] for qa in r["qas"]
+                                                               if qa.get("entity_role") == "main"}]
+    assert both and not pairs(both)
