@@ -43,3 +43,21 @@ def test_story_filler_reaches_the_training_mix(script):
     plain, rich = mix(script), mix(script, "--story-filler")
     story = [any(s.startswith("story:") for s in r["meta"]["sources"]) for r in rich]
     assert any(story) and not any(s.startswith("story:") for r in plain for s in r["meta"]["sources"])
+
+
+def test_hard_and_fact_absent_reach_the_fact_number_and_no_hijack_documents(script):
+    def recs(*extra):
+        a = script.build_parser().parse_args(["--out", "unused", "--n-facts", "40", "--n-numbers", "40",
+                                              "--n-niah-per-bin", "0", "--n-nohijack", "10", *extra])
+        return script._records(words, a, "train", None, training=True)
+
+    def absent(rs, what):
+        return [q for r in rs if r["meta"]["kind"] == what for q in r["qas"] if q["qa_kind"] == "absent"]
+
+    plain, rich = recs(), recs("--fact-absent", "1.0", "--hard-absent", "1.0")
+    assert not any(q.get("hard_negative") for r in plain for q in r["qas"])
+    assert len(absent(rich, "facts")) == 40 > len(absent(plain, "facts"))  # one per fact document
+    for what in ("facts", "numbers", "nohijack"):
+        assert any(q.get("hard_negative") for q in absent(rich, what)), what
+    with pytest.raises(ValueError, match="hard_absent"):
+        recs("--hard-absent", "1.5")
