@@ -9,6 +9,7 @@ from d2l_fast.training import reading as R
 from d2l_fast.training import reading_pools as P
 from d2l_fast.training.generators import validate_record
 from d2l_fast.training.reading_run import blind_floor, eval_layout, qa_index, reading_report
+from d2l_fast.training.reading_values import _common_words
 
 
 def words(text):  # a cheap token counter: the generators accept any callable text → count
@@ -72,7 +73,7 @@ def test_number_questions_ask_about_the_stated_thing(mix):
 
 def _invented(recs):
     """The invented words of the records' entities and entity-valued answers (not the real words around them)."""
-    common = R._common_words()
+    common = _common_words()
     out = set()
     for r in recs:
         m = r["meta"]
@@ -337,7 +338,7 @@ def test_fewshot_examples_come_from_the_train_split():
     assert len(ex) == 3 and ex == fewshot_examples()
     assert ex[1][2] == P.NOT_STATED and ex[0][2] in ex[0][0] and ex[2][2] in ex[2][0]
     for doc, q, _ in ex:
-        names = {w for w in re.findall(r"\b[A-Z][a-z]+\b", doc + " " + q) if w.lower() not in R._common_words()}
+        names = {w for w in re.findall(r"\b[A-Z][a-z]+\b", doc + " " + q) if w.lower() not in _common_words()}
         assert names and all(R.split_of(w) == "train" for w in names)
     assert R.split_of(ex[2][2]) == "train"  # the number pool of the train split
     train_q = {t for d in (*P.PERSON_ATTRIBUTES.values(), *P.NUMBER_ATTRIBUTES.values())

@@ -10,6 +10,7 @@ import pytest
 from d2l_fast.training import reading as R
 from d2l_fast.training import reading_pools as P
 from d2l_fast.training import reading_pools_train as T
+from d2l_fast.training import reading_values as V
 
 HELD_OUT = ("dev", "test")
 ATTRIBUTE_POOLS = {"PERSON_ATTRIBUTES": P.PERSON_ATTRIBUTES, "NUMBER_ATTRIBUTES": P.NUMBER_ATTRIBUTES}
@@ -142,20 +143,20 @@ def test_no_digits_anywhere():
 
 
 def test_train_pool_words_do_not_change_held_out_data(monkeypatch):
-    """Invented names skip words of every pool (``reading._common_words``): the held-out data at the evaluation
+    """Invented names skip words of every pool (``reading_values._common_words``): the held-out data at the evaluation
     sizes (``scripts/train_reading.py``) must not depend on words that only the train pools use."""
-    held = R._common_words()
+    held = V._common_words()
     train_only = {w.lower() for pool in POOLS for t in texts(pool, "train") for w in re.findall(r"[A-Za-z]+", t)}
     train_only -= {w.lower() for pool in POOLS for s in HELD_OUT for t in texts(pool, s)
                    for w in re.findall(r"[A-Za-z]+", t)}
     assert train_only and train_only <= held
     sizes = {"n_facts": 60, "n_numbers": 60, "n_nohijack": 30}
     want = {s: R.generate_reading(words, split=s, seed=seed, **sizes) for s, seed in (("dev", 1), ("test", 2))}
-    monkeypatch.setattr(R, "_common_words", lambda: held - train_only)
+    monkeypatch.setattr(V, "_common_words", lambda: held - train_only)
     for (s, seed), recs in zip((("dev", 1), ("test", 2)), want.values()):
         assert R.generate_reading(words, split=s, seed=seed, **sizes) == recs, s
     name = want["dev"][0]["meta"]["entity"].split()[0].lower()  # the comparison sees a word that names someone
-    monkeypatch.setattr(R, "_common_words", lambda: held | {name})
+    monkeypatch.setattr(V, "_common_words", lambda: held | {name})
     assert R.generate_reading(words, split="dev", seed=1, **sizes) != want["dev"]
 
 
