@@ -290,3 +290,13 @@ def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> "PreTrainedModel":
 def tiny_pair(arch: str, seed: int = 0) -> tuple["PreTrainedModel", "PreTrainedTokenizerFast"]:
     """``(tiny_model(arch, seed), tiny_tokenizer(arch))``."""
     return tiny_model(arch, seed=seed), tiny_tokenizer(arch)
+
+
+def tiny_reader(seed: int = 1, arch: str = "llama"):
+    """A D2L model on ``tiny_pair(arch)`` with a small random hypernetwork (latent 32, 8 latent queries, 2 blocks,
+    rank from the defaults) that chunks at 128 tokens: for tests of scripts that score a reader's answers."""
+    from d2l_fast import D2LModel
+
+    base, tok = tiny_pair(arch)
+    return D2LModel.from_base(base, tok, seed=seed, latent_size=32, n_latent_queries=8, num_blocks=2, n_heads=4,
+                              head_dim=16, n_kv_heads=2, init_scaler_B=1.0, max_chunk_len=128)

@@ -6,16 +6,12 @@ import torch
 
 from tests._numerics import BATCHED_LOGITS
 from tests._scripts import load_script
-from tests._tiny import tiny_pair
+from tests._tiny import tiny_reader
 
 
 @pytest.fixture(scope="module")
 def tiny_d2l():
-    from d2l_fast import D2LModel
-
-    base, tok = tiny_pair("llama")
-    m = D2LModel.from_base(base, tok, seed=1, latent_size=32, n_latent_queries=8, num_blocks=2, n_heads=4,
-                           head_dim=16, n_kv_heads=2, init_scaler_B=1.0, max_chunk_len=128)
+    m = tiny_reader(seed=1)
     return m, m.internalize(["The fox watched the boats.", "Rain fell on the quiet town all night."])
 
 
