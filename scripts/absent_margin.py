@@ -134,10 +134,9 @@ def main(argv=None) -> int:
         raise SystemExit("--max-tokens, --max-chunk-len and --threads must be ≥ 1, --fact-docs ≥ 0")
     torch.set_num_threads(a.threads)
 
-    from d2l_fast import zoo
+    from d2l_fast.training.reading_run import load_reader
 
-    model = zoo.pretrained(a.checkpoint, base_model="smollm2-135m", max_chunk_len=a.max_chunk_len)
-    layout = zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    model, layout = load_reader(a.checkpoint, a.max_chunk_len)
     report = {"checkpoint": a.checkpoint, "files": {}}
     for path in a.records:
         recs = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]

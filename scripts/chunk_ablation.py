@@ -44,10 +44,9 @@ def main(argv=None) -> int:
         raise SystemExit("--min-tokens must be ≥ 0, --max-chunk-len and --threads ≥ 1")
     torch.set_num_threads(a.threads)
 
-    from d2l_fast import zoo
+    from d2l_fast.training.reading_run import load_reader
 
-    model = zoo.pretrained(a.checkpoint, base_model="smollm2-135m", max_chunk_len=a.max_chunk_len)
-    layout = zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    model, layout = load_reader(a.checkpoint, a.max_chunk_len)
     recs = [json.loads(line) for line in pathlib.Path(a.records).read_text().splitlines() if line.strip()]
     recs = [r for r in recs if r["task"] == "niah" and r["meta"]["n_tokens"] > a.min_tokens]
     rows, exact, refused = [], dict.fromkeys(VARIANTS, 0), dict.fromkeys(VARIANTS, 0)

@@ -51,13 +51,12 @@ def main(argv=None) -> int:
         ap.error(f"--n-per-bin must be at least 1, got {a.n_per_bin}")
     torch.set_num_threads(a.threads)
 
-    from d2l_fast import zoo
     from d2l_fast.answering import compare_answers
     from d2l_fast.training.generators import NIAH_TRAIN_BINS, generate_niah
+    from d2l_fast.training.reading_run import load_reader
     from d2l_fast.training.reading_sources import filler_sources
 
-    model = zoo.pretrained(a.checkpoint, base_model="smollm2-135m", max_chunk_len=256)
-    layout = zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    model, layout = load_reader(a.checkpoint, 256)
     docs = generate_niah(model.tokenizer, bins=NIAH_TRAIN_BINS, n_per_bin=a.n_per_bin, seed=a.seed)
     golds = [d["qas"][0]["answers"][0] for d in docs]
     questions = [d["qas"][0]["question"] for d in docs]

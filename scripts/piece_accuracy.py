@@ -56,10 +56,9 @@ def main(argv=None) -> int:
         raise SystemExit("--attributes must name one or more, --max-pos ≥ 0, --max-chunk-len and --threads ≥ 1")
     torch.set_num_threads(a.threads)
 
-    from d2l_fast import zoo
+    from d2l_fast.training.reading_run import load_reader
 
-    model = zoo.pretrained(a.checkpoint, base_model="smollm2-135m", max_chunk_len=a.max_chunk_len)
-    layout = zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    model, layout = load_reader(a.checkpoint, a.max_chunk_len)
     recs = [json.loads(line) for line in pathlib.Path(a.records).read_text().splitlines() if line.strip()]
     hits, n, exact, n_q = [0] * (a.max_pos + 1), [0] * (a.max_pos + 1), 0, 0
     for r in recs:

