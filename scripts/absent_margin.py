@@ -39,19 +39,17 @@ def answer_logprobs(model, adapters, question: str, answers: list, *, adapter_in
     """Teacher-forced sum of the log-probabilities of each answer's tokens (a string, or a list of token ids) after
     ``question``'s prompt (the model's prompt layout, or ``layout``) through adapter ``adapter_index`` of
     ``adapters`` (None: the base model)."""
+    from d2l_fast.training.reading_run import answer_logits
+
     if not isinstance(question, str) or isinstance(answers, str) or not answers:
         raise ValueError(f"expected a question string and a non-empty list of answers, got {question!r}, {answers!r}")
-    ids, _ = model.encode_prompts([question], **layout)
-    index = None if adapters is None else torch.tensor([adapter_index], device=ids.device)
     out = []
     for a in answers:
         a_ids = model.tokenizer(a, add_special_tokens=False)["input_ids"] if isinstance(a, str) else list(a)
         if not a_ids:
             raise ValueError(f"answer {a!r} is empty after tokenisation")
-        full = torch.cat([ids, torch.tensor([a_ids], device=ids.device)], 1)
-        with torch.no_grad():
-            logits = model(full, torch.ones_like(full), adapters=adapters, adapter_index=index).logits.float()
-        lp = torch.log_softmax(logits[0, ids.shape[1] - 1:-1], -1)
+        lp = torch.log_softmax(answer_logits(model, adapters, question, a_ids, adapter_index=adapter_index, **layout),
+                               -1)
         out.append(lp[torch.arange(len(a_ids)), torch.tensor(a_ids)].sum().item())
     return out
 

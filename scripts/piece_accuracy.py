@@ -31,12 +31,9 @@ def piece_hits(model, adapters, question: str, answer_ids: list[int], *, adapter
     if not isinstance(question, str) or not answer_ids or not all(isinstance(t, int) for t in answer_ids):
         raise ValueError(f"expected a question string and a non-empty list of token ids, got {question!r}, "
                          f"{answer_ids!r}")
-    ids, _ = model.encode_prompts([question], **layout)
-    full = torch.cat([ids, torch.tensor([answer_ids], device=ids.device)], 1)
-    kw = {} if adapters is None else {"adapters": adapters,
-                                      "adapter_index": torch.tensor([adapter_index], device=ids.device)}
-    with torch.no_grad():
-        logits = model(full, torch.ones_like(full), **kw).logits[0, ids.shape[1] - 1:-1]
+    from d2l_fast.training.reading_run import answer_logits
+
+    logits = answer_logits(model, adapters, question, answer_ids, adapter_index=adapter_index, **layout)
     return [p == g for p, g in zip(logits.argmax(-1).tolist(), answer_ids)]
 
 

@@ -185,6 +185,24 @@ def reading_report(records: Sequence[dict], rows: Sequence[dict]) -> dict:
     return out
 
 
+def answer_logits(model, adapters, question: str, answer_ids: Sequence[int], *, adapter_index: int = 0,
+                  **layout):
+    """Teacher-forced next-token logits [len(answer_ids), vocab] (float) at each answer position: ``question`` in
+    the model's prompt layout (or ``layout``), then ``answer_ids``, through adapter ``adapter_index`` of
+    ``adapters`` (None: the base model) — the reading diagnostics' one forward."""
+    import torch
+
+    answer_ids = list(answer_ids)
+    if not answer_ids:
+        raise ValueError("expected a non-empty list of answer token ids")
+    ids, _ = model.encode_prompts([question], **layout)
+    full = torch.cat([ids, torch.tensor([answer_ids], device=ids.device)], 1)
+    index = None if adapters is None else torch.tensor([adapter_index], device=ids.device)
+    with torch.no_grad():
+        logits = model(full, torch.ones_like(full), adapters=adapters, adapter_index=index).logits
+    return logits[0, ids.shape[1] - 1:-1].float()
+
+
 def load_reader(checkpoint, max_chunk_len: int = 256):
     """``(model, layout)`` for the reading diagnostics: ``checkpoint`` (a run's checkpoint folder or a bundled name)
     on SmolLM2-135M-Instruct chunking at ``max_chunk_len``, and the bundled ``smollm2-135m`` card's prompt layout
@@ -198,4 +216,4 @@ def load_reader(checkpoint, max_chunk_len: int = 256):
 
 
 __all__ = ["NOT_STATED", "answer_matches", "base_model_answers", "blind_floor", "chunk_dataset", "eval_layout",
-           "fewshot_examples", "load_reader", "qa_index", "reading_report"]
+           "answer_logits", "fewshot_examples", "load_reader", "qa_index", "reading_report"]
